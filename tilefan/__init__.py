@@ -1,0 +1,46 @@
+"""tilefan: process very large images as tiles, in parallel, with results equal to whole-image libvips."""
+
+from __future__ import annotations
+
+from tilefan.errors import (
+    DamagedImage,
+    InvalidChain,
+    InvalidTileSize,
+    JobNotFound,
+    TileFailed,
+    TilefanError,
+    TooManyPixels,
+    TransientError,
+    UnsupportedImage,
+)
+from tilefan.execute import assemble, execute_tile, load_image, process_tiled
+from tilefan.geometry import Rect
+from tilefan.operations import Chain, Operation, OpKind, operation_names, parse_chain
+from tilefan.plan import ImageSpec, Tile, TilePlan, check_chain, plan_tiles
+
+__all__ = [
+    "Chain",
+    "DamagedImage",
+    "ImageSpec",
+    "InvalidChain",
+    "InvalidTileSize",
+    "JobNotFound",
+    "OpKind",
+    "Operation",
+    "Rect",
+    "Tile",
+    "TileFailed",
+    "TilePlan",
+    "TilefanError",
+    "TooManyPixels",
+    "TransientError",
+    "UnsupportedImage",
+    "assemble",
+    "check_chain",
+    "execute_tile",
+    "load_image",
+    "operation_names",
+    "parse_chain",
+    "plan_tiles",
+    "process_tiled",
+]

@@ -1,0 +1,69 @@
+"""Named errors: each carries a stable code that the API, the CLI and the state machine use."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DamagedImage",
+    "InvalidChain",
+    "InvalidTileSize",
+    "JobNotFound",
+    "TileFailed",
+    "TilefanError",
+    "TooManyPixels",
+    "TransientError",
+    "UnsupportedImage",
+]
+
+
+class TilefanError(Exception):
+    """Base of every error tilefan raises on purpose; `code` is stable, the message is for people."""
+
+    code = "INTERNAL_ERROR"
+
+
+class InvalidChain(TilefanError):
+    """The operation chain does not validate; the message names the step index and field."""
+
+    code = "INVALID_CHAIN"
+
+
+class InvalidTileSize(TilefanError):
+    """The tile size is outside the supported range."""
+
+    code = "INVALID_TILE_SIZE"
+
+
+class UnsupportedImage(TilefanError):
+    """The input is not an image format or pixel layout tilefan can process."""
+
+    code = "UNSUPPORTED_FORMAT"
+
+
+class DamagedImage(TilefanError):
+    """The input claims a supported format but cannot be decoded."""
+
+    code = "DAMAGED_IMAGE"
+
+
+class TooManyPixels(TilefanError):
+    """The header declares more pixels than the configured limit (a decompression bomb guard)."""
+
+    code = "TOO_MANY_PIXELS"
+
+
+class TileFailed(TilefanError):
+    """A tile could not be processed; retrying will not help."""
+
+    code = "TILE_FAILED"
+
+
+class TransientError(TilefanError):
+    """A failure worth retrying (throttling, a storage hiccup); the state machine retries it."""
+
+    code = "TRANSIENT"
+
+
+class JobNotFound(TilefanError):
+    """No such job, or it belongs to another caller."""
+
+    code = "JOB_NOT_FOUND"

@@ -1,0 +1,437 @@
+"""Operation chains: validated libvips steps that know how to run on one tile.
+
+A step is written as libvips names it: ``{"op": "gaussblur", "sigma": 4}`` means
+``image.gaussblur(4)``. Each step declares its kind, its halo and how it moves pixels, so the
+planner can work out which source pixels every output tile needs.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar, Literal
+
+import pyvips
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from tilefan.errors import InvalidChain
+from tilefan.geometry import Rect
+
+__all__ = [
+    "MAX_CONV_MASK",
+    "MAX_HALO",
+    "Chain",
+    "OpKind",
+    "Operation",
+    "chain_halo",
+    "operation_names",
+    "parse_chain",
+]
+
+MAX_CONV_MASK = 15
+"""Largest user convolution mask, in pixels along each side."""
+
+MAX_HALO = 256
+"""Largest halo a single step may need; it bounds how far one tile reads past its edges."""
+
+
+class OpKind(enum.StrEnum):
+    """How a step touches pixels, which decides how it is tiled."""
+
+    POINT = "point"
+    NEIGHBOURHOOD = "neighbourhood"
+    GEOMETRIC = "geometric"
+    GLOBAL = "global"
+
+
+def _extend(block: pyvips.Image, block_rect: Rect, needed: Rect) -> pyvips.Image:
+    """Grow ``block`` to cover ``needed`` by copying edge pixels, as libvips does at image edges.
+
+    ``block_rect`` is ``needed`` clipped to the image, so whatever is missing lies outside the
+    image, where libvips would see copies of the edge.
+    """
+    if block_rect == needed:
+        return block
+    return block.embed(
+        block_rect.x - needed.x, block_rect.y - needed.y, needed.w, needed.h, extend="copy"
+    )
+
+
+class Operation(BaseModel):
+    """One step of a chain. Subclasses are the supported libvips operations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    kind: ClassVar[OpKind]
+
+    def halo(self) -> int:
+        """Pixels of context needed on each side of an output pixel."""
+        return 0
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size of this step's output for an input of the given size."""
+        return width, height
+
+    def input_region(self, out: Rect, width: int, height: int) -> Rect:
+        """The input rectangle needed to compute ``out`` (may reach past the input's edges)."""
+        h = self.halo()
+        return out.grow(h, h, h, h)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        """Run the step on a whole image, exactly as libvips would."""
+        raise NotImplementedError
+
+    def apply_region(
+        self, block: pyvips.Image, block_rect: Rect, width: int, height: int, out: Rect
+    ) -> pyvips.Image:
+        """Compute the output rectangle ``out`` from ``block``, which covers ``block_rect``.
+
+        ``block_rect`` is ``input_region(out)`` clipped to the ``width`` x ``height`` input.
+        """
+        needed = self.input_region(out, width, height)
+        result = self.apply(_extend(block, block_rect, needed))
+        dx, dy = self._result_offset(out, needed)
+        if (dx, dy, result.width, result.height) == (0, 0, out.w, out.h):
+            return result
+        return result.crop(dx, dy, out.w, out.h)
+
+    def _result_offset(self, out: Rect, needed: Rect) -> tuple[int, int]:
+        """Where ``out`` starts in the result of applying this step to ``needed``."""
+        return out.x - needed.x, out.y - needed.y
+
+
+class _Point(Operation):
+    kind: ClassVar[OpKind] = OpKind.POINT
+
+
+class _Neighbourhood(Operation):
+    kind: ClassVar[OpKind] = OpKind.NEIGHBOURHOOD
+
+
+class _Geometric(Operation):
+    kind: ClassVar[OpKind] = OpKind.GEOMETRIC
+
+
+# --- point operations -------------------------------------------------------------------------
+
+
+class Invert(_Point):
+    """``image.invert()``: photographic negative."""
+
+    op: Literal["invert"]
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.invert()
+
+
+class Linear(_Point):
+    """``image.linear(a, b)``: ``a * pixel + b`` per band; float output unless ``uchar``."""
+
+    op: Literal["linear"]
+    a: float | list[float] = 1.0
+    b: float | list[float] = 0.0
+    uchar: bool = False
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.linear(self.a, self.b, uchar=self.uchar)
+
+
+class Gamma(_Point):
+    """``image.gamma(exponent=...)``: gamma correction over the format's range."""
+
+    op: Literal["gamma"]
+    exponent: float = Field(default=1.0 / 2.4, gt=0, le=100)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.gamma(exponent=self.exponent)
+
+
+class Colourspace(_Point):
+    """``image.colourspace(space)``: convert between interpretations."""
+
+    op: Literal["colourspace"]
+    space: Literal["b-w", "srgb", "grey16", "rgb16", "scrgb", "lab", "xyz", "hsv", "cmyk"]
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.colourspace(self.space)
+
+
+class Flatten(_Point):
+    """``image.flatten(background=...)``: remove alpha against a background colour."""
+
+    op: Literal["flatten"]
+    background: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=4)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.flatten(background=self.background)
+
+
+class Threshold(_Point):
+    """``image >= value``: 255 where a band reaches ``value``, else 0 (uchar)."""
+
+    op: Literal["threshold"]
+    value: float
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image >= self.value
+
+
+# --- neighbourhood operations -----------------------------------------------------------------
+
+_Precision = Literal["integer", "float"]
+
+
+@functools.lru_cache(maxsize=256)
+def _gauss_radius(sigma: float, min_ampl: float, precision: str) -> int:
+    """Half the width of the mask libvips builds for these parameters."""
+    mask = pyvips.Image.gaussmat(sigma, min_ampl, separable=True, precision=precision)
+    return int(mask.width) // 2
+
+
+class GaussBlur(_Neighbourhood):
+    """``image.gaussblur(sigma, min_ampl=..., precision=...)``."""
+
+    op: Literal["gaussblur"]
+    sigma: float = Field(gt=0, le=100)
+    min_ampl: float = Field(default=0.2, gt=0, lt=1)
+    precision: _Precision = "integer"
+
+    @model_validator(mode="after")
+    def _halo_fits(self) -> GaussBlur:
+        if self.halo() > MAX_HALO:
+            raise ValueError(f"the mask for these parameters is wider than 2 x {MAX_HALO} pixels")
+        return self
+
+    def halo(self) -> int:
+        return _gauss_radius(self.sigma, self.min_ampl, self.precision)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.gaussblur(self.sigma, min_ampl=self.min_ampl, precision=self.precision)
+
+
+class Sharpen(_Neighbourhood):
+    """``image.sharpen(sigma=..., x1=..., y2=..., y3=..., m1=..., m2=...)``: unsharp mask on L."""
+
+    op: Literal["sharpen"]
+    sigma: float = Field(default=0.5, gt=0, le=100)
+    x1: float = Field(default=2.0, ge=0, le=1_000_000)
+    y2: float = Field(default=10.0, ge=0, le=1_000_000)
+    y3: float = Field(default=20.0, ge=0, le=1_000_000)
+    m1: float = Field(default=0.0, ge=0, le=1_000_000)
+    m2: float = Field(default=3.0, ge=0, le=1_000_000)
+
+    def halo(self) -> int:
+        # libvips 8.18's sharpen blurs L with an integer gaussian cut at 0.1 of its peak (older
+        # releases cut at 0.2); the halo-tightness test fails if a release changes it again.
+        return _gauss_radius(self.sigma, 0.1, "integer")
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.sharpen(
+            sigma=self.sigma, x1=self.x1, y2=self.y2, y3=self.y3, m1=self.m1, m2=self.m2
+        )
+
+
+class Median(_Neighbourhood):
+    """``image.median(size)``: median over a ``size`` x ``size`` window."""
+
+    op: Literal["median"]
+    size: int = Field(default=3, ge=1, le=2 * MAX_HALO + 1)
+
+    def halo(self) -> int:
+        return self.size // 2
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.median(self.size)
+
+
+class Sobel(_Neighbourhood):
+    """``image.sobel()``: Sobel edge magnitude."""
+
+    op: Literal["sobel"]
+
+    def halo(self) -> int:
+        return 1
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.sobel()
+
+
+class Conv(_Neighbourhood):
+    """``image.conv(mask, precision=...)`` with a user mask of up to 15 x 15."""
+
+    op: Literal["conv"]
+    mask: list[list[float]] = Field(min_length=1, max_length=MAX_CONV_MASK)
+    scale: float = 1.0
+    offset: float = 0.0
+    precision: _Precision = "float"
+
+    @model_validator(mode="after")
+    def _mask_is_rectangular(self) -> Conv:
+        widths = {len(row) for row in self.mask}
+        if len(widths) != 1:
+            raise ValueError("mask rows must all have the same length")
+        (width,) = widths
+        if not 1 <= width <= MAX_CONV_MASK:
+            raise ValueError(f"mask rows must have 1 to {MAX_CONV_MASK} values")
+        if self.scale == 0:
+            raise ValueError("scale must not be 0")
+        return self
+
+    def halo(self) -> int:
+        return max(len(self.mask), len(self.mask[0])) // 2
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        mask = pyvips.Image.new_from_array(self.mask, scale=self.scale, offset=self.offset)
+        return image.conv(mask, precision=self.precision)
+
+
+# --- geometric operations ---------------------------------------------------------------------
+
+
+class Rot(_Geometric):
+    """``image.rot(angle)``: rotate clockwise by a multiple of 90 degrees."""
+
+    op: Literal["rot"]
+    angle: Literal["d90", "d180", "d270"]
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return (width, height) if self.angle == "d180" else (height, width)
+
+    def input_region(self, out: Rect, width: int, height: int) -> Rect:
+        if self.angle == "d90":
+            return Rect(out.y, height - out.right, out.h, out.w)
+        if self.angle == "d180":
+            return Rect(width - out.right, height - out.bottom, out.w, out.h)
+        return Rect(width - out.bottom, out.x, out.h, out.w)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.rot(self.angle)
+
+    def _result_offset(self, out: Rect, needed: Rect) -> tuple[int, int]:
+        return 0, 0
+
+
+class Flip(_Geometric):
+    """``image.flip(direction)``: mirror left-right or top-bottom."""
+
+    op: Literal["flip"]
+    direction: Literal["horizontal", "vertical"]
+
+    def input_region(self, out: Rect, width: int, height: int) -> Rect:
+        if self.direction == "horizontal":
+            return Rect(width - out.right, out.y, out.w, out.h)
+        return Rect(out.x, height - out.bottom, out.w, out.h)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.flip(self.direction)
+
+    def _result_offset(self, out: Rect, needed: Rect) -> tuple[int, int]:
+        return 0, 0
+
+
+class Shrink(_Geometric):
+    """``image.shrink(hshrink, vshrink)``: integer box-filter shrink."""
+
+    op: Literal["shrink"]
+    hshrink: int = Field(ge=1, le=1024)
+    vshrink: int = Field(ge=1, le=1024)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        # libvips rounds to the nearest whole pixel, and at least one.
+        return (
+            max(1, int(width / self.hshrink + 0.5)),
+            max(1, int(height / self.vshrink + 0.5)),
+        )
+
+    def input_region(self, out: Rect, width: int, height: int) -> Rect:
+        return Rect(
+            out.x * self.hshrink, out.y * self.vshrink, out.w * self.hshrink, out.h * self.vshrink
+        )
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.shrink(self.hshrink, self.vshrink)
+
+    def _result_offset(self, out: Rect, needed: Rect) -> tuple[int, int]:
+        return 0, 0
+
+
+_Step = Annotated[
+    Invert
+    | Linear
+    | Gamma
+    | Colourspace
+    | Flatten
+    | Threshold
+    | GaussBlur
+    | Sharpen
+    | Median
+    | Sobel
+    | Conv
+    | Rot
+    | Flip
+    | Shrink,
+    Field(discriminator="op"),
+]
+
+_CHAIN_ADAPTER: TypeAdapter[list[Operation]] = TypeAdapter(list[_Step])  # type: ignore[arg-type]
+
+MAX_CHAIN_LENGTH = 32
+
+
+def operation_names() -> list[str]:
+    """The names of every supported operation, as written in a chain."""
+    return sorted(_CHAIN_ADAPTER.json_schema()["items"]["discriminator"]["mapping"])
+
+
+class Chain(tuple[Operation, ...]):
+    """A validated operation chain."""
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The chain as JSON-ready steps, defaults filled in."""
+        return [step.model_dump(mode="json") for step in self]
+
+    def halo(self) -> int:
+        """The sum of the steps' halos: how far a tile reads past its edges (before scaling)."""
+        return chain_halo(self)
+
+    def has_global(self) -> bool:
+        """Whether a statistics pass over the whole image must run before the tiles."""
+        return any(step.kind is OpKind.GLOBAL for step in self)
+
+
+def chain_halo(steps: Sequence[Operation]) -> int:
+    """The sum of the halos of ``steps``."""
+    return sum(step.halo() for step in steps)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for a pydantic error: the step index, its operation and the field."""
+    index, *rest = error["loc"]
+    # The discriminated union puts the operation name after the index; the field follows it.
+    where = f"step {index}" + (f" ({rest[0]})" if rest else "")
+    if len(rest) > 1:
+        where += ", field '" + ".".join(str(part) for part in rest[1:]) + "'"
+    return f"{where}: {error['msg']}"
+
+
+def parse_chain(steps: Any) -> Chain:
+    """Validate a JSON chain, raising `InvalidChain` with one line per problem."""
+    if isinstance(steps, Chain):
+        return steps
+    if not isinstance(steps, list):
+        raise InvalidChain("operations must be a list of steps like {\"op\": \"invert\"}")
+    if len(steps) > MAX_CHAIN_LENGTH:
+        raise InvalidChain(f"operations: at most {MAX_CHAIN_LENGTH} steps are allowed")
+    for index, step in enumerate(steps):
+        if not isinstance(step, dict) or "op" not in step:
+            raise InvalidChain(f"step {index}: each step must be an object with an 'op' field")
+        if step["op"] not in operation_names():
+            raise InvalidChain(
+                f"step {index}, field 'op': unknown operation {step['op']!r}; "
+                f"valid operations are {', '.join(operation_names())}"
+            )
+    try:
+        return Chain(_CHAIN_ADAPTER.validate_python(steps))
+    except ValidationError as e:
+        raise InvalidChain("; ".join(_describe(err) for err in e.errors())) from e

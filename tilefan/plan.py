@@ -1,0 +1,196 @@
+"""Tile plans: which source pixels each output tile reads, and where it lands."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyvips
+
+from tilefan.errors import InvalidChain, InvalidTileSize, UnsupportedImage
+from tilefan.geometry import Rect
+from tilefan.operations import Chain, Operation
+
+__all__ = [
+    "MAX_TILE_SIZE",
+    "MIN_OUTPUT_TILE",
+    "MIN_TILE_SIZE",
+    "SUPPORTED_FORMATS",
+    "ImageSpec",
+    "Tile",
+    "TilePlan",
+    "check_chain",
+    "plan_tiles",
+    "stage_regions",
+    "stage_sizes",
+]
+
+MIN_TILE_SIZE = 64
+MAX_TILE_SIZE = 8192
+"""Tile sizes are accepted from 64 to 8192 pixels: a 8192 x 8192 RGBA float tile is 1 GiB."""
+
+MIN_OUTPUT_TILE = 16
+"""Chains that shrink the image get proportionally smaller output tiles, but not below this."""
+
+SUPPORTED_FORMATS = frozenset(
+    {"uchar", "char", "ushort", "short", "uint", "int", "float", "double"}
+)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the planner needs to know of an image: its size and pixel layout."""
+
+    width: int
+    height: int
+    bands: int
+    format: str
+    interpretation: str = "multiband"
+
+    @classmethod
+    def of(cls, image: pyvips.Image) -> ImageSpec:
+        """The spec of a loaded image."""
+        return cls(image.width, image.height, image.bands, image.format, image.interpretation)
+
+    @property
+    def pixels(self) -> int:
+        """Width times height."""
+        return self.width * self.height
+
+    def check(self) -> None:
+        """Raise `UnsupportedImage` for pixel layouts tilefan does not process."""
+        if self.format not in SUPPORTED_FORMATS:
+            raise UnsupportedImage(
+                f"pixel format {self.format!r} is not supported; "
+                f"supported: {', '.join(sorted(SUPPORTED_FORMATS))}"
+            )
+        if self.width < 1 or self.height < 1:
+            raise UnsupportedImage("the image has no pixels")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One unit of work: read ``source`` from the input, produce ``output`` in the result."""
+
+    index: int
+    source: Rect
+    output: Rect
+
+    def to_compact(self) -> list[int]:
+        """Nine integers: index, source rectangle, output rectangle."""
+        return [self.index, *self.source, *self.output]
+
+    @classmethod
+    def from_compact(cls, values: Sequence[int]) -> Tile:
+        """Inverse of `to_compact`."""
+        index, sx, sy, sw, sh, ox, oy, ow, oh = values
+        return cls(index, Rect(sx, sy, sw, sh), Rect(ox, oy, ow, oh))
+
+
+def stage_sizes(chain: Sequence[Operation], width: int, height: int) -> list[tuple[int, int]]:
+    """The image size before the first step and after every step."""
+    sizes = [(width, height)]
+    for step in chain:
+        sizes.append(step.output_size(*sizes[-1]))
+    return sizes
+
+
+def stage_regions(
+    chain: Sequence[Operation], sizes: Sequence[tuple[int, int]], out: Rect
+) -> list[Rect]:
+    """For one output rectangle, the rectangle each stage must produce, clipped to that stage.
+
+    Element ``i`` is what stage ``i`` (0 = the source) must provide; the last is ``out``.
+    """
+    regions = [out]
+    for step, (width, height) in zip(reversed(chain), reversed(sizes[:-1]), strict=True):
+        needed = step.input_region(regions[-1], width, height)
+        regions.append(needed.clip(width, height))
+    regions.reverse()
+    return regions
+
+
+def check_chain(chain: Chain, spec: ImageSpec) -> None:
+    """Run the chain on a tiny image of the same layout, so incompatible steps fail before work."""
+    probe = (
+        pyvips.Image.black(8, 8, bands=spec.bands)
+        .cast(spec.format)
+        .copy(interpretation=spec.interpretation)
+    )
+    for index, step in enumerate(chain):
+        try:
+            probe = step.apply(probe).copy_memory()
+        except pyvips.Error as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else "libvips refused it"
+            raise InvalidChain(
+                f"step {index} ({step.model_dump()['op']}): cannot apply to a "
+                f"{probe.bands}-band {probe.format} image: {detail}"
+            ) from e
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tile grid over the output image, and the source rectangle of every tile."""
+
+    spec: ImageSpec
+    chain: Chain
+    tile_size: int
+    output_tile: int
+    output_width: int
+    output_height: int
+    rows: int
+    columns: int
+
+    @property
+    def tile_count(self) -> int:
+        """How many tiles the plan has."""
+        return self.rows * self.columns
+
+    def tile(self, index: int) -> Tile:
+        """The tile at ``index`` (row-major)."""
+        row, column = divmod(index, self.columns)
+        x, y = column * self.output_tile, row * self.output_tile
+        out = Rect(x, y, self.output_tile, self.output_tile).clip(
+            self.output_width, self.output_height
+        )
+        sizes = stage_sizes(self.chain, self.spec.width, self.spec.height)
+        return Tile(index, stage_regions(self.chain, sizes, out)[0], out)
+
+    def tiles(self) -> Iterator[Tile]:
+        """Every tile, row by row."""
+        return (self.tile(index) for index in range(self.tile_count))
+
+    def manifest(self, tiles_per_item: int) -> list[dict[str, Any]]:
+        """The Distributed Map's items: batches of compact tiles, a few bytes per tile."""
+        compact = [tile.to_compact() for tile in self.tiles()]
+        return [
+            {"batch": number, "tiles": compact[start : start + tiles_per_item]}
+            for number, start in enumerate(range(0, len(compact), tiles_per_item))
+        ]
+
+
+def plan_tiles(spec: ImageSpec, chain: Chain, tile_size: int) -> TilePlan:
+    """Lay the tile grid for ``chain`` on an image of ``spec``, tiles ``tile_size`` pixels wide."""
+    if not isinstance(tile_size, int) or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE:
+        raise InvalidTileSize(
+            f"tile_size must be a whole number from {MIN_TILE_SIZE} to {MAX_TILE_SIZE} pixels, "
+            f"got {tile_size!r}"
+        )
+    spec.check()
+    out_w, out_h = stage_sizes(chain, spec.width, spec.height)[-1]
+    # A chain that shrinks the image gets smaller output tiles, so a tile still reads about
+    # tile_size x tile_size source pixels, which is what bounds a worker's memory.
+    scale = min(1.0, math.sqrt(out_w * out_h / spec.pixels))
+    output_tile = max(MIN_OUTPUT_TILE, round(tile_size * scale))
+    return TilePlan(
+        spec=spec,
+        chain=chain,
+        tile_size=tile_size,
+        output_tile=output_tile,
+        output_width=out_w,
+        output_height=out_h,
+        rows=math.ceil(out_h / output_tile),
+        columns=math.ceil(out_w / output_tile),
+    )
