@@ -338,11 +338,8 @@ class Shrink(_Geometric):
     vshrink: int = Field(ge=1, le=1024)
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
-        # libvips rounds to the nearest whole pixel, and at least one.
-        return (
-            max(1, int(width / self.hshrink + 0.5)),
-            max(1, int(height / self.vshrink + 0.5)),
-        )
+        # libvips rounds to the nearest whole pixel; zero is an error the planner reports.
+        return int(width / self.hshrink + 0.5), int(height / self.vshrink + 0.5)
 
     def input_region(self, out: Rect, width: int, height: int) -> Rect:
         return Rect(

@@ -92,8 +92,13 @@ class Tile:
 def stage_sizes(chain: Sequence[Operation], width: int, height: int) -> list[tuple[int, int]]:
     """The image size before the first step and after every step."""
     sizes = [(width, height)]
-    for step in chain:
+    for index, step in enumerate(chain):
         sizes.append(step.output_size(*sizes[-1]))
+        if min(sizes[-1]) < 1:
+            raise InvalidChain(
+                f"step {index} ({step.model_dump()['op']}): a {width}x{height} image "
+                "shrinks to nothing"
+            )
     return sizes
 
 
@@ -179,6 +184,7 @@ def plan_tiles(spec: ImageSpec, chain: Chain, tile_size: int) -> TilePlan:
             f"got {tile_size!r}"
         )
     spec.check()
+    check_chain(chain, spec)
     out_w, out_h = stage_sizes(chain, spec.width, spec.height)[-1]
     # A chain that shrinks the image gets smaller output tiles, so a tile still reads about
     # tile_size x tile_size source pixels, which is what bounds a worker's memory.

@@ -1,0 +1,69 @@
+"""Helpers shared by every test layer: shared images, synthetic images, exact comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+NO_SHARED = "../shared/images is absent (a fresh clone has no shared test images)"
+
+
+def shared_image(name: str) -> Path:
+    """A file from ../shared/images, or a skip with the reason when the folder is absent."""
+    path = SHARED_IMAGES / name
+    if not path.exists():
+        pytest.skip(NO_SHARED if not SHARED_IMAGES.exists() else f"{name} is not in {SHARED_IMAGES}")
+    return path
+
+
+def shared_image_names() -> list[str]:
+    """Every image file in ../shared/images (empty where the folder is absent)."""
+    if not SHARED_IMAGES.exists():
+        return []
+    return sorted(p.name for p in SHARED_IMAGES.iterdir() if p.suffix.lower() != ".md")
+
+
+def noise_image(
+    width: int, height: int, bands: int = 3, fmt: str = "uchar", seed: int = 0
+) -> pyvips.Image:
+    """Random pixels: every neighbour matters, so any wrong halo or border shows."""
+    rng = np.random.default_rng(seed)
+    ranges = {
+        "uchar": (0, 256, np.uint8),
+        "char": (-128, 128, np.int8),
+        "ushort": (0, 65536, np.uint16),
+        "short": (-32768, 32768, np.int16),
+    }
+    if fmt == "float":
+        pixels = rng.random((height, width, bands), dtype=np.float32) * 255
+    else:
+        low, high, dtype = ranges[fmt]
+        pixels = rng.integers(low, high, (height, width, bands), dtype=dtype)
+    image = pyvips.Image.new_from_array(pixels)
+    interpretation = {1: "b-w", 2: "b-w", 3: "srgb", 4: "srgb"}.get(bands, "multiband")
+    if fmt in ("ushort", "short") and bands >= 3:
+        interpretation = "rgb16"
+    elif fmt in ("ushort", "short"):
+        interpretation = "grey16"
+    return image.copy(interpretation=interpretation)
+
+
+def assert_identical(expected: pyvips.Image, actual: pyvips.Image) -> None:
+    """Same size, bands, format and every pixel, with where they first differ on failure."""
+    assert (actual.width, actual.height, actual.bands) == (
+        expected.width,
+        expected.height,
+        expected.bands,
+    )
+    assert actual.format == expected.format
+    a, b = expected.numpy(), actual.numpy()
+    if not np.array_equal(a, b):
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        where = np.argwhere(diff.reshape(diff.shape[0], diff.shape[1], -1).max(axis=2) > 0)
+        raise AssertionError(
+            f"{len(where)} pixels differ, max {diff.max()}, first at (y, x) = {tuple(where[0])}"
+        )
