@@ -13,10 +13,11 @@ from tilefan.errors import (
     TransientError,
     UnsupportedImage,
 )
-from tilefan.execute import assemble, execute_tile, load_image, process_tiled
+from tilefan.execute import assemble, execute_tile, process_tiled
 from tilefan.geometry import Rect
 from tilefan.operations import Chain, Operation, OpKind, operation_names, parse_chain
 from tilefan.plan import ImageSpec, Tile, TilePlan, check_chain, plan_tiles
+from tilefan.source import open_checked
 
 __all__ = [
     "Chain",
@@ -38,7 +39,7 @@ __all__ = [
     "assemble",
     "check_chain",
     "execute_tile",
-    "load_image",
+    "open_checked",
     "operation_names",
     "parse_chain",
     "plan_tiles",

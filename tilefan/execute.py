@@ -8,12 +8,12 @@ from typing import Any
 
 import pyvips
 
-from tilefan.errors import DamagedImage, UnsupportedImage
 from tilefan.geometry import Rect
 from tilefan.operations import Chain, parse_chain
 from tilefan.plan import ImageSpec, TilePlan, plan_tiles, stage_regions, stage_sizes
+from tilefan.source import open_checked, upright
 
-__all__ = ["assemble", "execute_tile", "load_image", "process_tiled"]
+__all__ = ["assemble", "execute_tile", "process_tiled"]
 
 
 def execute_tile(chain: Chain, source: ImageSpec, block: pyvips.Image, out: Rect) -> pyvips.Image:
@@ -41,23 +41,12 @@ def assemble(plan: TilePlan, tiles: Sequence[pyvips.Image]) -> pyvips.Image:
     return joined.crop(0, 0, plan.output_width, plan.output_height)
 
 
-def load_image(path: str | Path, **options: Any) -> pyvips.Image:
-    """Open the first page of an image file, mapping libvips' refusals to named errors."""
-    try:
-        return pyvips.Image.new_from_file(str(path), **options)
-    except pyvips.Error as e:
-        message = str(e)
-        if "is not a known file format" in message or "not a known" in message:
-            raise UnsupportedImage(f"{Path(path).name} is not an image format libvips reads") from e
-        raise DamagedImage(f"{Path(path).name} could not be read: {message.strip()}") from e
-
-
 def process_tiled(
     image: pyvips.Image | str | Path, ops: Any, *, tile_size: int = 1024
 ) -> pyvips.Image:
     """Plan, process every tile and assemble, all in this process: tiled equals whole."""
     if not isinstance(image, pyvips.Image):
-        image = load_image(image)
+        image = upright(open_checked(image))
     chain = parse_chain(ops)
     spec = ImageSpec.of(image)
     plan = plan_tiles(spec, chain, tile_size)

@@ -117,8 +117,11 @@ def stage_regions(
     return regions
 
 
-def check_chain(chain: Chain, spec: ImageSpec) -> None:
-    """Run the chain on a tiny image of the same layout, so incompatible steps fail before work."""
+def check_chain(chain: Chain, spec: ImageSpec) -> ImageSpec:
+    """Run the chain on a tiny image of the same layout, so incompatible steps fail before work.
+
+    Returns the layout of the chain's output (its size is the probe's, not the real one).
+    """
     probe = (
         pyvips.Image.black(8, 8, bands=spec.bands)
         .cast(spec.format)
@@ -133,6 +136,7 @@ def check_chain(chain: Chain, spec: ImageSpec) -> None:
                 f"step {index} ({step.model_dump()['op']}): cannot apply to a "
                 f"{probe.bands}-band {probe.format} image: {detail}"
             ) from e
+    return ImageSpec.of(probe)
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class TilePlan:
     output_height: int
     rows: int
     columns: int
+    output_interpretation: str
 
     @property
     def tile_count(self) -> int:
@@ -184,7 +189,7 @@ def plan_tiles(spec: ImageSpec, chain: Chain, tile_size: int) -> TilePlan:
             f"got {tile_size!r}"
         )
     spec.check()
-    check_chain(chain, spec)
+    layout = check_chain(chain, spec)
     out_w, out_h = stage_sizes(chain, spec.width, spec.height)[-1]
     # A chain that shrinks the image gets smaller output tiles, so a tile still reads about
     # tile_size x tile_size source pixels, which is what bounds a worker's memory.
@@ -199,4 +204,5 @@ def plan_tiles(spec: ImageSpec, chain: Chain, tile_size: int) -> TilePlan:
         output_height=out_h,
         rows=math.ceil(out_h / output_tile),
         columns=math.ceil(out_w / output_tile),
+        output_interpretation=layout.interpretation,
     )

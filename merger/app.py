@@ -1,0 +1,22 @@
+"""Merger Lambda: assemble the output and finish the job, or abort it with its error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from tilefan.pipeline import Pipeline
+
+logger = Logger()
+pipeline = Pipeline.from_settings()
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Event: ``{"action": "merge", "job_id": ...}`` or ``{"action": "abort", "job_id", "error"}``."""
+    logger.append_keys(job_id=event["job_id"], action=event["action"])
+    if event["action"] == "abort":
+        return pipeline.abort(event["job_id"], event.get("error"))
+    return pipeline.merge(event["job_id"])

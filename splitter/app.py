@@ -1,0 +1,20 @@
+"""Splitter Lambda: cut the upload into source tiles and write the Distributed Map's manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from tilefan.pipeline import Pipeline
+
+logger = Logger()
+pipeline = Pipeline.from_settings()
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Event: ``{"job_id": ...}``; returns the manifest key and the tile and batch counts."""
+    logger.append_keys(job_id=event["job_id"])
+    return pipeline.split(event["job_id"])

@@ -1,0 +1,20 @@
+"""Tile worker Lambda: run the chain on one manifest item's tiles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from tilefan.pipeline import Pipeline
+
+logger = Logger()
+pipeline = Pipeline.from_settings()
+
+
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Event: ``{"job_id": ..., "item": {"batch": n, "tiles": [[index, sx, sy, ...], ...]}}``."""
+    logger.append_keys(job_id=event["job_id"], batch=event["item"]["batch"])
+    return pipeline.process_batch(event["job_id"], event["item"]["tiles"])

@@ -1,0 +1,95 @@
+"""Running whole jobs on the embedded engine: what `tilefan run` and `tilefan demo` do."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from tilefan.engine import REGION, EmbeddedEngine, LambdaHandler
+from tilefan.jobs import TERMINAL, JobRepository, JobStatus
+from tilefan.service import JobService, JobView
+from tilefan.settings import Settings
+from tilefan.storage import TileStore, keys
+
+__all__ = ["LOCAL_OWNER", "LocalStack", "local_stack", "run_job"]
+
+LOCAL_OWNER = "local"
+"""The owner of jobs started from the command line."""
+
+ProgressCallback = Callable[[JobView], None]
+
+
+@dataclass(frozen=True)
+class LocalStack:
+    """The embedded engine with the service objects bound to it."""
+
+    engine: EmbeddedEngine
+    service: JobService
+
+
+@contextmanager
+def local_stack(
+    *, server: bool = False, host: str = "127.0.0.1", port: int = 0,
+    handlers: Mapping[str, LambdaHandler] | None = None,
+) -> Iterator[LocalStack]:
+    """Start the embedded engine and the job service over it."""
+    with EmbeddedEngine(server=server, host=host, port=port, handlers=handlers) as engine:
+        settings = Settings(
+            bucket=engine.bucket, table=engine.table, state_machine_arn=engine.state_machine_arn
+        )
+        resource = boto3.resource("dynamodb", region_name=REGION, endpoint_url=engine.endpoint_url)
+        service = JobService(
+            settings,
+            jobs=JobRepository(engine.table, resource=resource),
+            store=TileStore(engine.bucket, client=engine.client("s3")),
+            stepfunctions=engine.client("stepfunctions"),
+        )
+        yield LocalStack(engine, service)
+
+
+def run_job(
+    stack: LocalStack,
+    source: Path,
+    output: Path,
+    operations: Any,
+    *,
+    output_format: str,
+    tile_size: int | None = None,
+    concurrency: int = 4,
+    output_options: Mapping[str, Any] | None = None,
+    on_progress: ProgressCallback | None = None,
+    poll_seconds: float = 0.25,
+    timeout: float = 3600,
+) -> JobView:
+    """Create, upload, start and follow one job; download its result when it succeeds."""
+    service = stack.service
+    job = service.create(
+        LOCAL_OWNER,
+        operations,
+        output_format,
+        tile_size=tile_size,
+        output_options=output_options,
+        input_info={"size_bytes": source.stat().st_size},
+    )
+    service.store.upload(source, keys.upload(job.job_id), "application/octet-stream")
+    service.start(LOCAL_OWNER, job.job_id, max_concurrency=concurrency)
+    deadline = time.monotonic() + timeout
+    while True:
+        view = service.view(LOCAL_OWNER, job.job_id)
+        if on_progress is not None:
+            on_progress(view)
+        if view.job.status in TERMINAL:
+            break
+        if time.monotonic() > deadline:
+            service.cancel(LOCAL_OWNER, job.job_id)
+            return service.view(LOCAL_OWNER, job.job_id)
+        time.sleep(poll_seconds)
+    if view.job.status is JobStatus.SUCCEEDED and view.job.output:
+        service.store.download(view.job.output["key"], output)
+    return view

@@ -1,0 +1,296 @@
+"""The pipeline's stages: split, process a batch of tiles, merge, abort. No Lambda events here."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pyvips
+
+from tilefan.errors import InvalidTileSize, TileFailed, TilefanError, TransientError
+from tilefan.execute import execute_tile
+from tilefan.jobs import MAX_TILES, TERMINAL, JobRepository, JobStatus, TileState
+from tilefan.operations import parse_chain
+from tilefan.outputs import save_output
+from tilefan.plan import ImageSpec, Tile, TilePlan, plan_tiles
+from tilefan.settings import Settings
+from tilefan.source import decode_to_scratch, open_checked
+from tilefan.storage import TileStore, keys
+
+__all__ = ["Pipeline", "describe_failure"]
+
+_IO_THREADS = 16
+"""Concurrent S3 transfers in the splitter and merger: latency-bound, not CPU-bound."""
+
+_MAX_OPEN_STRIPS = 256
+"""The merger joins at most this many strip files at once (2 descriptors each; Lambda has 1,024)."""
+
+_ERROR_CODES: dict[str, str] = {}
+
+
+def _register_codes(cls: type[TilefanError]) -> None:
+    _ERROR_CODES[cls.__name__] = cls.code
+    for sub in cls.__subclasses__():
+        _register_codes(sub)
+
+
+def describe_failure(error: Mapping[str, Any] | None) -> tuple[str, str]:
+    """A code and a sentence from a Step Functions error (``{"Error": ..., "Cause": ...}``)."""
+    if not _ERROR_CODES:
+        _register_codes(TilefanError)
+    name = str((error or {}).get("Error", ""))
+    cause = str((error or {}).get("Cause", ""))
+    try:
+        message = str(json.loads(cause).get("errorMessage", cause))
+    except (ValueError, AttributeError):
+        message = cause
+    if name in _ERROR_CODES:
+        return _ERROR_CODES[name], message
+    if name == "States.Timeout":
+        return "TIMEOUT", "a stage of the job ran out of time"
+    return "INTERNAL_ERROR", f"the job stopped on an internal error ({name or 'unknown'})"
+
+
+class Pipeline:
+    """The stages of one deployment: its job table, its bucket and its settings."""
+
+    def __init__(self, settings: Settings, *, jobs: JobRepository, store: TileStore) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.store = store
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Pipeline:
+        """Build the stages with default AWS clients, once per process."""
+        settings = settings or Settings()
+        return cls(
+            settings,
+            jobs=JobRepository(
+                settings.table, resource=boto3.resource("dynamodb"), ttl_days=settings.job_ttl_days
+            ),
+            store=TileStore(
+                settings.bucket, client=boto3.client("s3"), compression=settings.tile_encoding
+            ),
+        )
+
+    # --- split --------------------------------------------------------------------------------
+
+    def split(self, job_id: str) -> dict[str, Any]:
+        """Decode the upload once, cut the source tiles, write the manifest and the tile items."""
+        started = time.monotonic()
+        job = self.jobs.get(job_id)
+        self.jobs.transition(
+            job_id, JobStatus.SPLITTING, allowed_from={JobStatus.QUEUED, JobStatus.SPLITTING}
+        )
+        chain = parse_chain(job.operations)
+        with tempfile.TemporaryDirectory(dir=self.settings.scratch_dir) as scratch:
+            upload = Path(scratch) / "upload"
+            self.store.download(keys.upload(job_id), upload)
+            header = open_checked(
+                upload,
+                max_pixels=self.settings.max_pixels,
+                max_pixels_per_byte=self.settings.max_pixels_per_byte,
+                access="sequential",
+            )
+            source = decode_to_scratch(header, Path(scratch) / "source.v")
+            spec = ImageSpec.of(source)
+            plan = plan_tiles(spec, chain, job.tile_size)
+            if plan.tile_count > MAX_TILES:
+                raise InvalidTileSize(
+                    f"tile_size {job.tile_size} cuts this image into {plan.tile_count:,} tiles; "
+                    f"at most {MAX_TILES:,} are supported, so use a larger tile size"
+                )
+            with ThreadPoolExecutor(_IO_THREADS) as pool:
+                sizes = list(
+                    pool.map(
+                        lambda tile: self.store.put_tile(
+                            job_id, "src", tile.index, source.crop(*tile.source)
+                        ),
+                        plan.tiles(),
+                    )
+                )
+        manifest = plan.manifest(self.settings.tiles_per_item)
+        for item in manifest:
+            item["job_id"] = job_id
+        self.store.put_json(keys.manifest(job_id), manifest)
+        self.jobs.create_tiles(job_id, plan.tile_count)
+        self.jobs.transition(
+            job_id,
+            JobStatus.PROCESSING,
+            allowed_from={JobStatus.SPLITTING},
+            source=asdict(spec),
+            grid=_grid(plan, bytes_split=sum(sizes)),
+            t_split=time.monotonic() - started,
+        )
+        return {
+            "manifest_key": keys.manifest(job_id),
+            "tile_count": plan.tile_count,
+            "batch_count": len(manifest),
+        }
+
+    # --- tiles --------------------------------------------------------------------------------
+
+    def process_batch(self, job_id: str, tiles: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """Run the chain on each tile of one manifest item; a done tile is not done again."""
+        job = self.jobs.get(job_id)
+        if job.status in TERMINAL or job.source is None or job.grid is None:
+            return {"processed": 0, "skipped": len(tiles)}
+        chain = parse_chain(job.operations)
+        spec = ImageSpec(**job.source)
+        processed = 0
+        for compact in tiles:
+            tile = Tile.from_compact(compact)
+            if not self.jobs.tile_started(job_id, tile.index):
+                continue
+            self._process_tile(job_id, tile, chain, spec, job.grid["interpretation"])
+            processed += 1
+        if self.jobs.get(job_id).status in TERMINAL:
+            # Cancelled while we worked: what we wrote must not outlive the job's clean-up.
+            self.store.delete_prefix(keys.job_prefix(job_id))
+        return {"processed": processed, "skipped": len(tiles) - processed}
+
+    def _process_tile(
+        self, job_id: str, tile: Tile, chain: Any, spec: ImageSpec, interpretation: str
+    ) -> None:
+        started = time.monotonic()
+        try:
+            block = self.store.get_tile(job_id, "src", tile.index, spec.interpretation)
+            result = execute_tile(chain, spec, block, tile.output)
+            self.store.put_tile(job_id, "out", tile.index, result.copy(interpretation=interpretation))
+        except TransientError:
+            raise
+        except (pyvips.Error, TilefanError) as e:
+            message = f"tile {tile.index}: {str(e).strip().splitlines()[-1]}"
+            self.jobs.tile_finished(job_id, tile.index, _ms_since(started), error=message)
+            raise TileFailed(message) from e
+        self.jobs.tile_finished(job_id, tile.index, _ms_since(started))
+
+    # --- merge --------------------------------------------------------------------------------
+
+    def merge(self, job_id: str) -> dict[str, Any]:
+        """Assemble the output tiles strip by strip, save, upload, and mark the job SUCCEEDED."""
+        started = time.monotonic()
+        job = self.jobs.get(job_id)
+        if job.grid is None or job.source is None:
+            raise TilefanError(f"job {job_id} has no tile grid: it was never split")
+        processing = (
+            _seconds_since_iso(job.updated_at) if job.status is JobStatus.PROCESSING else 0.0
+        )
+        self.jobs.transition(
+            job_id,
+            JobStatus.MERGING,
+            allowed_from={JobStatus.PROCESSING, JobStatus.MERGING},
+            t_process=processing,
+        )
+        progress = self.jobs.progress(job_id, job.grid["tile_count"])
+        if progress.done != progress.total:
+            raise TilefanError(
+                f"{progress.total - progress.done} of {progress.total} tiles are not done"
+            )
+        plan = plan_tiles(ImageSpec(**job.source), parse_chain(job.operations), job.tile_size)
+        with tempfile.TemporaryDirectory(dir=self.settings.scratch_dir) as scratch:
+            image = self._join_strips(job_id, plan, Path(scratch), job.grid["interpretation"])
+            saved = save_output(image, Path(scratch), job.output_format, job.output_options)
+            key = keys.result(job_id, saved.extension)
+            self.store.upload(saved.path, key, saved.content_type)
+            output = {
+                "key": key,
+                "format": job.output_format,
+                "size_bytes": saved.path.stat().st_size,
+                "width": plan.output_width,
+                "height": plan.output_height,
+                "bands": image.bands,
+                "pixel_format": image.format,
+            }
+        self.jobs.transition(
+            job_id,
+            JobStatus.SUCCEEDED,
+            allowed_from={JobStatus.MERGING},
+            output=output,
+            t_merge=time.monotonic() - started,
+        )
+        self.store.delete_prefix(keys.job_prefix(job_id))
+        return {"status": JobStatus.SUCCEEDED.value, "output_key": key}
+
+    def _join_strips(
+        self, job_id: str, plan: TilePlan, scratch: Path, interpretation: str
+    ) -> pyvips.Image:
+        """The output image over strip files on disk: one tile row in memory at a time."""
+        strips: list[Path] = []
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            for row in range(plan.rows):
+                indices = range(row * plan.columns, (row + 1) * plan.columns)
+                tiles = list(
+                    pool.map(
+                        lambda i: self.store.get_tile(job_id, "out", i, interpretation), indices
+                    )
+                )
+                strip = pyvips.Image.arrayjoin(tiles, across=plan.columns)
+                height = tiles[0].height
+                path = scratch / f"strip-{row:06d}.v"
+                strip.crop(0, 0, plan.output_width, height).write_to_file(str(path))
+                strips.append(path)
+        return _join_files(strips, scratch).copy(interpretation=interpretation)
+
+    # --- failure ------------------------------------------------------------------------------
+
+    def abort(self, job_id: str, error: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Mark the job FAILED with a code and a sentence, and remove its intermediates."""
+        code, message = describe_failure(error)
+        if code == "INTERNAL_ERROR":
+            # A failed Distributed Map reports only that its threshold was crossed; the tile's
+            # own error is in its record.
+            failed = next(
+                (t for t in self.jobs.tiles(job_id) if t.state is TileState.FAILED), None
+            )
+            if failed is not None:
+                code, message = TileFailed.code, failed.error or "a tile failed"
+        ended = self.jobs.finish_failed(job_id, code, message)
+        removed = self.store.delete_prefix(keys.job_prefix(job_id))
+        return {"status": JobStatus.FAILED.value, "code": code, "ended": ended, "removed": removed}
+
+
+def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:
+    return {
+        "rows": plan.rows,
+        "columns": plan.columns,
+        "tile_count": plan.tile_count,
+        "output_tile": plan.output_tile,
+        "output_width": plan.output_width,
+        "output_height": plan.output_height,
+        "interpretation": plan.output_interpretation,
+        "bytes_split": bytes_split,
+    }
+
+
+def _join_files(paths: Sequence[Path], scratch: Path) -> pyvips.Image:
+    """Stack strip files vertically, merging groups first so few files are open at once."""
+    if len(paths) <= _MAX_OPEN_STRIPS:
+        strips = [pyvips.Image.new_from_file(str(path)) for path in paths]
+        # arrayjoin spaces cells by the tallest strip; only the last is shorter, so crop.
+        height = sum(strip.height for strip in strips)
+        return pyvips.Image.arrayjoin(strips, across=1).crop(0, 0, strips[0].width, height)
+    merged = []
+    for number, start in enumerate(range(0, len(paths), _MAX_OPEN_STRIPS)):
+        path = scratch / f"band-{len(paths)}-{number:06d}.v"
+        _join_files(paths[start : start + _MAX_OPEN_STRIPS], scratch).write_to_file(str(path))
+        merged.append(path)
+    return _join_files(merged, scratch)
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _seconds_since_iso(stamp: str) -> float:
+    if not stamp:
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds())

@@ -1,0 +1,41 @@
+"""Typed configuration, read once from the environment; an explicit argument beats it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+
+__all__ = ["Settings", "TileEncoding"]
+
+TileEncoding = Literal["none", "deflate", "lzw"]
+
+
+class Settings(BaseSettings):
+    """Everything the handlers and the engine read from `TILEFAN_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TILEFAN_", frozen=True)
+
+    bucket: str = ""
+    """The S3 bucket for uploads, intermediate tiles and results (`TILEFAN_BUCKET`)."""
+    table: str = ""
+    """The DynamoDB table of jobs and tiles (`TILEFAN_TABLE`)."""
+    state_machine_arn: str = ""
+    """The pipeline's state machine (`TILEFAN_STATE_MACHINE_ARN`), used by the API."""
+    max_pixels: int = Field(default=2_500_000_000, ge=1)
+    """Refuse inputs whose header declares more pixels than this."""
+    max_pixels_per_byte: float = Field(default=20_000, gt=0)
+    """Refuse inputs that declare this many pixels per byte of file: a decompression bomb."""
+    tile_size: int = Field(default=1024, ge=MIN_TILE_SIZE, le=MAX_TILE_SIZE)
+    """Default tile edge in source pixels."""
+    tiles_per_item: int = Field(default=4, ge=1, le=1000)
+    """Tiles per Distributed Map item: fewer items, less orchestration per tile."""
+    tile_encoding: TileEncoding = "none"
+    """TIFF compression of intermediate tiles: bytes moved against CPU spent."""
+    scratch_dir: str = "/tmp"
+    """Local scratch space for the splitter's decoded source and the merger's strips."""
+    job_ttl_days: int = Field(default=30, ge=1)
+    """Jobs and their records expire this many days after creation."""

@@ -1,0 +1,71 @@
+"""Opening inputs safely: named errors for unreadable files, bombs refused from the header."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyvips
+
+from tilefan.errors import DamagedImage, TooManyPixels, UnsupportedImage
+
+__all__ = ["decode_to_scratch", "open_checked", "upright"]
+
+
+def open_checked(
+    path: str | Path,
+    *,
+    max_pixels: int | None = None,
+    max_pixels_per_byte: float | None = None,
+    access: str = "random",
+) -> pyvips.Image:
+    """Open the first page of an image, reading only its header.
+
+    Refuses, before any pixel is decoded, a header that declares more than ``max_pixels`` or
+    more than ``max_pixels_per_byte`` pixels per byte of file (a decompression bomb).
+    """
+    path = Path(path)
+    name = path.name
+    size = path.stat().st_size
+    if size == 0:
+        raise UnsupportedImage(f"{name} is empty")
+    try:
+        image = pyvips.Image.new_from_file(str(path), access=access, fail_on="truncated")
+    except pyvips.Error as e:
+        if "is not a known file format" in str(e):
+            raise UnsupportedImage(f"{name} is not an image format tilefan reads") from e
+        raise DamagedImage(f"{name} could not be read: {_first_line(e)}") from e
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise TooManyPixels(
+            f"{name} declares {image.width}x{image.height} = {pixels:,} pixels; "
+            f"the limit is {max_pixels:,}"
+        )
+    if max_pixels_per_byte is not None and pixels / size > max_pixels_per_byte:
+        raise TooManyPixels(
+            f"{name} declares {pixels:,} pixels in {size:,} bytes, more than "
+            f"{max_pixels_per_byte:,.0f} pixels per byte: refused as a decompression bomb"
+        )
+    return image
+
+
+def upright(image: pyvips.Image) -> pyvips.Image:
+    """Apply and drop the EXIF orientation, so results display the way the input did."""
+    return image.autorot() if image.get_typeof("orientation") else image
+
+
+def decode_to_scratch(image: pyvips.Image, path: Path) -> pyvips.Image:
+    """Decode the whole image once, top to bottom, into an uncompressed file that maps.
+
+    Formats such as JPEG and PNG only decode from the top; cutting tiles straight from them
+    would decode again per tile. The scratch copy gives every tile random access at no cost.
+    """
+    try:
+        image.write_to_file(str(path))
+    except pyvips.Error as e:
+        raise DamagedImage(f"the image could not be decoded: {_first_line(e)}") from e
+    return upright(pyvips.Image.new_from_file(str(path)))
+
+
+def _first_line(error: pyvips.Error) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else "libvips gave no reason"

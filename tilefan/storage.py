@@ -1,0 +1,176 @@
+"""Object storage behind a narrow interface: uploads, intermediate tiles, manifests, results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import boto3
+import pyvips
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+
+from tilefan.errors import TilefanError, TransientError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["ObjectMissing", "TileStore", "keys"]
+
+TileStage = Literal["src", "out"]
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+    }
+)
+
+# Multipart above 64 MiB in 64 MiB parts: 10,000 parts then cover 625 GiB.
+_TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+
+
+class ObjectMissing(TilefanError):
+    """An object the pipeline expected is not in the bucket."""
+
+    code = "OBJECT_MISSING"
+
+
+class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job_id)
+    """Where each object of a job lives. Job ids are generated, never taken from users."""
+
+    @staticmethod
+    def upload(job_id: str) -> str:
+        """The client's upload."""
+        return f"uploads/{job_id}/source"
+
+    @staticmethod
+    def job_prefix(job_id: str) -> str:
+        """Everything intermediate of one job."""
+        return f"jobs/{job_id}/"
+
+    @staticmethod
+    def manifest(job_id: str) -> str:
+        """The Distributed Map's item list."""
+        return f"jobs/{job_id}/manifest.json"
+
+    @staticmethod
+    def tile(job_id: str, stage: TileStage, index: int) -> str:
+        """A source tile (cut by the splitter) or an output tile (made by a worker)."""
+        return f"jobs/{job_id}/{stage}/{index:06d}.tif"
+
+    @staticmethod
+    def result(job_id: str, extension: str) -> str:
+        """The assembled output."""
+        return f"results/{job_id}/result.{extension}"
+
+
+def _translate(error: ClientError, key: str) -> TilefanError:
+    code = error.response.get("Error", {}).get("Code", "")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return ObjectMissing(f"{key} is not in the bucket")
+    if code in _TRANSIENT_CODES:
+        return TransientError(f"storage was busy ({code}) for {key}")
+    return TilefanError(f"storage refused {key}: {code}")
+
+
+class TileStore:
+    """S3 access for one bucket: tiles as lossless TIFF, JSON documents, whole files."""
+
+    def __init__(
+        self, bucket: str, *, client: S3Client | None = None, compression: str = "none"
+    ) -> None:
+        self.bucket = bucket
+        self.client: S3Client = client or boto3.client("s3")
+        self.compression = compression
+
+    def put_tile(self, job_id: str, stage: TileStage, index: int, tile: pyvips.Image) -> int:
+        """Store a tile losslessly (any band count and pixel format); returns its size in bytes."""
+        body = tile.tiffsave_buffer(compression=self.compression, predictor="none")
+        self._put(keys.tile(job_id, stage, index), body)
+        return len(body)
+
+    def get_tile(
+        self, job_id: str, stage: TileStage, index: int, interpretation: str
+    ) -> pyvips.Image:
+        """A stored tile, decoded into memory, with the interpretation TIFF cannot carry."""
+        body = self._get(keys.tile(job_id, stage, index))
+        tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
+        return tile.copy(interpretation=interpretation).copy_memory()
+
+    def put_json(self, key: str, document: Any) -> None:
+        """Store a JSON document."""
+        self._put(key, json.dumps(document, separators=(",", ":")).encode())
+
+    def get_json(self, key: str) -> Any:
+        """Read a JSON document."""
+        return json.loads(self._get(key))
+
+    def download(self, key: str, path: Path) -> None:
+        """Copy an object to a local file, in parallel parts for large objects."""
+        try:
+            self.client.download_file(self.bucket, key, str(path), Config=_TRANSFER)
+        except ClientError as e:
+            raise _translate(e, key) from e
+
+    def upload(self, path: Path, key: str, content_type: str) -> None:
+        """Copy a local file to an object, multipart above 64 MiB."""
+        try:
+            self.client.upload_file(
+                str(path), self.bucket, key, Config=_TRANSFER,
+                ExtraArgs={"ContentType": content_type},
+            )
+        except ClientError as e:
+            raise _translate(e, key) from e
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when it does not exist."""
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        except ClientError as e:
+            if isinstance(_translate(e, key), ObjectMissing):
+                return None
+            raise _translate(e, key) from e
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many went."""
+        deleted = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                batch = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if batch:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                    deleted += len(batch)
+        except ClientError as e:
+            raise _translate(e, prefix) from e
+        return deleted
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        return [
+            item["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            for item in page.get("Contents", [])
+        ]
+
+    def _put(self, key: str, body: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        except ClientError as e:
+            raise _translate(e, key) from e
+
+    def _get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            raise _translate(e, key) from e
