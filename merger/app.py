@@ -15,7 +15,7 @@ pipeline = Pipeline.from_settings()
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Event: ``{"action": "merge", "job_id": ...}`` or ``{"action": "abort", "job_id", "error"}``."""
+    """Event: ``{"action": "merge" | "abort", "job_id": ..., "error": ...}``."""
     logger.append_keys(job_id=event["job_id"], action=event["action"])
     if event["action"] == "abort":
         return pipeline.abort(event["job_id"], event.get("error"))

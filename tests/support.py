@@ -16,7 +16,9 @@ def shared_image(name: str) -> Path:
     """A file from ../shared/images, or a skip with the reason when the folder is absent."""
     path = SHARED_IMAGES / name
     if not path.exists():
-        pytest.skip(NO_SHARED if not SHARED_IMAGES.exists() else f"{name} is not in {SHARED_IMAGES}")
+        pytest.skip(
+            NO_SHARED if not SHARED_IMAGES.exists() else f"{name} is not in {SHARED_IMAGES}"
+        )
     return path
 
 

@@ -1,4 +1,4 @@
-"""tilefan: process very large images as tiles, in parallel, with results equal to whole-image libvips."""
+"""tilefan: process very large images as parallel tiles, equal to whole-image libvips."""
 
 from __future__ import annotations
 

@@ -158,8 +158,14 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with local_stack() as stack:
         view = run_job(
-            stack, source, output, DEMO_CHAIN, output_format="tiff",
-            tile_size=args.tile_size, concurrency=args.concurrency, on_progress=progress,
+            stack,
+            source,
+            output,
+            DEMO_CHAIN,
+            output_format="tiff",
+            tile_size=args.tile_size,
+            concurrency=args.concurrency,
+            on_progress=progress,
         )
     progress.close()
     status = _report(view, output, quiet=False)
@@ -175,8 +181,13 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one job on the embedded engine")
     run.add_argument("input")
     run.add_argument("-o", "--output", required=True)
-    run.add_argument("--op", action="append", type=parse_op, metavar="NAME[:key=value,...]",
-                     help="a step, e.g. gaussblur:sigma=4 (repeat for a chain)")
+    run.add_argument(
+        "--op",
+        action="append",
+        type=parse_op,
+        metavar="NAME[:key=value,...]",
+        help="a step, e.g. gaussblur:sigma=4 (repeat for a chain)",
+    )
     run.add_argument("--ops-file", help="a JSON file with a list of steps (run before --op)")
     run.add_argument("--tile-size", type=int, default=None)
     run.add_argument("--concurrency", type=int, default=4)

@@ -16,7 +16,7 @@ __all__ = [
 
 
 class TilefanError(Exception):
-    """Base of every error tilefan raises on purpose; `code` is stable, the message is for people."""
+    """Base of the errors tilefan raises on purpose: a stable `code`, a message for people."""
 
     code = "INTERNAL_ERROR"
 

@@ -26,9 +26,7 @@ def execute_tile(chain: Chain, source: ImageSpec, block: pyvips.Image, out: Rect
     regions = stage_regions(chain, sizes, out)
     if (block.width, block.height) != (regions[0].w, regions[0].h):
         raise ValueError(f"block is {block.width}x{block.height}, the tile needs {regions[0]}")
-    for step, (width, height), have, want in zip(
-        chain, sizes, regions, regions[1:], strict=False
-    ):
+    for step, (width, height), have, want in zip(chain, sizes, regions, regions[1:], strict=False):
         block = step.apply_region(block, have, width, height, want)
     return block
 

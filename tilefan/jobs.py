@@ -224,7 +224,7 @@ class JobRepository:
         operations: list[dict[str, Any]],
         output_format: str,
         tile_size: int,
-        input: Mapping[str, Any] | None = None,  # noqa: A002 - the API's own field name
+        input: Mapping[str, Any] | None = None,
         output_options: Mapping[str, Any] | None = None,
     ) -> Job:
         """Create a job in CREATED with a fresh id."""
@@ -402,10 +402,10 @@ class JobRepository:
                 for item in page.get("Items", []):
                     yield TileRecord(
                         index=int(str(item["sk"]).removeprefix("TILE#")),
-                        state=TileState(item["st"]),
-                        attempts=int(item.get("at", 0)),
-                        duration_ms=int(item["ms"]) if "ms" in item else None,
-                        error=item.get("er"),
+                        state=TileState(str(item["st"])),
+                        attempts=int(str(item.get("at", 0))),
+                        duration_ms=int(str(item["ms"])) if "ms" in item else None,
+                        error=str(item["er"]) if "er" in item else None,
                     )
                 if "LastEvaluatedKey" not in page:
                     break

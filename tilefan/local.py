@@ -35,7 +35,10 @@ class LocalStack:
 
 @contextmanager
 def local_stack(
-    *, server: bool = False, host: str = "127.0.0.1", port: int = 0,
+    *,
+    server: bool = False,
+    host: str = "127.0.0.1",
+    port: int = 0,
     handlers: Mapping[str, LambdaHandler] | None = None,
 ) -> Iterator[LocalStack]:
     """Start the embedded engine and the job service over it."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import pyvips
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from tilefan.errors import InvalidChain
 from tilefan.geometry import Rect
@@ -402,7 +403,7 @@ def chain_halo(steps: Sequence[Operation]) -> int:
     return sum(step.halo() for step in steps)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     """One line for a pydantic error: the step index, its operation and the field."""
     index, *rest = error["loc"]
     # The discriminated union puts the operation name after the index; the field follows it.
@@ -417,7 +418,7 @@ def parse_chain(steps: Any) -> Chain:
     if isinstance(steps, Chain):
         return steps
     if not isinstance(steps, list):
-        raise InvalidChain("operations must be a list of steps like {\"op\": \"invert\"}")
+        raise InvalidChain('operations must be a list of steps like {"op": "invert"}')
     if len(steps) > MAX_CHAIN_LENGTH:
         raise InvalidChain(f"operations: at most {MAX_CHAIN_LENGTH} steps are allowed")
     for index, step in enumerate(steps):

@@ -23,8 +23,14 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
 """Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip."""
 
 _EXTENSIONS = {
-    ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png",
-    ".webp": "webp", ".zip": "dz", ".dzi": "dz",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".png": "png",
+    ".webp": "webp",
+    ".zip": "dz",
+    ".dzi": "dz",
 }
 
 _BIGTIFF_ABOVE = 3 * 2**30
@@ -79,4 +85,5 @@ def save_output(
 
 
 def _sample_bytes(pixel_format: str) -> int:
-    return {"uchar": 1, "char": 1, "ushort": 2, "short": 2}.get(pixel_format, 4 if pixel_format != "double" else 8)
+    sizes = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
+    return sizes.get(pixel_format, 4)

@@ -164,7 +164,9 @@ class Pipeline:
         try:
             block = self.store.get_tile(job_id, "src", tile.index, spec.interpretation)
             result = execute_tile(chain, spec, block, tile.output)
-            self.store.put_tile(job_id, "out", tile.index, result.copy(interpretation=interpretation))
+            self.store.put_tile(
+                job_id, "out", tile.index, result.copy(interpretation=interpretation)
+            )
         except TransientError:
             raise
         except (pyvips.Error, TilefanError) as e:
@@ -248,9 +250,7 @@ class Pipeline:
         if code == "INTERNAL_ERROR":
             # A failed Distributed Map reports only that its threshold was crossed; the tile's
             # own error is in its record.
-            failed = next(
-                (t for t in self.jobs.tiles(job_id) if t.state is TileState.FAILED), None
-            )
+            failed = next((t for t in self.jobs.tiles(job_id) if t.state is TileState.FAILED), None)
             if failed is not None:
                 code, message = TileFailed.code, failed.error or "a tile failed"
         ended = self.jobs.finish_failed(job_id, code, message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,16 +129,12 @@ class JobService:
         job = self.jobs.get(job_id, owner=owner)
         if job.status in TERMINAL:
             raise InvalidTransition(f"job {job_id} already ended {job.status.value}")
-        self.jobs.transition(
-            job_id, JobStatus.CANCELLED, allowed_from=set(JobStatus) - TERMINAL
-        )
+        self.jobs.transition(job_id, JobStatus.CANCELLED, allowed_from=set(JobStatus) - TERMINAL)
         if job.execution_arn:
-            try:
+            # It may have ended by itself meanwhile; the job is CANCELLED either way.
+            with contextlib.suppress(ClientError):
                 self.stepfunctions.stop_execution(
                     executionArn=job.execution_arn, cause="cancelled by its owner"
                 )
-            except ClientError:
-                pass  # It may have ended by itself meanwhile; the job is CANCELLED either way.
         self.store.delete_prefix(keys.job_prefix(job_id))
         return self.jobs.get(job_id)
-

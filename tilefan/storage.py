@@ -15,6 +15,7 @@ from tilefan.errors import TilefanError, TransientError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 __all__ = ["ObjectMissing", "TileStore", "keys"]
 
@@ -125,7 +126,10 @@ class TileStore:
         """Copy a local file to an object, multipart above 64 MiB."""
         try:
             self.client.upload_file(
-                str(path), self.bucket, key, Config=_TRANSFER,
+                str(path),
+                self.bucket,
+                key,
+                Config=_TRANSFER,
                 ExtraArgs={"ContentType": content_type},
             )
         except ClientError as e:
@@ -146,7 +150,9 @@ class TileStore:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                batch = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                batch: list[ObjectIdentifierTypeDef] = [
+                    {"Key": item["Key"]} for item in page.get("Contents", [])
+                ]
                 if batch:
                     self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
                     deleted += len(batch)

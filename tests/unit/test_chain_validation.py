@@ -16,7 +16,10 @@ pytestmark = pytest.mark.unit
     ("steps", "message"),
     [
         ([{"op": "blur"}], "step 0, field 'op': unknown operation 'blur'; valid operations are"),
-        ([{"op": "invert"}, {"op": "gaussblur"}], "step 1 (gaussblur), field 'sigma': Field required"),
+        (
+            [{"op": "invert"}, {"op": "gaussblur"}],
+            "step 1 (gaussblur), field 'sigma': Field required",
+        ),
         ([{"op": "gaussblur", "sigma": "4"}], "field 'sigma': Input should be a valid number"),
         ([{"op": "gaussblur", "sigma": -1}], "field 'sigma': Input should be greater than 0"),
         ([{"op": "gaussblur", "sigma": 4, "radius": 2}], "field 'radius': Extra inputs"),

@@ -25,32 +25,45 @@ def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
 
 POINT = st.one_of(
     st.just({"op": "invert"}),
-    st.builds(lambda a, b: {"op": "linear", "a": a, "b": b},
-              st.floats(-2, 2, allow_nan=False), st.floats(-50, 50, allow_nan=False)),
+    st.builds(
+        lambda a, b: {"op": "linear", "a": a, "b": b},
+        st.floats(-2, 2, allow_nan=False),
+        st.floats(-50, 50, allow_nan=False),
+    ),
     st.builds(lambda e: {"op": "gamma", "exponent": e}, st.floats(0.2, 3)),
     st.builds(lambda v: {"op": "threshold", "value": v}, st.floats(-100, 300)),
     st.just({"op": "colourspace", "space": "b-w"}),
 )
 NEIGHBOURHOOD = st.one_of(
-    st.builds(lambda s, p: {"op": "gaussblur", "sigma": s, "precision": p},
-              st.floats(0.3, 6), st.sampled_from(["integer", "float"])),
+    st.builds(
+        lambda s, p: {"op": "gaussblur", "sigma": s, "precision": p},
+        st.floats(0.3, 6),
+        st.sampled_from(["integer", "float"]),
+    ),
     st.builds(lambda s: {"op": "sharpen", "sigma": s}, st.floats(0.3, 3)),
     st.builds(lambda n: {"op": "median", "size": n}, st.integers(1, 7)),
     st.just({"op": "sobel"}),
     st.builds(
         lambda rows: {"op": "conv", "mask": rows, "scale": max(1.0, sum(map(sum, rows)))},
         st.integers(1, 7).flatmap(
-            lambda w: st.lists(st.lists(st.integers(-3, 9).map(float), min_size=w, max_size=w),
-                               min_size=1, max_size=7)
+            lambda w: st.lists(
+                st.lists(st.integers(-3, 9).map(float), min_size=w, max_size=w),
+                min_size=1,
+                max_size=7,
+            )
         ),
     ),
 )
 GEOMETRIC = st.one_of(
     st.builds(lambda a: {"op": "rot", "angle": a}, st.sampled_from(["d90", "d180", "d270"])),
-    st.builds(lambda d: {"op": "flip", "direction": d},
-              st.sampled_from(["horizontal", "vertical"])),
-    st.builds(lambda h, v: {"op": "shrink", "hshrink": h, "vshrink": v},
-              st.integers(1, 5), st.integers(1, 5)),
+    st.builds(
+        lambda d: {"op": "flip", "direction": d}, st.sampled_from(["horizontal", "vertical"])
+    ),
+    st.builds(
+        lambda h, v: {"op": "shrink", "hshrink": h, "vshrink": v},
+        st.integers(1, 5),
+        st.integers(1, 5),
+    ),
 )
 
 
@@ -71,13 +84,17 @@ def _compatible(image: pyvips.Image, ops: list[dict[str, Any]]) -> bool:
     bands=st.integers(1, 4),
     fmt=st.sampled_from(["uchar", "char", "ushort", "short", "float"]),
     tile_size=st.integers(64, 300),
-    ops=st.lists(st.one_of(POINT, NEIGHBOURHOOD, NEIGHBOURHOOD, GEOMETRIC), min_size=1,
-                 max_size=4),
+    ops=st.lists(st.one_of(POINT, NEIGHBOURHOOD, NEIGHBOURHOOD, GEOMETRIC), min_size=1, max_size=4),
     seed=st.integers(0, 2**16),
 )
 def test_tiled_equals_whole_for_any_size_tile_size_and_chain(
-    width: int, height: int, bands: int, fmt: str, tile_size: int,
-    ops: list[dict[str, Any]], seed: int,
+    width: int,
+    height: int,
+    bands: int,
+    fmt: str,
+    tile_size: int,
+    ops: list[dict[str, Any]],
+    seed: int,
 ) -> None:
     image = noise_image(width, height, bands, fmt, seed)
     assume(_compatible(image, ops))
@@ -87,10 +104,16 @@ def test_tiled_equals_whole_for_any_size_tile_size_and_chain(
 CHAINS = [
     [{"op": "gaussblur", "sigma": 3}, {"op": "sharpen"}, {"op": "median", "size": 3}],
     [{"op": "sobel"}, {"op": "gaussblur", "sigma": 1.2}],
-    [{"op": "rot", "angle": "d90"}, {"op": "median", "size": 5}, {"op": "shrink", "hshrink": 2,
-                                                                    "vshrink": 3}],
-    [{"op": "flip", "direction": "horizontal"}, {"op": "gaussblur", "sigma": 2},
-     {"op": "rot", "angle": "d270"}],
+    [
+        {"op": "rot", "angle": "d90"},
+        {"op": "median", "size": 5},
+        {"op": "shrink", "hshrink": 2, "vshrink": 3},
+    ],
+    [
+        {"op": "flip", "direction": "horizontal"},
+        {"op": "gaussblur", "sigma": 2},
+        {"op": "rot", "angle": "d270"},
+    ],
     [{"op": "invert"}, {"op": "conv", "mask": [[1, 2, 1], [2, 4, 2], [1, 2, 1]], "scale": 16.0}],
 ]
 

@@ -1,0 +1,173 @@
+"""The whole pipeline on the embedded engine: the template's state machine and handlers on moto."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+import tilefan.pipeline
+from tests.support import assert_identical, noise_image, shared_image
+from tilefan import TransientError, parse_chain
+from tilefan.jobs import JobStatus, TileState
+from tilefan.local import LocalStack, local_stack, run_job
+from tilefan.source import upright
+from tilefan.storage import keys
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    with local_stack() as running:
+        yield running
+
+
+def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
+    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
+
+
+def leftovers(stack: LocalStack, job_id: str) -> list[str]:
+    return stack.service.store.list_keys(keys.job_prefix(job_id))
+
+
+def run(
+    stack: LocalStack, source: Path, tmp_path: Path, ops: list[dict[str, Any]], **options: Any
+) -> tuple[Any, Path]:
+    output = tmp_path / f"out.{options.pop('ext', 'tif')}"
+    fmt = {"tif": "tiff", "png": "png"}[output.suffix[1:]]
+    view = run_job(stack, source, output, ops, output_format=fmt, poll_seconds=0.05, **options)
+    return view, output
+
+
+CHAINS = [
+    [{"op": "gaussblur", "sigma": 2.5}, {"op": "sharpen"}, {"op": "median", "size": 3}],
+    [{"op": "rot", "angle": "d90"}, {"op": "sobel"}, {"op": "shrink", "hshrink": 2, "vshrink": 2}],
+    [{"op": "flip", "direction": "horizontal"}, {"op": "linear", "a": 0.5, "b": 10}],
+]
+
+
+@pytest.mark.parametrize("ops", CHAINS, ids=lambda ops: "+".join(s["op"] for s in ops))
+@pytest.mark.parametrize(
+    ("name", "tile_size"), [("sample.jpg", 64), ("sample.png", 100), ("rotation-6.jpg", 128)]
+)
+def test_run_equals_whole_image_libvips(
+    stack: LocalStack, tmp_path: Path, name: str, tile_size: int, ops: list[dict[str, Any]]
+) -> None:
+    source = shared_image(name)
+    view, output = run(stack, source, tmp_path, ops, tile_size=tile_size)
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    expected = whole(upright(pyvips.Image.new_from_file(str(source))), ops)
+    assert_identical(expected, pyvips.Image.new_from_file(str(output)))
+    assert view.progress is not None
+    assert view.progress.done == view.progress.total == view.job.grid["tile_count"]
+    assert leftovers(stack, view.job.job_id) == []
+
+
+def test_hundreds_of_tiles_through_the_distributed_map(stack: LocalStack, tmp_path: Path) -> None:
+    image = noise_image(1300, 1100, 3, seed=7)
+    source = tmp_path / "noise.png"
+    image.pngsave(str(source))
+    ops = [{"op": "gaussblur", "sigma": 1.5}, {"op": "median", "size": 3}]
+    view, output = run(stack, source, tmp_path, ops, tile_size=64, concurrency=8, ext="png")
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert view.job.grid["tile_count"] == 21 * 18
+    assert view.progress is not None and view.progress.grid == "D" * (21 * 18)
+    assert_identical(whole(image, ops), pyvips.Image.new_from_file(str(output)))
+
+
+@pytest.fixture
+def small_source(tmp_path: Path) -> Path:
+    path = tmp_path / "small.png"
+    noise_image(300, 200, 3, seed=3).pngsave(str(path))
+    return path
+
+
+def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
+    stack: LocalStack, tmp_path: Path, small_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tilefan.pipeline.execute_tile
+
+    def broken(chain: Any, spec: Any, block: Any, out: Any) -> Any:
+        if out.x == 64 and out.y == 64:
+            raise pyvips.Error("injected: libvips ran out of memory")
+        return real(chain, spec, block, out)
+
+    monkeypatch.setattr(tilefan.pipeline, "execute_tile", broken)
+    view, output = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64)
+    assert view.job.status is JobStatus.FAILED
+    assert view.job.error is not None and view.job.error["code"] == "TILE_FAILED"
+    assert "injected" in view.job.error["message"]
+    assert view.progress is not None and view.progress.failed == 1
+    assert leftovers(stack, view.job.job_id) == []
+    assert not output.exists()
+
+
+def test_worker_failing_once_is_retried_and_the_job_succeeds(
+    stack: LocalStack, tmp_path: Path, small_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tilefan.pipeline.execute_tile
+    failed: list[int] = []
+
+    def flaky(chain: Any, spec: Any, block: Any, out: Any) -> Any:
+        if out.x == 128 and out.y == 0 and not failed:
+            failed.append(1)
+            raise TransientError("injected: storage hiccup")
+        return real(chain, spec, block, out)
+
+    monkeypatch.setattr(tilefan.pipeline, "execute_tile", flaky)
+    view, _ = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64)
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert failed == [1]
+    attempts = {t.index: t.attempts for t in stack.service.jobs.tiles(view.job.job_id)}
+    assert attempts[2] == 2
+    assert sum(attempts.values()) == view.job.grid["tile_count"] + 1
+
+
+def test_duplicated_tile_delivery_counts_once(
+    stack: LocalStack, tmp_path: Path, small_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tilefan.pipeline.Pipeline.process_batch
+
+    def twice(self: Any, job_id: str, tiles: Any) -> Any:
+        real(self, job_id, tiles)
+        return real(self, job_id, tiles)
+
+    monkeypatch.setattr(tilefan.pipeline.Pipeline, "process_batch", twice)
+    view, _ = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64)
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    records = list(stack.service.jobs.tiles(view.job.job_id))
+    assert len(records) == view.job.grid["tile_count"] == 4 * 5
+    assert all(r.state is TileState.DONE and r.attempts == 1 for r in records)
+    assert view.progress is not None and view.progress.done == 20
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("truncated.jpg", "DAMAGED_IMAGE"),
+        ("README.md", "UNSUPPORTED_FORMAT"),
+        ("17000x17000.avif", "TOO_MANY_PIXELS"),
+    ],
+)
+def test_bad_input_fails_the_job_with_its_own_code(
+    stack: LocalStack, tmp_path: Path, name: str, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = shared_image(name)
+    decoded: list[str] = []
+    real = tilefan.pipeline.decode_to_scratch
+    monkeypatch.setattr(
+        tilefan.pipeline,
+        "decode_to_scratch",
+        lambda image, path: decoded.append(str(path)) or real(image, path),
+    )
+    view, _ = run(stack, source, tmp_path, [{"op": "invert"}])
+    assert view.job.status is JobStatus.FAILED
+    assert view.job.error is not None and view.job.error["code"] == code, view.job.error
+    assert leftovers(stack, view.job.job_id) == []
+    if code != "DAMAGED_IMAGE":
+        assert decoded == [], "the input was decoded before it was refused"
