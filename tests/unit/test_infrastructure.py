@@ -1,0 +1,175 @@
+"""template.yaml and the state machine: valid for CloudFormation, and every path ends the job."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cfnlint.api import lint, lint_file  # type: ignore[import-untyped]
+from cfnlint.decode.cfn_yaml import load as load_cfn_yaml  # type: ignore[import-untyped]
+
+pytestmark = pytest.mark.unit
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ASL_PATH = PROJECT_ROOT / "statemachine" / "tilefan.asl.json"
+RETRIED_ERRORS = {
+    "Lambda.ServiceException",
+    "Lambda.AWSLambdaException",
+    "Lambda.SdkClientException",
+    "Lambda.TooManyRequestsException",
+    "TransientError",
+}
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    document: dict[str, Any] = load_cfn_yaml(str(PROJECT_ROOT / "template.yaml"))
+    return document
+
+
+@pytest.fixture(scope="module")
+def asl() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(ASL_PATH.read_text())
+    return document
+
+
+def substituted(template: dict[str, Any]) -> str:
+    """The ASL text with each substitution replaced by a value of the kind it will have."""
+    values = {
+        "SplitterFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:Splitter",
+        "TileWorkerFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:TileWorker",
+        "MergerFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:Merger",
+        "BucketName": "tilefan-bucket",
+        "MaxConcurrency": str(template["Parameters"]["MaxConcurrency"]["Default"]),
+    }
+    return re.sub(r"\$\{(\w+)\}", lambda match: values[match.group(1)], ASL_PATH.read_text())
+
+
+def tasks(states: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every Task state, including those inside Map item processors."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, state in states.items():
+        if state["Type"] == "Task":
+            found[name] = state
+        if "ItemProcessor" in state:
+            found.update(tasks(state["ItemProcessor"]["States"]))
+    return found
+
+
+def test_template_passes_cfn_lint() -> None:
+    assert [str(match) for match in lint_file(PROJECT_ROOT / "template.yaml")] == []
+
+
+def test_state_machine_passes_cfn_lint_once_substituted(template: dict[str, Any]) -> None:
+    # cfn-lint checks a state machine's definition when it is inline in a template.
+    wrapper = {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Resources": {
+            "Machine": {
+                "Type": "AWS::StepFunctions::StateMachine",
+                "Properties": {
+                    "RoleArn": "arn:aws:iam::123456789012:role/tilefan",
+                    "Definition": json.loads(substituted(template)),
+                },
+            }
+        },
+    }
+    assert [str(match) for match in lint(json.dumps(wrapper))] == []
+
+
+def test_substitutions_in_the_asl_are_exactly_those_the_template_provides(
+    template: dict[str, Any],
+) -> None:
+    provided = template["Resources"]["TilefanStateMachine"]["Properties"]["DefinitionSubstitutions"]
+    used = set(re.findall(r"\$\{(\w+)\}", ASL_PATH.read_text()))
+    assert used == set(provided)
+
+
+def test_max_concurrency_comes_from_the_execution_or_the_template(asl: dict[str, Any]) -> None:
+    # JSON cannot hold an unquoted ${MaxConcurrency}, so the template's value is substituted
+    # as text, turned into a number, and used only when the execution sets none.
+    states = asl["States"]
+    assert states["ProcessTiles"]["MaxConcurrencyPath"] == "$.max_concurrency"
+    default = states["UseDefaultMaxConcurrency"]["Parameters"]["max_concurrency.$"]
+    assert default == "States.StringToJson('${MaxConcurrency}')"
+
+
+def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str, Any]) -> None:
+    all_tasks = tasks(asl["States"])
+    assert set(all_tasks) == {"Split", "ProcessBatch", "Merge", "Abort"}
+    for name, state in all_tasks.items():
+        [retry] = state["Retry"]
+        assert set(retry["ErrorEquals"]) == RETRIED_ERRORS, name
+        assert retry["BackoffRate"] == 2, name
+        assert retry["JitterStrategy"] == "FULL", name
+        assert 3 <= retry["MaxAttempts"] <= 6, name
+
+
+def test_every_failure_reaches_abort_and_then_fails(asl: dict[str, Any]) -> None:
+    states = asl["States"]
+    for name in ("Split", "ProcessTiles", "Merge"):
+        [catch] = states[name]["Catch"]
+        assert catch == {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Abort"}
+    assert states["Abort"]["Parameters"]["Payload"] == {
+        "action": "abort",
+        "job_id.$": "$.job_id",
+        "error.$": "$.error",
+    }
+    assert states["Abort"]["Next"] == "JobFailed"
+    assert states["Abort"]["Catch"][0]["Next"] == "JobFailed"
+    assert states["JobFailed"]["Type"] == "Fail"
+
+
+def test_every_path_through_the_state_machine_ends(asl: dict[str, Any]) -> None:
+    states = asl["States"]
+
+    def successors(state: dict[str, Any]) -> set[str]:
+        following = {catch["Next"] for catch in state.get("Catch", [])}
+        following |= {choice["Next"] for choice in state.get("Choices", [])}
+        following |= {state[key] for key in ("Next", "Default") if key in state}
+        return following
+
+    reachable, frontier = set(), [asl["StartAt"]]
+    while frontier:
+        name = frontier.pop()
+        if name not in reachable:
+            reachable.add(name)
+            frontier.extend(successors(states[name]))
+    assert reachable == set(states)
+    for name in reachable:
+        state = states[name]
+        ends = state["Type"] in ("Succeed", "Fail") or state.get("End") is True
+        assert ends or successors(state), name
+    terminal = {name for name in states if states[name]["Type"] in ("Succeed", "Fail")}
+    assert terminal == {"JobSucceeded", "JobFailed"}
+
+
+def test_distributed_map_reads_its_items_from_the_manifest(asl: dict[str, Any]) -> None:
+    process = asl["States"]["ProcessTiles"]
+    assert process["ItemProcessor"]["ProcessorConfig"] == {
+        "Mode": "DISTRIBUTED",
+        "ExecutionType": "STANDARD",
+    }
+    assert process["ItemReader"] == {
+        "Resource": "arn:aws:states:::s3:getObject",
+        "ReaderConfig": {"InputType": "JSON"},
+        "Parameters": {"Bucket": "${BucketName}", "Key.$": "$.split.manifest_key"},
+    }
+    assert process["ItemSelector"] == {"job_id.$": "$.job_id", "item.$": "$$.Map.Item.Value"}
+    assert process["ResultPath"] is None
+    assert process["ToleratedFailurePercentage"] == 0
+
+
+def test_state_machine_role_may_run_its_own_distributed_map(template: dict[str, Any]) -> None:
+    properties = template["Resources"]["TilefanStateMachine"]["Properties"]
+    statements = [
+        statement
+        for policy in properties["Policies"]
+        if "Statement" in policy
+        for statement in policy["Statement"]
+    ]
+    actions = {action for statement in statements for action in statement["Action"]}
+    assert {"states:StartExecution", "states:DescribeExecution", "states:StopExecution"} <= actions
