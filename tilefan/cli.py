@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -61,26 +62,36 @@ class _Progress:
         self.started = time.monotonic()
         self.last = ""
 
-    def __call__(self, view: JobView) -> None:
+    def update(self, status: str, done: int, total: int) -> None:
+        """Redraw the bar if anything changed."""
         if not self.enabled:
             return
-        job, progress = view.job, view.progress
-        if progress is None:
-            line = f"{job.status.value.lower()}..."
+        status = status.lower()
+        if not total:
+            line = f"{status}..."
         else:
-            rate = progress.done / max(time.monotonic() - self.started, 1e-6)
-            width = 30
-            filled = width * progress.done // max(progress.total, 1)
-            line = (
-                f"[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total} tiles"
-                f"  {rate:.1f} tiles/s  {job.status.value.lower()}"
-            )
+            rate = done / max(time.monotonic() - self.started, 1e-6)
+            filled = 30 * done // total
+            bar = "#" * filled + "." * (30 - filled)
+            line = f"[{bar}] {done}/{total} tiles  {rate:.1f} tiles/s  {status}"
         if line != self.last:
             self.stream.write("\r" + line.ljust(len(self.last)))
             self.stream.flush()
             self.last = line
 
+    def on_view(self, view: JobView) -> None:
+        """From the job records (the embedded engine)."""
+        progress = view.progress
+        done, total = (progress.done, progress.total) if progress else (0, 0)
+        self.update(view.job.status.value, done, total)
+
+    def on_document(self, job: Any) -> None:
+        """From the API's status document."""
+        tiles = job.get("tiles") or {}
+        self.update(str(job["status"]), int(tiles.get("done", 0)), int(tiles.get("total", 0)))
+
     def close(self) -> None:
+        """End the line the bar was drawn on."""
         if self.enabled and self.last:
             self.stream.write("\n")
 
@@ -116,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
             output_format=output_format,
             tile_size=args.tile_size,
             concurrency=args.concurrency,
-            on_progress=progress,
+            on_progress=progress.on_view,
         )
     progress.close()
     return _report(view, output, quiet=not sys.stdout.isatty() and not args.verbose)
@@ -165,13 +176,73 @@ def _demo(args: argparse.Namespace) -> int:
             output_format="tiff",
             tile_size=args.tile_size,
             concurrency=args.concurrency,
-            on_progress=progress,
+            on_progress=progress.on_view,
         )
     progress.close()
     status = _report(view, output, quiet=False)
     if status == 0:
         print(f"result: {output}  (whole job {time.monotonic() - started:.1f}s)")
     return status
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tilefan.serve import serve_api
+
+    with serve_api(host=args.host, port=args.port, keys=args.key or ()) as api:
+        print(f"tilefan API on {api.url}  (OpenAPI: {api.url}/openapi.json)")
+        print(f"example key: {api.keys[0]}")
+        print(f"try: curl -H 'x-api-key: {api.keys[0]}' {api.url}/jobs")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from tilefan.client import ApiError, JobFailed, TilefanClient
+
+    source, output = Path(args.input), Path(args.output)
+    output_format = args.format or format_for_path(output)
+    if not source.is_file():
+        return _fail("INPUT_MISSING", f"{source} is not a file")
+    if output_format is None:
+        return _fail(
+            "UNKNOWN_FORMAT", f"cannot tell the format from {output.name!r}; pass --format"
+        )
+    progress = _Progress(sys.stderr)
+    client = TilefanClient(args.api, args.key)
+    try:
+        done = client.submit(
+            source,
+            output,
+            _chain(args),
+            output_format=output_format,
+            tile_size=args.tile_size,
+            on_progress=progress.on_document,
+            poll_seconds=args.poll,
+        )
+    except (ApiError, JobFailed) as e:
+        progress.close()
+        return _fail(e.code, getattr(e, "message", str(e)))
+    progress.close()
+    result = done.job["output"]
+    print(f"{output} ({result['width']}x{result['height']}); job {done.job['job_id']}")
+    return 0
+
+
+def _bench(argv: Sequence[str]) -> int:
+    # The harness lives beside the package in a checkout (benchmarks/), not in the wheel.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "cli.py").is_file():
+        return _fail("NO_BENCHMARKS", f"no benchmarks/ beside {root / 'tilefan'}: use a checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    # Imported by name: the harness is a tool beside the core, outside its type-checked API.
+    harness = importlib.import_module("benchmarks.cli")
+    return int(harness.main(argv))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,12 +272,38 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=4)
     demo.add_argument("--workdir", help="where to put the input and the result")
     demo.set_defaults(func=_demo)
+
+    serve = commands.add_parser("serve", help="serve the REST API locally on the embedded engine")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--key", action="append", help="an API key to accept (repeatable)")
+    serve.set_defaults(func=_serve)
+
+    submit = commands.add_parser("submit", help="run one job through a deployed or local API")
+    submit.add_argument("input")
+    submit.add_argument("-o", "--output", required=True)
+    submit.add_argument("--api", required=True, help="the API's base URL")
+    submit.add_argument("--key", help="the API key (x-api-key)")
+    submit.add_argument("--op", action="append", type=parse_op, metavar="NAME[:key=value,...]")
+    submit.add_argument("--ops-file")
+    submit.add_argument("--tile-size", type=int, default=None)
+    submit.add_argument("--format", choices=sorted(OUTPUT_FORMATS))
+    submit.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    submit.set_defaults(func=_submit)
+
+    # Listed for --help; main() hands everything after "bench" to the harness untouched.
+    commands.add_parser(
+        "bench", help="the benchmark harness, from a checkout (tilefan bench --help)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tilefan` console script."""
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return _bench(arguments[1:])
+    args = _parser().parse_args(arguments)
     try:
         return int(args.func(args))
     except TilefanError as e:

@@ -807,6 +807,10 @@ class EmbeddedEngine:
             _active_engine = self
         for name, value in _FAKE_CREDENTIALS.items():
             self._env.set(name, value)
+        # The interpreter logs its own parse notes and every JSONPath miss (a Choice's
+        # IsPresent test included) at warning or error level; a job's real failures are in
+        # the execution's history and the job record, so users are not shown these.
+        logging.getLogger("moto.stepfunctions.parser").setLevel(logging.CRITICAL)
         for name, value in self.template.environment().items():
             self._env.set(name, value)
         if self._server_mode:

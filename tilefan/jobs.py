@@ -270,7 +270,7 @@ class JobRepository:
         if after:
             query["ExclusiveStartKey"] = json.loads(after)
         page = self.table.query(**query)
-        jobs = [self.get(str(item["job_id"])) for item in page.get("Items", [])]
+        jobs = [self.get(str(item["pk"]).removeprefix("JOB#")) for item in page.get("Items", [])]
         cursor = page.get("LastEvaluatedKey")
         return jobs, json.dumps(cursor, default=str) if cursor else None
 

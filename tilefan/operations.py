@@ -16,6 +16,14 @@ import pyvips
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
+from tilefan._resize import (
+    MAX_RESIZE_SCALE,
+    Kernel,
+    resize_input_region,
+    resize_output_size,
+    resize_region,
+    resize_whole,
+)
 from tilefan.errors import InvalidChain
 from tilefan.geometry import Rect
 
@@ -25,6 +33,7 @@ __all__ = [
     "Chain",
     "OpKind",
     "Operation",
+    "Step",
     "chain_halo",
     "operation_names",
     "parse_chain",
@@ -354,7 +363,43 @@ class Shrink(_Geometric):
         return 0, 0
 
 
-_Step = Annotated[
+class Resize(_Geometric):
+    """``image.resize(scale, vscale=..., kernel=...)``: libvips' own resize, tile by tile.
+
+    Sizes, the box pre-shrink, the reduce and the upsizing affine are libvips' own; the tiles
+    equal the whole-image result, computed in libvips' strip order, bit for bit (see
+    ``tilefan._resize`` and docs/resize.md).
+    """
+
+    op: Literal["resize"]
+    scale: float = Field(gt=0, le=MAX_RESIZE_SCALE)
+    vscale: float | None = Field(default=None, gt=0, le=MAX_RESIZE_SCALE)
+    kernel: Kernel = "lanczos3"
+
+    def _vscale(self) -> float:
+        return self.scale if self.vscale is None else self.vscale
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        # libvips never shrinks an axis below one pixel.
+        return resize_output_size(self.scale, self._vscale(), self.kernel, width, height)
+
+    def input_region(self, out: Rect, width: int, height: int) -> Rect:
+        return resize_input_region(out, width, height, self.scale, self._vscale(), self.kernel)
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        # In libvips' strip order: nearest, upsizing and double pixels depend on the order.
+        return resize_whole(image, self.scale, self._vscale(), self.kernel)
+
+    def apply_region(
+        self, block: pyvips.Image, block_rect: Rect, width: int, height: int, out: Rect
+    ) -> pyvips.Image:
+        return resize_region(
+            block, block_rect, width, height, out, self.scale, self._vscale(), self.kernel
+        )
+
+
+# One step of a chain: the operations, told apart by their "op" field.
+Step = Annotated[
     Invert
     | Linear
     | Gamma
@@ -368,18 +413,20 @@ _Step = Annotated[
     | Conv
     | Rot
     | Flip
-    | Shrink,
+    | Shrink
+    | Resize,
     Field(discriminator="op"),
 ]
 
-_CHAIN_ADAPTER: TypeAdapter[list[Operation]] = TypeAdapter(list[_Step])  # type: ignore[arg-type]
+_CHAIN_ADAPTER: TypeAdapter[list[Operation]] = TypeAdapter(list[Step])  # type: ignore[arg-type]
 
 MAX_CHAIN_LENGTH = 32
 
 
-def operation_names() -> list[str]:
-    """The names of every supported operation, as written in a chain."""
-    return sorted(_CHAIN_ADAPTER.json_schema()["items"]["discriminator"]["mapping"])
+@functools.cache
+def operation_names() -> tuple[str, ...]:
+    """The names of every supported operation, as written in a chain (computed once)."""
+    return tuple(sorted(_CHAIN_ADAPTER.json_schema()["items"]["discriminator"]["mapping"]))
 
 
 class Chain(tuple[Operation, ...]):

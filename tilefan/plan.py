@@ -118,23 +118,26 @@ def stage_regions(
 
 
 def check_chain(chain: Chain, spec: ImageSpec) -> ImageSpec:
-    """Run the chain on a tiny image of the same layout, so incompatible steps fail before work.
+    """Run the chain on a stand-in of the same size and layout, so incompatible steps fail early.
 
-    Returns the layout of the chain's output (its size is the probe's, not the real one).
+    The stand-in is libvips' lazy black image and only one output pixel of each step is
+    computed, so this costs microseconds whatever the image size. Returns the layout of the
+    chain's output.
     """
     probe = (
-        pyvips.Image.black(8, 8, bands=spec.bands)
+        pyvips.Image.black(spec.width, spec.height, bands=spec.bands)
         .cast(spec.format)
         .copy(interpretation=spec.interpretation)
     )
     for index, step in enumerate(chain):
         try:
-            probe = step.apply(probe).copy_memory()
+            probe = step.apply(probe)
+            probe.crop(0, 0, 1, 1).copy_memory()
         except pyvips.Error as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else "libvips refused it"
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             raise InvalidChain(
                 f"step {index} ({step.model_dump()['op']}): cannot apply to a "
-                f"{probe.bands}-band {probe.format} image: {detail}"
+                f"{probe.bands}-band {probe.format} image: {lines[-1] if lines else e}"
             ) from e
     return ImageSpec.of(probe)
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -18,7 +19,19 @@ from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 from tilefan.settings import Settings
 from tilefan.storage import TileStore, keys
 
-__all__ = ["InvalidRequest", "JobService", "JobView", "UploadMissing"]
+__all__ = [
+    "AlreadyStarted",
+    "InputTooLarge",
+    "InvalidRequest",
+    "JobService",
+    "JobView",
+    "ResultNotReady",
+    "UploadMismatch",
+    "UploadMissing",
+]
+
+_MAX_PARTS = 10_000
+_SINGLE_PUT_LIMIT = 5 * 2**30
 
 
 class InvalidRequest(TilefanError):
@@ -27,10 +40,34 @@ class InvalidRequest(TilefanError):
     code = "INVALID_REQUEST"
 
 
+class InputTooLarge(TilefanError):
+    """The declared upload is larger than this deployment accepts."""
+
+    code = "INPUT_TOO_LARGE"
+
+
 class UploadMissing(TilefanError):
-    """The job was started before its upload arrived, or the upload has the wrong size."""
+    """The job was started before its upload arrived."""
 
     code = "UPLOAD_MISSING"
+
+
+class UploadMismatch(TilefanError):
+    """The upload's size differs from the size the job declared, or its parts do not fit."""
+
+    code = "UPLOAD_MISMATCH"
+
+
+class AlreadyStarted(TilefanError):
+    """The job was started before; it is never started twice."""
+
+    code = "ALREADY_STARTED"
+
+
+class ResultNotReady(TilefanError):
+    """The job has not succeeded (yet), so there is no result to fetch."""
+
+    code = "RESULT_NOT_READY"
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,12 @@ class JobService:
             raise InvalidRequest(
                 f"output.format: {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
             )
+        declared = int((input_info or {}).get("size_bytes", 0))
+        if declared > self.settings.max_input_bytes:
+            raise InputTooLarge(
+                f"input.size_bytes: {declared:,} bytes is more than the "
+                f"{self.settings.max_input_bytes:,} this deployment accepts"
+            )
         size = tile_size if tile_size is not None else self.settings.tile_size
         if not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:
             raise InvalidRequest(
@@ -95,11 +138,14 @@ class JobService:
             raise UploadMissing(f"nothing has been uploaded for job {job_id}")
         declared = job.input.get("size_bytes")
         if declared is not None and declared != uploaded:
-            raise UploadMissing(f"the upload is {uploaded} bytes; the job declared {declared}")
+            raise UploadMismatch(f"the upload is {uploaded:,} bytes; the job declared {declared:,}")
         execution_input: dict[str, Any] = {"job_id": job_id}
         if max_concurrency is not None:
             execution_input["max_concurrency"] = max_concurrency
-        self.jobs.transition(job_id, JobStatus.QUEUED, allowed_from={JobStatus.CREATED})
+        try:
+            self.jobs.transition(job_id, JobStatus.QUEUED, allowed_from={JobStatus.CREATED})
+        except InvalidTransition as e:
+            raise AlreadyStarted(f"job {job_id} was already started") from e
         try:
             execution = self.stepfunctions.start_execution(
                 stateMachineArn=self.settings.state_machine_arn,
@@ -138,3 +184,113 @@ class JobService:
                 )
         self.store.delete_prefix(keys.job_prefix(job_id))
         return self.jobs.get(job_id)
+
+    # --- uploads and downloads ----------------------------------------------------------------
+
+    def upload_instructions(self, job: Job) -> dict[str, Any]:
+        """Presigned PUT for small uploads; presigned part PUTs for large ones."""
+        size = int(job.input["size_bytes"])
+        expires_at = self._expires_at()
+        key = keys.upload(job.job_id)
+        s3 = self.store.client
+        if size <= min(self.settings.multipart_threshold, _SINGLE_PUT_LIMIT):
+            content_type = str(job.input.get("content_type", "application/octet-stream"))
+            url = s3.generate_presigned_url(
+                "put_object",
+                Params={"Bucket": self.store.bucket, "Key": key, "ContentType": content_type},
+                ExpiresIn=self.settings.presign_seconds,
+            )
+            return {
+                "upload": {
+                    "method": "PUT",
+                    "url": url,
+                    "headers": {"Content-Type": content_type},
+                    "expires_at": expires_at,
+                }
+            }
+        part_size = max(self.settings.multipart_part_size, -(-size // _MAX_PARTS))
+        upload_id = s3.create_multipart_upload(Bucket=self.store.bucket, Key=key)["UploadId"]
+        self.jobs.transition(
+            job.job_id,
+            JobStatus.CREATED,
+            allowed_from={JobStatus.CREATED},
+            input={**job.input, "upload_id": upload_id, "part_size": part_size},
+        )
+        parts = [
+            {
+                "part_number": number,
+                "url": s3.generate_presigned_url(
+                    "upload_part",
+                    Params={
+                        "Bucket": self.store.bucket,
+                        "Key": key,
+                        "UploadId": upload_id,
+                        "PartNumber": number,
+                    },
+                    ExpiresIn=self.settings.presign_seconds,
+                ),
+            }
+            for number in range(1, -(-size // part_size) + 1)
+        ]
+        return {"multipart": {"part_size": part_size, "parts": parts, "expires_at": expires_at}}
+
+    def complete_upload(self, owner: str, job_id: str, parts: list[dict[str, Any]]) -> None:
+        """Finish a multipart upload from the parts' ETags."""
+        job = self.jobs.get(job_id, owner=owner)
+        upload_id = job.input.get("upload_id")
+        if job.status is not JobStatus.CREATED or not upload_id:
+            raise UploadMismatch(f"job {job_id} has no multipart upload in progress")
+        try:
+            self.store.client.complete_multipart_upload(
+                Bucket=self.store.bucket,
+                Key=keys.upload(job_id),
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": part["part_number"], "ETag": part["etag"]}
+                        for part in sorted(parts, key=lambda p: int(p["part_number"]))
+                    ]
+                },
+            )
+        except ClientError as e:
+            reason = e.response.get("Error", {}).get("Message", "S3 refused the parts")
+            raise UploadMismatch(f"the upload could not be completed: {reason}") from e
+
+    def result_url(self, owner: str, job_id: str) -> tuple[str, str]:
+        """A presigned download URL of the result and when it expires."""
+        job = self.jobs.get(job_id, owner=owner)
+        if job.status is not JobStatus.SUCCEEDED or not job.output:
+            raise ResultNotReady(f"job {job_id} is {job.status.value}; it has no result yet")
+        url = self.store.client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.store.bucket,
+                "Key": job.output["key"],
+                "ResponseContentDisposition": (
+                    f'attachment; filename="{job_id}.{job.output["key"].rsplit(".", 1)[-1]}"'
+                ),
+            },
+            ExpiresIn=self.settings.presign_seconds,
+        )
+        return url, self._expires_at()
+
+    def delete(self, owner: str, job_id: str) -> Job | None:
+        """Cancel a running job (returned), or delete an ended one with its objects (None)."""
+        job = self.jobs.get(job_id, owner=owner)
+        if job.status not in TERMINAL and job.status is not JobStatus.CREATED:
+            return self.cancel(owner, job_id)
+        if job.input.get("upload_id") and job.status is JobStatus.CREATED:
+            with contextlib.suppress(ClientError):
+                self.store.client.abort_multipart_upload(
+                    Bucket=self.store.bucket,
+                    Key=keys.upload(job_id),
+                    UploadId=job.input["upload_id"],
+                )
+        for prefix in (keys.job_prefix(job_id), f"results/{job_id}/", f"uploads/{job_id}/"):
+            self.store.delete_prefix(prefix)
+        self.jobs.delete(job_id)
+        return None
+
+    def _expires_at(self) -> str:
+        moment = datetime.now(UTC) + timedelta(seconds=self.settings.presign_seconds)
+        return moment.isoformat(timespec="seconds")

@@ -39,3 +39,11 @@ class Settings(BaseSettings):
     """Local scratch space for the splitter's decoded source and the merger's strips."""
     job_ttl_days: int = Field(default=30, ge=1)
     """Jobs and their records expire this many days after creation."""
+    max_input_bytes: int = Field(default=50 * 2**30, ge=1)
+    """Largest upload a job may declare."""
+    multipart_threshold: int = Field(default=100 * 2**20, ge=5 * 2**20, le=5 * 2**30)
+    """Uploads larger than this get presigned multipart part URLs instead of one PUT."""
+    multipart_part_size: int = Field(default=64 * 2**20, ge=5 * 2**20, le=5 * 2**30)
+    """Smallest multipart part: 64 MiB keeps even a 50 GiB upload under 1,000 part URLs."""
+    presign_seconds: int = Field(default=900, ge=60, le=43_200)
+    """How long presigned upload and download URLs stay valid."""

@@ -1,0 +1,324 @@
+"""The REST API served by `tilefan serve` on loopback, driven by a real HTTP client."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+from tests.support import assert_identical, noise_image
+from tilefan.client import ApiError, TilefanClient
+from tilefan.serve import LocalApi, serve_api
+
+pytestmark = pytest.mark.e2e
+
+KEY, OTHER_KEY = "tf-test-owner", "tf-test-other"
+PART = 5 * 2**20
+"""S3's smallest multipart part; the server is started with this as threshold and part size."""
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[LocalApi]:
+    saved = {
+        name: os.environ.get(name)
+        for name in ("TILEFAN_MULTIPART_THRESHOLD", "TILEFAN_MULTIPART_PART_SIZE")
+    }
+    os.environ["TILEFAN_MULTIPART_THRESHOLD"] = str(PART)
+    os.environ["TILEFAN_MULTIPART_PART_SIZE"] = str(PART)
+    try:
+        with serve_api(port=0, keys=[KEY, OTHER_KEY]) as running:
+            yield running
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def client(api: LocalApi) -> TilefanClient:
+    return TilefanClient(api.url, KEY)
+
+
+def raw(
+    api: LocalApi, method: str, path: str, body: bytes | None = None, key: str | None = KEY
+) -> tuple[int, dict[str, Any]]:
+    """A request with exact bytes, for the cases a well-behaved client never sends."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["x-api-key"] = key
+    request = urllib.request.Request(api.url + path, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request) as response:
+            text = response.read().decode()
+            return response.status, json.loads(text) if text else {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode() or "{}")
+
+
+def create(client: TilefanClient, size: int, ops: list[dict[str, Any]] | None = None) -> Any:
+    body = {
+        "operations": ops or [{"op": "invert"}],
+        "output": {"format": "png"},
+        "tile_size": 64,
+        "input": {"size_bytes": size},
+    }
+    return client.request("POST", "/jobs", body)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "noise.png"
+    noise_image(400, 300, 3, seed=11).pngsave(str(path))
+    return path
+
+
+def test_whole_flow_result_equals_libvips_and_counts_rise_to_the_total(
+    client: TilefanClient, source: Path, tmp_path: Path
+) -> None:
+    ops = [{"op": "gaussblur", "sigma": 2}, {"op": "rot", "angle": "d270"}]
+    seen: list[tuple[int, int]] = []
+
+    def record(job: Any) -> None:
+        if job.get("tiles"):
+            seen.append((job["tiles"]["done"], job["tiles"]["total"]))
+
+    output = tmp_path / "out.png"
+    done = client.submit(
+        source,
+        output,
+        ops,
+        output_format="png",
+        tile_size=64,
+        on_progress=record,
+        poll_seconds=0.05,
+    )
+    expected = pyvips.Image.new_from_file(str(source)).gaussblur(2).rot("d270")
+    assert_identical(expected, pyvips.Image.new_from_file(str(output)))
+    total = done.job["tiles"]["total"]
+    assert total == 5 * 7
+    counts = [d for d, _ in seen]
+    assert counts == sorted(counts), "tile counts went down"
+    assert seen[-1] == (total, total)
+    assert done.job["tiles"]["grid"] == ["D" * 5] * 7
+
+
+def test_progress_svg_has_one_cell_per_tile(
+    api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
+) -> None:
+    done = client.submit(
+        source,
+        tmp_path / "o.png",
+        [{"op": "invert"}],
+        output_format="png",
+        tile_size=64,
+        poll_seconds=0.05,
+    )
+    request = urllib.request.Request(
+        f"{api.url}/jobs/{done.job['job_id']}/progress.svg", headers={"x-api-key": KEY}
+    )
+    with urllib.request.urlopen(request) as response:
+        assert response.headers["Content-Type"].startswith("image/svg+xml")
+        root = ET.fromstring(response.read())
+    cells = root.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(cells) == done.job["tiles"]["total"] == 7 * 5
+
+
+def test_multipart_upload_end_to_end(client: TilefanClient, tmp_path: Path) -> None:
+    image = noise_image(2200, 1800, 3, seed=5)
+    source = tmp_path / "big.tif"
+    image.tiffsave(str(source))
+    assert source.stat().st_size > 2 * PART
+    created = create(client, source.stat().st_size)
+    assert created["upload"] is None
+    assert len(created["multipart"]["parts"]) == 3
+    client.upload(source, created)
+    client.request("POST", f"/jobs/{created['job_id']}/start")
+    job = client.follow(created["job_id"], on_progress=None, poll_seconds=0.1)
+    assert job["status"] == "SUCCEEDED", job.get("error")
+    client.download(created["job_id"], tmp_path / "out.png")
+    assert_identical(image.invert(), pyvips.Image.new_from_file(str(tmp_path / "out.png")))
+
+
+def test_idempotency_key_returns_the_same_job(client: TilefanClient) -> None:
+    body = {"operations": [], "input": {"size_bytes": 10}}
+    first = client.request("POST", "/jobs", body, {"Idempotency-Key": "retry-me"})
+    second = client.request("POST", "/jobs", body, {"Idempotency-Key": "retry-me"})
+    third = client.request("POST", "/jobs", body, {"Idempotency-Key": "another"})
+    assert first["job_id"] == second["job_id"] != third["job_id"]
+    with pytest.raises(ApiError) as reused:
+        client.request("POST", "/jobs", {**body, "tile_size": 128}, {"Idempotency-Key": "retry-me"})
+    assert (reused.value.status, reused.value.code) == (422, "IDEMPOTENCY_KEY_REUSED")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "BAD_JSON"),
+        (b'{"operations": [{"op": "blur"}], "input": {"size_bytes": 5}}', 400, "INVALID_REQUEST"),
+        (
+            b'{"operations": [{"op": "gaussblur", "sigma": 0}], "input": {"size_bytes": 5}}',
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            b'{"operations": [], "input": {"size_bytes": 5}, "tile_size": 32}',
+            400,
+            "INVALID_REQUEST",
+        ),
+        (b'{"operations": []}', 400, "INVALID_REQUEST"),
+        (b'{"operations": [], "input": {"size_bytes": 999999999999999}}', 413, "INPUT_TOO_LARGE"),
+    ],
+)
+def test_bad_create_requests_answer_with_a_code_and_a_sentence(
+    api: LocalApi, body: bytes, status: int, code: str
+) -> None:
+    answer_status, answer = raw(api, "POST", "/jobs", body)
+    assert (answer_status, answer["code"]) == (status, code)
+    assert answer["message"]
+    assert "Traceback" not in answer["message"]
+
+
+def test_validation_error_names_the_field(api: LocalApi) -> None:
+    body = b'{"operations": [{"op": "median", "size": "big"}], "input": {"size_bytes": 5}}'
+    _, answer = raw(api, "POST", "/jobs", body)
+    assert answer["field"] == "operations.0.median.size"
+
+
+def test_start_refuses_a_missing_upload_a_size_mismatch_and_a_second_start(
+    client: TilefanClient, source: Path
+) -> None:
+    created = create(client, source.stat().st_size)
+    job_id = created["job_id"]
+    with pytest.raises(ApiError) as missing:
+        client.request("POST", f"/jobs/{job_id}/start")
+    assert (missing.value.status, missing.value.code) == (409, "UPLOAD_MISSING")
+
+    wrong = create(client, source.stat().st_size + 1)
+    client.upload(source, wrong)
+    with pytest.raises(ApiError) as mismatch:
+        client.request("POST", f"/jobs/{wrong['job_id']}/start")
+    assert (mismatch.value.status, mismatch.value.code) == (409, "UPLOAD_MISMATCH")
+
+    client.upload(source, created)
+    client.request("POST", f"/jobs/{job_id}/start")
+    with pytest.raises(ApiError) as twice:
+        client.request("POST", f"/jobs/{job_id}/start")
+    assert (twice.value.status, twice.value.code) == (409, "ALREADY_STARTED")
+    client.follow(job_id, on_progress=None, poll_seconds=0.1)
+
+
+def test_result_before_success_is_409(client: TilefanClient) -> None:
+    created = create(client, 100)
+    with pytest.raises(ApiError) as early:
+        client.request("GET", f"/jobs/{created['job_id']}/result?redirect=false")
+    assert (early.value.status, early.value.code) == (409, "RESULT_NOT_READY")
+
+
+def test_wrong_or_missing_key_is_refused(api: LocalApi) -> None:
+    assert raw(api, "GET", "/jobs", key="not-a-key")[0] == 403
+    assert raw(api, "GET", "/jobs", key=None)[0] == 403
+
+
+def test_another_callers_job_is_invisible_on_every_route(
+    api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
+) -> None:
+    done = client.submit(
+        source,
+        tmp_path / "o.png",
+        [{"op": "invert"}],
+        output_format="png",
+        tile_size=128,
+        poll_seconds=0.05,
+    )
+    job_id = done.job["job_id"]
+    for method, path in [
+        ("GET", f"/jobs/{job_id}"),
+        ("GET", f"/jobs/{job_id}/tiles"),
+        ("GET", f"/jobs/{job_id}/progress.svg"),
+        ("GET", f"/jobs/{job_id}/result"),
+        ("POST", f"/jobs/{job_id}/start"),
+        ("POST", f"/jobs/{job_id}/upload/complete"),
+        ("DELETE", f"/jobs/{job_id}"),
+    ]:
+        body = b'{"parts": [{"part_number": 1, "etag": "x"}]}' if "complete" in path else None
+        status, answer = raw(api, method, path, body, key=OTHER_KEY)
+        assert (status, answer["code"]) == (404, "JOB_NOT_FOUND"), (method, path)
+    other_jobs = TilefanClient(api.url, OTHER_KEY).request("GET", "/jobs")["jobs"]
+    assert job_id not in {job["job_id"] for job in other_jobs}
+    assert client.request("GET", f"/jobs/{job_id}")["status"] == "SUCCEEDED"
+
+
+def test_tiles_are_paginated_and_filtered_by_state(
+    client: TilefanClient, source: Path, tmp_path: Path
+) -> None:
+    done = client.submit(
+        source,
+        tmp_path / "o.png",
+        [{"op": "invert"}],
+        output_format="png",
+        tile_size=64,
+        poll_seconds=0.05,
+    )
+    job_id = done.job["job_id"]
+    first = client.request("GET", f"/jobs/{job_id}/tiles?limit=20&state=DONE")
+    rest = client.request("GET", f"/jobs/{job_id}/tiles?limit=20&cursor={first['next_cursor']}")
+    indices = [t["index"] for t in first["tiles"] + rest["tiles"]]
+    assert indices == list(range(35))
+    assert rest["next_cursor"] is None
+    assert all(t["attempts"] == 1 and t["duration_ms"] is not None for t in first["tiles"])
+    assert client.request("GET", f"/jobs/{job_id}/tiles?state=FAILED")["tiles"] == []
+
+
+def test_delete_removes_a_finished_job(client: TilefanClient, source: Path, tmp_path: Path) -> None:
+    done = client.submit(
+        source,
+        tmp_path / "o.png",
+        [{"op": "invert"}],
+        output_format="png",
+        tile_size=128,
+        poll_seconds=0.05,
+    )
+    job_id = done.job["job_id"]
+    assert client.request("DELETE", f"/jobs/{job_id}") is None
+    with pytest.raises(ApiError) as gone:
+        client.request("GET", f"/jobs/{job_id}")
+    assert gone.value.status == 404
+
+
+def test_result_redirects_to_a_presigned_download(
+    api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
+) -> None:
+    done = client.submit(
+        source,
+        tmp_path / "o.png",
+        [{"op": "invert"}],
+        output_format="png",
+        tile_size=128,
+        poll_seconds=0.05,
+    )
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(
+        f"{api.url}/jobs/{done.job['job_id']}/result", headers={"x-api-key": KEY}
+    )
+    with pytest.raises(urllib.error.HTTPError) as redirected:
+        opener.open(request)
+    assert redirected.value.code == 302
+    location = redirected.value.headers["Location"]
+    assert "X-Amz-Expires=" in location and "X-Amz-Signature=" in location
+    with urllib.request.urlopen(location) as response:
+        assert response.read() == (tmp_path / "o.png").read_bytes()

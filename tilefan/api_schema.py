@@ -1,0 +1,262 @@
+"""Request and response documents of the REST API (pydantic, so they also make its OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tilefan.jobs import Job, JobStatus, TileProgress, TileRecord, TileState
+from tilefan.operations import Step
+from tilefan.outputs import OutputFormat
+from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+
+__all__ = [
+    "CompleteUploadRequest",
+    "CreateJobRequest",
+    "ErrorBody",
+    "JobCreated",
+    "JobDocument",
+    "JobPage",
+    "MultipartUpload",
+    "ResultLink",
+    "SingleUpload",
+    "TilePage",
+    "job_document",
+    "tile_document",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OutputSpec(_Strict):
+    """What to produce: a format and its options."""
+
+    format: OutputFormat = "tiff"
+    compression: Literal["deflate", "lzw", "none"] | None = Field(
+        default=None, description="tiff only; lossless deflate by default"
+    )
+    pyramid: bool = Field(default=False, description="tiff only: add reduced levels")
+    quality: int | None = Field(default=None, ge=1, le=100, description="jpeg and webp")
+    lossless: bool = Field(default=False, description="webp only")
+
+    def options(self) -> dict[str, Any]:
+        """The options the merger passes to the saver."""
+        return self.model_dump(exclude={"format"}, exclude_none=True)
+
+
+class InputSpec(_Strict):
+    """What the client will upload."""
+
+    size_bytes: int = Field(gt=0, description="exact size of the upload in bytes")
+    content_type: str = Field(default="application/octet-stream", max_length=200)
+
+
+class CreateJobRequest(_Strict):
+    """Body of `POST /jobs`."""
+
+    operations: list[Step] = Field(min_length=0, max_length=32)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    tile_size: int | None = Field(default=None, ge=MIN_TILE_SIZE, le=MAX_TILE_SIZE)
+    input: InputSpec
+
+
+class SingleUpload(BaseModel):
+    """Upload the whole file with one presigned PUT."""
+
+    method: Literal["PUT"] = "PUT"
+    url: str
+    headers: dict[str, str]
+    expires_at: str
+
+
+class UploadPart(BaseModel):
+    """One part of a multipart upload: PUT bytes ``[(n-1)*part_size, n*part_size)``."""
+
+    part_number: int
+    url: str
+
+
+class MultipartUpload(BaseModel):
+    """Upload in parts with presigned PUTs, then POST the parts' ETags to ``complete_url``."""
+
+    part_size: int
+    parts: list[UploadPart]
+    complete_url: str
+    expires_at: str
+
+
+class Links(BaseModel):
+    """Where to go next."""
+
+    self: str
+    start: str
+    tiles: str
+    progress_svg: str
+    result: str
+
+
+class JobCreated(BaseModel):
+    """Answer to `POST /jobs`."""
+
+    job_id: str
+    status: JobStatus
+    upload: SingleUpload | None = None
+    multipart: MultipartUpload | None = None
+    links: Links
+
+
+class CompletedPart(_Strict):
+    """A part the client uploaded, with the ETag its PUT returned."""
+
+    part_number: int = Field(ge=1, le=10_000)
+    etag: str = Field(min_length=1, max_length=200)
+
+
+class CompleteUploadRequest(_Strict):
+    """Body of `POST /jobs/{job_id}/upload/complete`."""
+
+    parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
+
+
+class TileSummary(BaseModel):
+    """Per-tile progress: counts by state and every tile's state as rows of letters."""
+
+    total: int
+    done: int
+    failed: int
+    running: int
+    pending: int
+    rows: int
+    columns: int
+    grid: list[str] = Field(
+        description="one string per tile row; P pending, R running, D done, F failed"
+    )
+
+
+class JobDocument(BaseModel):
+    """Answer to `GET /jobs/{job_id}`."""
+
+    job_id: str
+    status: JobStatus
+    stage: Literal["waiting", "split", "process", "merge", "done"]
+    created_at: str
+    updated_at: str
+    operations: list[dict[str, Any]]
+    output_format: str
+    tile_size: int
+    timings: dict[str, float]
+    error: dict[str, str] | None = None
+    output: dict[str, Any] | None = None
+    tiles: TileSummary | None = None
+    links: Links
+
+
+class JobPage(BaseModel):
+    """Answer to `GET /jobs`: newest first."""
+
+    jobs: list[JobDocument]
+    next_cursor: str | None = None
+
+
+class TileDocument(BaseModel):
+    """One tile's detail."""
+
+    index: int
+    row: int
+    column: int
+    state: TileState
+    attempts: int
+    duration_ms: int | None = None
+    error: str | None = None
+
+
+class TilePage(BaseModel):
+    """Answer to `GET /jobs/{job_id}/tiles`."""
+
+    tiles: list[TileDocument]
+    next_cursor: str | None = None
+
+
+class ResultLink(BaseModel):
+    """A short-lived download URL for the result."""
+
+    url: str
+    expires_at: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: a stable code and a sentence, never a stack trace."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+_STAGES = {
+    JobStatus.CREATED: "waiting",
+    JobStatus.QUEUED: "waiting",
+    JobStatus.SPLITTING: "split",
+    JobStatus.PROCESSING: "process",
+    JobStatus.MERGING: "merge",
+}
+
+
+def links(base: str, job_id: str) -> Links:
+    """The job's routes under ``base``."""
+    root = f"{base}/jobs/{job_id}"
+    return Links(
+        self=root,
+        start=f"{root}/start",
+        tiles=f"{root}/tiles",
+        progress_svg=f"{root}/progress.svg",
+        result=f"{root}/result",
+    )
+
+
+def job_document(job: Job, progress: TileProgress | None, base: str) -> JobDocument:
+    """The status document of a job."""
+    tiles = None
+    if progress is not None and job.grid:
+        columns = int(job.grid["columns"])
+        tiles = TileSummary(
+            total=progress.total,
+            done=progress.done,
+            failed=progress.failed,
+            running=progress.counts.get(TileState.RUNNING, 0),
+            pending=progress.counts.get(TileState.PENDING, 0),
+            rows=int(job.grid["rows"]),
+            columns=columns,
+            grid=[progress.grid[i : i + columns] for i in range(0, len(progress.grid), columns)],
+        )
+    return JobDocument(
+        job_id=job.job_id,
+        status=job.status,
+        stage=_STAGES.get(job.status, "done"),  # type: ignore[arg-type]
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        operations=job.operations,
+        output_format=job.output_format,
+        tile_size=job.tile_size,
+        timings=job.timings,
+        error=job.error,
+        output=job.output,
+        tiles=tiles,
+        links=links(base, job.job_id),
+    )
+
+
+def tile_document(record: TileRecord, columns: int) -> TileDocument:
+    """One tile's detail document."""
+    row, column = divmod(record.index, columns)
+    return TileDocument(
+        index=record.index,
+        row=row,
+        column=column,
+        state=record.state,
+        attempts=record.attempts,
+        duration_ms=record.duration_ms,
+        error=record.error,
+    )

@@ -1,0 +1,157 @@
+"""`tilefan serve`: the API handler behind a local HTTP server, on the embedded engine.
+
+The server plays API Gateway's part: it checks the `x-api-key` header against its keys (a
+missing or unknown key is refused before the handler runs, as API Gateway does), turns each
+request into a REST proxy event carrying the key's id, and turns the handler's answer back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from tilefan.engine import LambdaContext
+from tilefan.local import LocalStack, local_stack
+
+__all__ = ["LocalApi", "api_key_id", "new_api_key", "serve_api"]
+
+ApiHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+_MAX_BODY = 6 * 2**20
+"""API Gateway's payload limit: refused here too, so nothing works only locally."""
+
+
+def new_api_key() -> str:
+    """A fresh random API key."""
+    return "tf-" + secrets.token_urlsafe(24)
+
+
+def api_key_id(key: str) -> str:
+    """A stable id for a key, as API Gateway gives each key an id: the owner of its jobs."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _forbidden() -> tuple[int, dict[str, str], bytes]:
+    body = {"code": "FORBIDDEN", "message": "send a valid API key in the x-api-key header"}
+    return 403, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+class _Gateway:
+    """Translates HTTP requests to REST proxy events and back."""
+
+    def __init__(self, handler: ApiHandler, keys: Iterable[str]) -> None:
+        self.handler = handler
+        self.key_ids = {key: api_key_id(key) for key in keys}
+
+    def __call__(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        lowered = {name.lower(): value for name, value in headers.items()}
+        key_id = self.key_ids.get(lowered.get("x-api-key", ""))
+        if key_id is None:
+            return _forbidden()
+        url = urlsplit(target)
+        query = parse_qs(url.query, keep_blank_values=True)
+        text = body.decode("utf-8", errors="replace") if body else None
+        # API Gateway tells the handler how the client reached it; here that is plain HTTP.
+        headers = {**headers, "X-Forwarded-Proto": "http"}
+        event = {
+            "resource": "/{proxy+}",
+            "path": url.path,
+            "httpMethod": method,
+            "headers": headers,
+            "multiValueHeaders": {name: [value] for name, value in headers.items()},
+            "queryStringParameters": {k: v[-1] for k, v in query.items()} or None,
+            "multiValueQueryStringParameters": query or None,
+            "pathParameters": {"proxy": url.path.lstrip("/")},
+            "stageVariables": None,
+            "requestContext": {
+                "resourcePath": "/{proxy+}",
+                "httpMethod": method,
+                "path": url.path,
+                "stage": "local",
+                "requestId": str(uuid.uuid4()),
+                "identity": {"apiKeyId": key_id, "sourceIp": "127.0.0.1", "userArn": None},
+                "apiId": "local",
+            },
+            "body": text,
+            "isBase64Encoded": False,
+        }
+        answer = self.handler(event, LambdaContext(function_name="ApiFunction"))
+        out_headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
+        for name, values in (answer.get("multiValueHeaders") or {}).items():
+            out_headers[str(name)] = ", ".join(str(v) for v in values)
+        payload = answer.get("body") or ""
+        data = base64.b64decode(payload) if answer.get("isBase64Encoded") else payload.encode()
+        return int(answer["statusCode"]), out_headers, data
+
+
+def _request_handler(gateway: _Gateway) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MAX_BODY:
+                status, headers, data = (
+                    413,
+                    {"Content-Type": "application/json"},
+                    json.dumps(
+                        {"code": "PAYLOAD_TOO_LARGE", "message": "request bodies are at most 6 MB"}
+                    ).encode(),
+                )
+            else:
+                body = self.rfile.read(length) if length else b""
+                status, headers, data = gateway(self.command, self.path, dict(self.headers), body)
+            self.send_response(status)
+            for name, value in headers.items():
+                if name.lower() not in ("content-length", "connection"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer  # noqa: N815 - http.server's names
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet: the API logs through Powertools."""
+
+    return Handler
+
+
+@dataclass(frozen=True)
+class LocalApi:
+    """A running local API: its URL, the keys it accepts, and the stack behind it."""
+
+    url: str
+    keys: tuple[str, ...]
+    stack: LocalStack
+
+
+@contextmanager
+def serve_api(
+    *, host: str = "127.0.0.1", port: int = 8080, keys: Iterable[str] = ()
+) -> Iterator[LocalApi]:
+    """Run the API on ``host:port`` (0 picks a free port) over the engine in server mode."""
+    accepted = tuple(keys) or (new_api_key(),)
+    with local_stack(server=True, host=host) as stack:
+        gateway = _Gateway(stack.engine.handler("ApiFunction"), accepted)
+        server = ThreadingHTTPServer((host, port), _request_handler(gateway))
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, name="tilefan-api", daemon=True)
+        thread.start()
+        try:
+            yield LocalApi(f"http://{host}:{server.server_address[1]}", accepted, stack)
+        finally:
+            server.shutdown()
+            server.server_close()
