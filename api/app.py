@@ -21,6 +21,7 @@ from botocore.config import Config
 from tilefan.api_schema import (
     CompleteUploadRequest,
     CreateJobRequest,
+    DeletedJob,
     ErrorBody,
     JobCreated,
     JobDocument,
@@ -34,7 +35,7 @@ from tilefan.api_schema import (
 from tilefan.errors import TilefanError
 from tilefan.jobs import JobRepository, TileState
 from tilefan.progress_svg import render_progress_svg
-from tilefan.service import InvalidRequest, JobService
+from tilefan.service import JobService
 from tilefan.settings import Settings
 from tilefan.storage import TileStore
 
@@ -108,6 +109,12 @@ def _base_url() -> str:
         stage_path[: len(stage_path) - len(event.path)] if stage_path.endswith(event.path) else ""
     )
     return f"{scheme}://{host}{prefix}"
+
+
+@app.not_found
+def _no_route(error: Exception) -> Response[Any]:
+    event = app.current_event
+    return _error(404, "NOT_FOUND", f"no route {event.http_method} {event.path}")
 
 
 @app.exception_handler(TilefanError)
@@ -283,14 +290,21 @@ def get_result(
             "description": "the running job was cancelled",
             "content": {"application/json": {"model": JobDocument}},
         },
-        204: {"description": "the ended job and its objects were deleted"},
+        200: {
+            "description": "the ended job and its objects were deleted",
+            "content": {"application/json": {"model": DeletedJob}},
+        },
     },
 )
 def delete_job(job_id: Annotated[str, Path(max_length=64)]) -> Response[Any]:
     """Cancel a running job, or delete an ended one with its objects."""
     cancelled = service.delete(_owner(), job_id)
     if cancelled is None:
-        return Response(status_code=204, body="")
+        return Response(
+            status_code=200,
+            content_type=content_types.APPLICATION_JSON,
+            body=DeletedJob(job_id=job_id).model_dump(),
+        )
     document = job_document(cancelled, None, _base_url())
     return Response(
         status_code=202,
@@ -305,10 +319,7 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> JobPage:
     """The caller's jobs, newest first."""
-    try:
-        jobs, following = service.jobs.list_for_owner(_owner(), limit=limit, after=cursor)
-    except ValueError as e:
-        raise InvalidRequest("cursor: not a cursor this API gave out") from e
+    jobs, following = service.jobs.list_for_owner(_owner(), limit=limit, after=cursor)
     base = _base_url()
     return JobPage(jobs=[job_document(job, None, base) for job in jobs], next_cursor=following)
 
@@ -323,8 +334,23 @@ def openapi() -> Response[str]:
     )
 
 
+def _sends_non_json(event: dict[str, Any]) -> bool:
+    """A body in any other type than JSON: the resolver would try to parse it as a form."""
+    headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
+    kind = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return bool(event.get("body")) and kind != "application/json"
+
+
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """API Gateway REST proxy event in, proxy response out."""
     idempotency.register_lambda_context(context)
+    if _sends_non_json(event):
+        body = ErrorBody(code="UNSUPPORTED_MEDIA_TYPE", message="send request bodies as JSON")
+        return {
+            "statusCode": 415,
+            "headers": {"Content-Type": content_types.APPLICATION_JSON},
+            "body": body.model_dump_json(exclude_none=True),
+            "isBase64Encoded": False,
+        }
     return app.resolve(event, context)

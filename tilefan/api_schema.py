@@ -14,6 +14,7 @@ from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 __all__ = [
     "CompleteUploadRequest",
     "CreateJobRequest",
+    "DeletedJob",
     "ErrorBody",
     "JobCreated",
     "JobDocument",
@@ -185,6 +186,13 @@ class ResultLink(BaseModel):
 
     url: str
     expires_at: str
+
+
+class DeletedJob(BaseModel):
+    """Answer to deleting an ended job: it and its objects are gone."""
+
+    job_id: str
+    deleted: Literal[True] = True
 
 
 class ErrorBody(BaseModel):

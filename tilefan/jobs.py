@@ -8,6 +8,7 @@ duplicated delivery that writes DONE twice cannot count twice. Tile items are sp
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_TILES",
     "TERMINAL",
     "TILE_SHARDS",
+    "InvalidCursor",
     "InvalidTransition",
     "Job",
     "JobRepository",
@@ -76,6 +78,12 @@ class TileState(enum.StrEnum):
     def letter(self) -> str:
         """The grid letter: P, R, D or F."""
         return self.value[0]
+
+
+class InvalidCursor(TilefanError):
+    """A page cursor that this API did not give out."""
+
+    code = "INVALID_REQUEST"
 
 
 class InvalidTransition(TilefanError):
@@ -190,6 +198,31 @@ def _from_item(item: Mapping[str, Any]) -> Job:
     )
 
 
+_CURSOR_KEYS = frozenset({"pk", "sk", "gsi1pk", "gsi1sk"})
+
+
+def _encode_cursor(key: Mapping[str, Any]) -> str:
+    return base64.urlsafe_b64encode(
+        json.dumps({k: str(v) for k, v in key.items()}).encode()
+    ).decode()
+
+
+def _decode_cursor(cursor: str, owner_key: str) -> dict[str, str]:
+    """The page key inside a cursor we gave out, or `InvalidCursor`; never another owner's."""
+    try:
+        key = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except ValueError as e:
+        raise InvalidCursor("cursor: not a cursor this API gave out") from e
+    if (
+        not isinstance(key, dict)
+        or set(key) != _CURSOR_KEYS
+        or not all(isinstance(value, str) for value in key.values())
+        or key["gsi1pk"] != owner_key
+    ):
+        raise InvalidCursor("cursor: not a cursor this API gave out")
+    return key
+
+
 def _is_condition_failure(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
@@ -268,11 +301,11 @@ class JobRepository:
             "Limit": limit,
         }
         if after:
-            query["ExclusiveStartKey"] = json.loads(after)
+            query["ExclusiveStartKey"] = _decode_cursor(after, f"OWNER#{owner}")
         page = self.table.query(**query)
         jobs = [self.get(str(item["pk"]).removeprefix("JOB#")) for item in page.get("Items", [])]
         cursor = page.get("LastEvaluatedKey")
-        return jobs, json.dumps(cursor, default=str) if cursor else None
+        return jobs, _encode_cursor(cursor) if cursor else None
 
     def transition(
         self,

@@ -203,8 +203,8 @@ class GaussBlur(_Neighbourhood):
     """``image.gaussblur(sigma, min_ampl=..., precision=...)``."""
 
     op: Literal["gaussblur"]
-    sigma: float = Field(gt=0, le=100)
-    min_ampl: float = Field(default=0.2, gt=0, lt=1)
+    sigma: float = Field(ge=0.01, le=100)
+    min_ampl: float = Field(default=0.2, ge=0.001, lt=1)
     precision: _Precision = "integer"
 
     @model_validator(mode="after")
@@ -224,7 +224,7 @@ class Sharpen(_Neighbourhood):
     """``image.sharpen(sigma=..., x1=..., y2=..., y3=..., m1=..., m2=...)``: unsharp mask on L."""
 
     op: Literal["sharpen"]
-    sigma: float = Field(default=0.5, gt=0, le=100)
+    sigma: float = Field(default=0.5, ge=0.01, le=100)
     x1: float = Field(default=2.0, ge=0, le=1_000_000)
     y2: float = Field(default=10.0, ge=0, le=1_000_000)
     y3: float = Field(default=20.0, ge=0, le=1_000_000)

@@ -289,7 +289,7 @@ def test_delete_removes_a_finished_job(client: TilefanClient, source: Path, tmp_
         poll_seconds=0.05,
     )
     job_id = done.job["job_id"]
-    assert client.request("DELETE", f"/jobs/{job_id}") is None
+    assert client.request("DELETE", f"/jobs/{job_id}") == {"job_id": job_id, "deleted": True}
     with pytest.raises(ApiError) as gone:
         client.request("GET", f"/jobs/{job_id}")
     assert gone.value.status == 404

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.unit
             "step 1 (gaussblur), field 'sigma': Field required",
         ),
         ([{"op": "gaussblur", "sigma": "4"}], "field 'sigma': Input should be a valid number"),
-        ([{"op": "gaussblur", "sigma": -1}], "field 'sigma': Input should be greater than 0"),
+        (
+            [{"op": "gaussblur", "sigma": -1}],
+            "field 'sigma': Input should be greater than or equal to 0.01",
+        ),
         ([{"op": "gaussblur", "sigma": 4, "radius": 2}], "field 'radius': Extra inputs"),
         ([{"op": "median", "size": 2.5}], "step 0 (median), field 'size'"),
         ([{"op": "rot", "angle": "d45"}], "field 'angle': Input should be 'd90', 'd180' or 'd270'"),
