@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -18,7 +19,7 @@ import pyvips
 from tilefan.errors import InvalidTileSize, TileFailed, TilefanError, TransientError
 from tilefan.execute import execute_tile
 from tilefan.jobs import MAX_TILES, TERMINAL, JobRepository, JobStatus, TileState
-from tilefan.operations import parse_chain
+from tilefan.operations import Chain, parse_chain
 from tilefan.outputs import save_output
 from tilefan.plan import ImageSpec, Tile, TilePlan, plan_tiles
 from tilefan.settings import Settings
@@ -143,7 +144,7 @@ class Pipeline:
         job = self.jobs.get(job_id)
         if job.status in TERMINAL or job.source is None or job.grid is None:
             return {"processed": 0, "skipped": len(tiles)}
-        chain = parse_chain(job.operations)
+        chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
         spec = ImageSpec(**job.source)
         processed = 0
         for compact in tiles:
@@ -183,14 +184,18 @@ class Pipeline:
         job = self.jobs.get(job_id)
         if job.grid is None or job.source is None:
             raise TilefanError(f"job {job_id} has no tile grid: it was never split")
-        processing = (
-            _seconds_since_iso(job.updated_at) if job.status is JobStatus.PROCESSING else 0.0
+        # The map stage ran from the PROCESSING transition until now; a retried merge keeps
+        # the figure the first attempt recorded.
+        timing = (
+            {"t_process": _seconds_since_iso(job.updated_at)}
+            if job.status is JobStatus.PROCESSING
+            else {}
         )
         self.jobs.transition(
             job_id,
             JobStatus.MERGING,
             allowed_from={JobStatus.PROCESSING, JobStatus.MERGING},
-            t_process=processing,
+            **timing,
         )
         progress = self.jobs.progress(job_id, job.grid["tile_count"])
         if progress.done != progress.total:
@@ -284,6 +289,17 @@ def _join_files(paths: Sequence[Path], scratch: Path) -> pyvips.Image:
         _join_files(paths[start : start + _MAX_OPEN_STRIPS], scratch).write_to_file(str(path))
         merged.append(path)
     return _join_files(merged, scratch)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_chain(operations: str) -> Chain:
+    """A job's chain, validated once per process rather than once per batch.
+
+    Validation builds the operations' JSON schema (tens of milliseconds), which a warm worker
+    would otherwise pay on every manifest item. A `Chain` is an immutable tuple of frozen
+    steps, so one instance can serve every batch and thread.
+    """
+    return parse_chain(json.loads(operations))
 
 
 def _ms_since(started: float) -> int:
