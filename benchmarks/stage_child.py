@@ -1,0 +1,70 @@
+"""One Lambda invocation in this process: load the template's handler, run it, measure it.
+
+Reads the event as JSON on stdin. Everything it needs (endpoint, bucket, table, settings) is in
+the environment the embedded engine set, as Lambda's would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from benchmarks._child import ROOT, write_result
+
+__all__: list[str] = []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("function")
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    event = json.loads(sys.stdin.read())
+    report: dict[str, Any] = {"function": args.function}
+
+    started = time.monotonic()
+    if "TILEFAN_BENCH_VIPS_CACHE_MAX" in os.environ:  # an experiment's knob, not a setting
+        import pyvips
+
+        pyvips.cache_set_max(int(os.environ["TILEFAN_BENCH_VIPS_CACHE_MAX"]))
+    from tilefan.engine import load_template
+
+    spec = load_template(ROOT).functions[args.function]
+    module_file, _, attribute = spec.handler.rpartition(".")
+    sys.path.insert(0, str(spec.code_uri))  # as on Lambda, a handler imports its siblings
+    module_spec = importlib.util.spec_from_file_location(
+        f"handler_{args.function}", spec.code_uri / f"{module_file}.py"
+    )
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    handler = getattr(module, attribute)
+    from benchmarks.memwatch import PeakMemory
+    from tilefan.engine import LambdaContext
+
+    # What a cold start spends importing and building clients, on this machine.
+    report["init_s"] = time.monotonic() - started
+    context = LambdaContext(
+        function_name=spec.logical_id,
+        invoked_function_arn=spec.arn,
+        memory_limit_in_mb=spec.memory_mb,
+        timeout_s=spec.timeout_s,
+    )
+    sampler = PeakMemory().start()
+    began = time.monotonic()
+    try:
+        report["response"] = handler(event, context)
+    except Exception as e:  # reported to the parent, which fails the invocation
+        report["error"] = f"{type(e).__name__}: {e}"
+    report["handler_s"] = time.monotonic() - began
+    report["memory"] = sampler.stop()
+    write_result(args.result, report)
+
+
+if __name__ == "__main__":
+    main()
