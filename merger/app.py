@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyvips
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -11,6 +12,9 @@ from tilefan.pipeline import Pipeline
 
 logger = Logger()
 pipeline = Pipeline.from_settings()
+# One pass over a huge image reuses nothing: libvips' operation cache would only hold memory
+# (measured: the merger's peak at 100 MP falls from 326 MB to 164 MB without it).
+pyvips.cache_set_max(0)
 
 
 @logger.inject_lambda_context

@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
             output_format=output_format,
             tile_size=args.tile_size,
             concurrency=args.concurrency,
-            on_progress=progress.on_view,
+            on_progress=progress.on_view if progress.enabled else None,
         )
     progress.close()
     return _report(view, output, quiet=not sys.stdout.isatty() and not args.verbose)
@@ -176,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
             output_format="tiff",
             tile_size=args.tile_size,
             concurrency=args.concurrency,
-            on_progress=progress.on_view,
+            on_progress=progress.on_view if progress.enabled else None,
         )
     progress.close()
     status = _report(view, output, quiet=False)

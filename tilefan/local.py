@@ -84,15 +84,20 @@ def run_job(
     service.start(LOCAL_OWNER, job.job_id, max_concurrency=concurrency)
     deadline = time.monotonic() + timeout
     while True:
-        view = service.view(LOCAL_OWNER, job.job_id)
+        # Tile progress reads every tile item; without someone to show it to, the job item
+        # alone says when the job ends.
         if on_progress is not None:
+            view = service.view(LOCAL_OWNER, job.job_id)
             on_progress(view)
+        else:
+            view = JobView(service.jobs.get(job.job_id), None)
         if view.job.status in TERMINAL:
             break
         if time.monotonic() > deadline:
             service.cancel(LOCAL_OWNER, job.job_id)
-            return service.view(LOCAL_OWNER, job.job_id)
+            break
         time.sleep(poll_seconds)
+    view = service.view(LOCAL_OWNER, job.job_id)
     if view.job.status is JobStatus.SUCCEEDED and view.job.output:
         service.store.download(view.job.output["key"], output)
     return view
