@@ -80,7 +80,7 @@ def save_output(
     elif output_format == "webp":
         image.webpsave(str(path), Q=quality, lossless=bool(options.get("lossless", False)))
     else:
-        image.dzsave(str(directory / "result"), container="zip")
+        image.dzsave(str(path))  # a .zip name makes libvips write the pyramid as one zip
     return SavedOutput(path, extension, content_type)
 
 

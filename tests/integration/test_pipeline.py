@@ -171,3 +171,66 @@ def test_bad_input_fails_the_job_with_its_own_code(
     assert leftovers(stack, view.job.job_id) == []
     if code != "DAMAGED_IMAGE":
         assert decoded == [], "the input was decoded before it was refused"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("jpeg", {"quality": 85}),
+        ("webp", {"lossless": True}),
+        ("tiff", {"pyramid": True, "compression": "lzw"}),
+    ],
+)
+def test_output_formats_hold_the_whole_image_result(
+    stack: LocalStack, tmp_path: Path, small_source: Path, fmt: str, options: dict[str, Any]
+) -> None:
+    ops = [{"op": "gaussblur", "sigma": 1.5}]
+    output = tmp_path / f"out.{fmt}"
+    view = run_job(
+        stack,
+        small_source,
+        output,
+        ops,
+        output_format=fmt,
+        tile_size=64,
+        output_options=options,
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    expected = whole(pyvips.Image.new_from_file(str(small_source)), ops)
+    # The same pixels through the same libvips encoder decode to the same pixels.
+    reference = tmp_path / f"reference.{fmt}"
+    if fmt == "jpeg":
+        expected.jpegsave(str(reference), Q=85)
+    elif fmt == "webp":
+        expected.webpsave(str(reference), lossless=True)
+    else:
+        expected.tiffsave(str(reference), tile=True, pyramid=True, compression="lzw")
+    assert_identical(
+        pyvips.Image.new_from_file(str(reference)), pyvips.Image.new_from_file(str(output))
+    )
+    if fmt == "tiff":
+        assert pyvips.Image.new_from_file(str(output)).get("n-pages") > 1
+
+
+def test_deepzoom_output_is_a_zip_with_a_dzi_and_every_level(
+    stack: LocalStack, tmp_path: Path, small_source: Path
+) -> None:
+    import zipfile
+
+    output = tmp_path / "out.zip"
+    view = run_job(
+        stack,
+        small_source,
+        output,
+        [{"op": "invert"}],
+        output_format="dz",
+        tile_size=64,
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    names = zipfile.ZipFile(output).namelist()
+    assert any(name.endswith(".dzi") for name in names)
+    # 300 x 200 needs levels 0 to 9 (ceil(log2(300)) = 9).
+    levels = {name.split("/")[-2] for name in names if name.endswith(".jpeg")}
+    assert levels == {str(level) for level in range(10)}
