@@ -3,8 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The SAM CLI has its own virtualenv: aws-sam-cli pins boto3 and pydantic below what the
+# project's environment resolves to. Pinned, so CI checks with the SAM a developer used.
+SAM_CLI_VERSION := 1.170.0
+SAM_VENV := .venv-sam
+SAM := $(SAM_VENV)/bin/sam
+SAM_STAMP := $(SAM_VENV)/.installed-$(SAM_CLI_VERSION)
+# Architecture of the functions and layers for `make sam-build` (docs/deploy.md).
+ARCH ?= arm64
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup sam sam-build demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +22,26 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(SAM_STAMP):
+	rm -rf $(SAM_VENV)
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet --upgrade pip
+	$(SAM_VENV)/bin/pip install --quiet "aws-sam-cli==$(SAM_CLI_VERSION)"
+	touch $(SAM_STAMP)
+
+sam: $(SAM_STAMP)
+
+# sam build does not tell the layers' Makefiles the template's Architecture: set both.
+sam-build: $(SAM_STAMP)
+	SAM_CLI_TELEMETRY=0 TILEFAN_ARCH=$(ARCH) $(SAM) build --parallel \
+		--parameter-overrides Architecture=$(ARCH)
+
 demo: $(STAMP)
 	$(BIN)/tilefan demo
 
-test: $(STAMP)
-	$(BIN)/pytest
+# The SAM checks (tests/integration/test_sam_build.py) fail rather than skip here.
+test: $(STAMP) $(SAM_STAMP)
+	TILEFAN_REQUIRE_SAM=1 $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -29,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) .aws-sam build *.egg-info .pytest_cache .mypy_cache .ruff_cache

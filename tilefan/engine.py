@@ -201,6 +201,23 @@ class StackTemplate:
                     raise TemplateError(f"functions disagree on environment variable {name}")
         return merged
 
+    def setting_variables(self) -> frozenset[str]:
+        """Environment variables whose value is a setting: a literal or a parameter.
+
+        The others name the stack's resources (``!Ref TilefanBucket``) and are always the
+        engine's. A setting already in the process environment is left as it is, as
+        ``parameters=`` overrides a parameter: a benchmark or test that sets
+        ``TILEFAN_TILES_PER_ITEM`` before starting an engine gets its value.
+        """
+        settings: set[str] = set()
+        for spec in self.functions.values():
+            for name, value in spec.environment.items():
+                if not isinstance(value, dict) or (
+                    set(value) == {"Ref"} and value["Ref"] in self.parameters
+                ):
+                    settings.add(name)
+        return frozenset(settings)
+
 
 def load_template(project_root: Path, parameters: Mapping[str, str] | None = None) -> StackTemplate:
     """Read ``template.yaml`` under ``project_root``; ``parameters`` override its defaults."""
@@ -221,7 +238,7 @@ def load_template(project_root: Path, parameters: Mapping[str, str] | None = Non
 
     globals_ = document.get("Globals", {}).get("Function", {})
     functions = {
-        logical_id: _function_spec(project_root, logical_id, resource, globals_)
+        logical_id: _function_spec(project_root, logical_id, resource, globals_, values)
         for logical_id, resource in resources.items()
         if resource.get("Type") == "AWS::Serverless::Function"
     }
@@ -244,12 +261,19 @@ def _single(resources: Mapping[str, Mapping[str, Any]], resource_type: str) -> s
 
 
 def _function_spec(
-    root: Path, logical_id: str, resource: Mapping[str, Any], globals_: Mapping[str, Any]
+    root: Path,
+    logical_id: str,
+    resource: Mapping[str, Any],
+    globals_: Mapping[str, Any],
+    parameters: Mapping[str, str],
 ) -> FunctionSpec:
     props = resource.get("Properties", {})
 
     def setting(name: str, default: Any) -> Any:
-        return props.get(name, globals_.get(name, default))
+        value = props.get(name, globals_.get(name, default))
+        if isinstance(value, dict) and set(value) == {"Ref"} and value["Ref"] in parameters:
+            return parameters[value["Ref"]]  # MemorySize: !Ref TileWorkerMemorySize
+        return value
 
     environment = {
         **globals_.get("Environment", {}).get("Variables", {}),
@@ -811,7 +835,10 @@ class EmbeddedEngine:
         # IsPresent test included) at warning or error level; a job's real failures are in
         # the execution's history and the job record, so users are not shown these.
         logging.getLogger("moto.stepfunctions.parser").setLevel(logging.CRITICAL)
+        settings = self.template.setting_variables()
         for name, value in self.template.environment().items():
+            if name in settings and name in os.environ:
+                continue  # the caller's setting beats the template's default
             self._env.set(name, value)
         if self._server_mode:
             self._start_server()

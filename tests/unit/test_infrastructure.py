@@ -164,12 +164,38 @@ def test_distributed_map_reads_its_items_from_the_manifest(asl: dict[str, Any]) 
 
 
 def test_state_machine_role_may_run_its_own_distributed_map(template: dict[str, Any]) -> None:
-    properties = template["Resources"]["TilefanStateMachine"]["Properties"]
+    role = template["Resources"]["StateMachineRole"]["Properties"]
     statements = [
         statement
-        for policy in properties["Policies"]
-        if "Statement" in policy
-        for statement in policy["Statement"]
+        for policy in role["Policies"]
+        for statement in policy["PolicyDocument"]["Statement"]
     ]
-    actions = {action for statement in statements for action in statement["Action"]}
+    actions = {
+        action
+        for statement in statements
+        for action in (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+    }
     assert {"states:StartExecution", "states:DescribeExecution", "states:StopExecution"} <= actions
+    assert "lambda:InvokeFunction" in actions
+    assert "s3:GetObject" in actions  # the ItemReader reads the manifest
+
+
+def test_the_asl_file_is_what_the_template_deploys_and_the_engine_runs(
+    template: dict[str, Any],
+) -> None:
+    from tilefan.engine import load_template
+
+    properties = template["Resources"]["TilefanStateMachine"]["Properties"]
+    assert (PROJECT_ROOT / properties["DefinitionUri"]).resolve() == ASL_PATH
+    assert "Definition" not in properties  # one definition, in one file
+    stack = load_template(PROJECT_ROOT)
+    engine_values = {
+        key: str(stack.resolve(value))
+        for key, value in properties["DefinitionSubstitutions"].items()
+    }
+    expected = re.sub(
+        r"\$\{(\w+)\}", lambda match: engine_values[match.group(1)], ASL_PATH.read_text()
+    )
+    assert json.loads(stack.state_machine_definition()) == json.loads(expected)

@@ -1,0 +1,50 @@
+"""The layers carry exactly the project's dependencies, for Lambda's platform, not this one's."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The Lambda Python runtime provides boto3 (and botocore, s3transfer, jmespath).
+PROVIDED_BY_THE_RUNTIME = {"boto3>=1.34"}
+
+
+def make_variable(layer: str, name: str) -> list[str]:
+    """The words of ``name := ...`` in layers/<layer>/Makefile."""
+    text = (PROJECT_ROOT / "layers" / layer / "Makefile").read_text(encoding="utf-8")
+    [value] = re.findall(rf"^{name} := (.*)$", text, flags=re.MULTILINE)
+    return shlex.split(value)
+
+
+def test_layers_install_exactly_the_projects_dependencies() -> None:
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    dependencies = set(project["project"]["dependencies"])
+    vips = make_variable("vips", "REQUIREMENTS") + make_variable("vips", "PYVIPS")
+    core = make_variable("core", "REQUIREMENTS")
+    assert not set(vips) & set(core)
+    assert set(vips) | set(core) | PROVIDED_BY_THE_RUNTIME == dependencies
+
+
+@pytest.mark.parametrize("layer", ["vips", "core"])
+def test_wheels_are_fetched_for_lambda_not_built_here(layer: str) -> None:
+    text = (PROJECT_ROOT / "layers" / layer / "Makefile").read_text(encoding="utf-8")
+    assert "--only-binary=:all:" in text
+    assert "--platform manylinux_2_28_$(MACHINE)" in text
+    assert "--python-version $(TILEFAN_LAYER_PYTHON)" in text
+    assert re.search(r"^TILEFAN_ARCH \?= arm64$", text, flags=re.MULTILINE)  # the template's
+    assert re.search(r"^TILEFAN_LAYER_PYTHON \?= 3\.12$", text, flags=re.MULTILINE)
+    assert f"build-{layer.capitalize()}Layer:" in text
+
+
+def test_pyvips_is_copied_as_python_not_compiled_for_this_machine() -> None:
+    text = (PROJECT_ROOT / "layers" / "vips" / "Makefile").read_text(encoding="utf-8")
+    uses = [line for line in text.splitlines() if "$(PYVIPS)" in line]
+    # Only downloaded as the sdist (then its package directory is copied), never installed.
+    assert uses and all("pip download" in line and "--no-binary=:all:" in line for line in uses)
