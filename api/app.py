@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated, Any
 
 import boto3
@@ -76,6 +77,10 @@ _STATUS_BY_CODE = {
     "INVALID_STATE": 409,
 }
 _PAGE = Query(ge=1, le=500)
+_ONE_REQUEST_AT_A_TIME = threading.Lock()
+"""The resolver keeps the request it is answering (event, route arguments) on the class, so
+two requests at once would read each other's caller and job id. Lambda gives a process one
+request at a time; `tilefan serve` calls this handler from many threads."""
 
 
 class MissingCaller(TilefanError):
@@ -353,4 +358,5 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
             "body": body.model_dump_json(exclude_none=True),
             "isBase64Encoded": False,
         }
-    return app.resolve(event, context)
+    with _ONE_REQUEST_AT_A_TIME:
+        return app.resolve(event, context)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -42,6 +43,8 @@ __all__ = [
     "TileRecord",
     "TileState",
 ]
+
+LOG = logging.getLogger(__name__)
 
 TILE_SHARDS = 8
 MAX_TILES = 20_000
@@ -351,6 +354,18 @@ class JobRepository:
                 ) from e
             raise _translate(e) from e
 
+    def record_execution(self, job_id: str, execution_arn: str) -> None:
+        """Note the job's execution, leaving its status (the pipeline may have moved it on)."""
+        try:
+            self.table.update_item(
+                Key=_job_key(job_id),
+                UpdateExpression="SET execution_arn = :arn",
+                ConditionExpression=Attr("pk").exists(),
+                ExpressionAttributeValues={":arn": execution_arn},
+            )
+        except ClientError as e:
+            raise _translate(e) from e
+
     def finish_failed(self, job_id: str, code: str, message: str) -> bool:
         """Mark the job FAILED unless it already ended; returns whether this call ended it."""
         try:
@@ -375,16 +390,19 @@ class JobRepository:
 
     def create_tiles(self, job_id: str, count: int) -> None:
         """One PENDING item per tile (rewritten as PENDING if the splitter runs again)."""
-        with self.table.batch_writer() as batch:
-            for index in range(count):
-                batch.put_item(
-                    Item={
-                        **_tile_key(job_id, index),
-                        "st": TileState.PENDING.value,
-                        "at": 0,
-                        "expires_at": int(time.time()) + self.ttl_days * 86_400,
-                    }
-                )
+        try:
+            with self.table.batch_writer() as batch:
+                for index in range(count):
+                    batch.put_item(
+                        Item={
+                            **_tile_key(job_id, index),
+                            "st": TileState.PENDING.value,
+                            "at": 0,
+                            "expires_at": int(time.time()) + self.ttl_days * 86_400,
+                        }
+                    )
+        except ClientError as e:
+            raise _translate(e) from e
 
     def tile_started(self, job_id: str, index: int) -> bool:
         """Count an attempt and mark RUNNING; False if the tile is already DONE (a duplicate)."""
@@ -412,6 +430,8 @@ class JobRepository:
         if error:
             update += ", er = :er"
             values[":er"] = error[:500]
+        else:
+            update += " REMOVE er"  # an error an earlier, retried attempt left
         try:
             self.table.update_item(
                 Key=_tile_key(job_id, index),
@@ -420,6 +440,21 @@ class JobRepository:
             )
         except ClientError as e:
             raise _translate(e) from e
+
+    def tile_retrying(self, job_id: str, index: int, error: str) -> None:
+        """Note a retryable error on a RUNNING tile, leaving it RUNNING.
+
+        Best effort: the error being retried may be this table's own throttling.
+        """
+        try:
+            self.table.update_item(
+                Key=_tile_key(job_id, index),
+                UpdateExpression="SET er = :er",
+                ConditionExpression=Attr("st").eq(TileState.RUNNING.value),
+                ExpressionAttributeValues={":er": error[:500]},
+            )
+        except ClientError:
+            LOG.warning("could not note the retried error of tile %s of job %s", index, job_id)
 
     def tiles(self, job_id: str) -> Iterator[TileRecord]:
         """Every tile record of the job, in no particular order."""

@@ -18,7 +18,14 @@ import pyvips
 
 from tilefan.errors import InvalidTileSize, TileFailed, TilefanError, TransientError
 from tilefan.execute import execute_tile
-from tilefan.jobs import MAX_TILES, TERMINAL, JobRepository, JobStatus, TileState
+from tilefan.jobs import (
+    MAX_TILES,
+    TERMINAL,
+    InvalidTransition,
+    JobRepository,
+    JobStatus,
+    TileState,
+)
 from tilefan.operations import Chain, parse_chain
 from tilefan.outputs import save_output
 from tilefan.plan import ImageSpec, Tile, TilePlan, plan_tiles
@@ -55,7 +62,7 @@ def describe_failure(error: Mapping[str, Any] | None) -> tuple[str, str]:
         message = cause
     if name in _ERROR_CODES:
         return _ERROR_CODES[name], message
-    if name == "States.Timeout":
+    if name in ("States.Timeout", "Sandbox.Timedout"):  # the state's limit, or Lambda's
         return "TIMEOUT", "a stage of the job ran out of time"
     return "INTERNAL_ERROR", f"the job stopped on an internal error ({name or 'unknown'})"
 
@@ -113,7 +120,14 @@ class Pipeline:
                 sizes = list(
                     pool.map(
                         lambda tile: self.store.put_tile(
-                            job_id, "src", tile.index, source.crop(*tile.source)
+                            job_id,
+                            "src",
+                            tile.index,
+                            source.crop(*tile.source),
+                            # The output takes its metadata from tile 0 (libvips' joins keep
+                            # the first image's); an ICC profile or XMP of megabytes copied
+                            # into every tile would multiply the bytes moved by the tile count.
+                            metadata=tile.index == 0,
                         ),
                         plan.tiles(),
                     )
@@ -123,14 +137,18 @@ class Pipeline:
             item["job_id"] = job_id
         self.store.put_json(keys.manifest(job_id), manifest)
         self.jobs.create_tiles(job_id, plan.tile_count)
-        self.jobs.transition(
-            job_id,
-            JobStatus.PROCESSING,
-            allowed_from={JobStatus.SPLITTING},
-            source=asdict(spec),
-            grid=_grid(plan, bytes_split=sum(sizes)),
-            t_split=time.monotonic() - started,
-        )
+        try:
+            self.jobs.transition(
+                job_id,
+                JobStatus.PROCESSING,
+                allowed_from={JobStatus.SPLITTING},
+                source=asdict(spec),
+                grid=_grid(plan, bytes_split=sum(sizes)),
+                t_split=time.monotonic() - started,
+            )
+        except InvalidTransition:
+            self._discard_if_ended(job_id)
+            raise
         return {
             "manifest_key": keys.manifest(job_id),
             "tile_count": plan.tile_count,
@@ -147,15 +165,16 @@ class Pipeline:
         chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
         spec = ImageSpec(**job.source)
         processed = 0
-        for compact in tiles:
-            tile = Tile.from_compact(compact)
-            if not self.jobs.tile_started(job_id, tile.index):
-                continue
-            self._process_tile(job_id, tile, chain, spec, job.grid["interpretation"])
-            processed += 1
-        if self.jobs.get(job_id).status in TERMINAL:
-            # Cancelled while we worked: what we wrote must not outlive the job's clean-up.
-            self.store.delete_prefix(keys.job_prefix(job_id))
+        try:
+            for compact in tiles:
+                tile = Tile.from_compact(compact)
+                if not self.jobs.tile_started(job_id, tile.index):
+                    continue
+                self._process_tile(job_id, tile, chain, spec, job.grid["interpretation"])
+                processed += 1
+        finally:
+            # Also when a tile failed: a cancellation removes the source tiles under us.
+            self._discard_if_ended(job_id)
         return {"processed": processed, "skipped": len(tiles) - processed}
 
     def _process_tile(
@@ -166,9 +185,15 @@ class Pipeline:
             block = self.store.get_tile(job_id, "src", tile.index, spec.interpretation)
             result = execute_tile(chain, spec, block, tile.output)
             self.store.put_tile(
-                job_id, "out", tile.index, result.copy(interpretation=interpretation)
+                job_id,
+                "out",
+                tile.index,
+                result.copy(interpretation=interpretation),
+                metadata=tile.index == 0,
             )
-        except TransientError:
+        except TransientError as e:
+            # Retried by the state machine; kept on the tile in case the retries run out.
+            self.jobs.tile_retrying(job_id, tile.index, f"tile {tile.index}: {e}")
             raise
         except (pyvips.Error, TilefanError) as e:
             message = f"tile {tile.index}: {str(e).strip().splitlines()[-1]}"
@@ -217,13 +242,17 @@ class Pipeline:
                 "bands": image.bands,
                 "pixel_format": image.format,
             }
-        self.jobs.transition(
-            job_id,
-            JobStatus.SUCCEEDED,
-            allowed_from={JobStatus.MERGING},
-            output=output,
-            t_merge=time.monotonic() - started,
-        )
+        try:
+            self.jobs.transition(
+                job_id,
+                JobStatus.SUCCEEDED,
+                allowed_from={JobStatus.MERGING},
+                output=output,
+                t_merge=time.monotonic() - started,
+            )
+        except InvalidTransition:
+            self._discard_if_ended(job_id)
+            raise
         self.store.delete_prefix(keys.job_prefix(job_id))
         return {"status": JobStatus.SUCCEEDED.value, "output_key": key}
 
@@ -255,12 +284,48 @@ class Pipeline:
         if code == "INTERNAL_ERROR":
             # A failed Distributed Map reports only that its threshold was crossed; the tile's
             # own error is in its record.
-            failed = next((t for t in self.jobs.tiles(job_id) if t.state is TileState.FAILED), None)
-            if failed is not None:
-                code, message = TileFailed.code, failed.error or "a tile failed"
+            code, message = self._tile_failure(job_id) or (code, message)
         ended = self.jobs.finish_failed(job_id, code, message)
-        removed = self.store.delete_prefix(keys.job_prefix(job_id))
+        removed = self._discard_if_ended(job_id)
         return {"status": JobStatus.FAILED.value, "code": code, "ended": ended, "removed": removed}
+
+    def _discard_if_ended(self, job_id: str) -> int:
+        """Remove what the stages wrote for a job that has ended; returns how many objects went.
+
+        Intermediates go whatever the ending. A result goes unless the job SUCCEEDED with it: a
+        merge that failed after uploading, or was cancelled meanwhile, must not leave a result
+        that no job serves. A cancelled execution is stopped and runs no Abort, so each stage
+        calls this itself when it finds the job ended under it.
+        """
+        status = self.jobs.get(job_id).status
+        if status not in TERMINAL:
+            return 0
+        removed = self.store.delete_prefix(keys.job_prefix(job_id))
+        if status is not JobStatus.SUCCEEDED:
+            removed += self.store.delete_prefix(keys.result_prefix(job_id))
+        return removed
+
+    def _tile_failure(self, job_id: str) -> tuple[str, str] | None:
+        """The code and sentence of the tile that failed the Map, from the tile records."""
+        records = sorted(self.jobs.tiles(job_id), key=lambda record: record.index)
+        failed = next((r for r in records if r.state is TileState.FAILED), None)
+        if failed is not None:
+            return TileFailed.code, failed.error or f"tile {failed.index} failed"
+        # A tile still RUNNING after the Map ended lost its worker: a transient error that
+        # outlasted the retries (recorded), or an invocation that died without an answer, such
+        # as a Lambda timeout or running out of memory (nothing recorded).
+        running = [r for r in records if r.state is TileState.RUNNING]
+        stuck = next((r for r in running if r.error), running[0] if running else None)
+        if stuck is None:
+            return None
+        if stuck.error:
+            return TransientError.code, (
+                f"{stuck.error} (still failing after {stuck.attempts} attempts)"
+            )
+        return TileFailed.code, (
+            f"tile {stuck.index}: its worker stopped before finishing it (it ran out of time "
+            "or memory)"
+        )
 
 
 def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:

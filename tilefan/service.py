@@ -11,7 +11,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tilefan.errors import TilefanError
+from tilefan.errors import InvalidChain, TilefanError
 from tilefan.jobs import TERMINAL, InvalidTransition, Job, JobRepository, JobStatus, TileProgress
 from tilefan.operations import parse_chain
 from tilefan.outputs import OUTPUT_FORMATS
@@ -106,6 +106,12 @@ class JobService:
     ) -> Job:
         """Validate the request and create the job in CREATED."""
         chain = parse_chain(operations)
+        try:
+            # Python's JSON reader (the API's) accepts NaN and Infinity; a job holding one would
+            # be answered as text that is not JSON.
+            json.dumps(chain.to_json(), allow_nan=False)
+        except ValueError as e:
+            raise InvalidChain("operations: numbers must be finite (not NaN or Infinity)") from e
         if output_format not in OUTPUT_FORMATS:
             raise InvalidRequest(
                 f"output.format: {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
@@ -155,12 +161,9 @@ class JobService:
         except ClientError as e:
             self.jobs.finish_failed(job_id, "START_FAILED", "the pipeline could not be started")
             raise TilefanError("the pipeline could not be started") from e
-        self.jobs.transition(
-            job_id,
-            JobStatus.QUEUED,
-            allowed_from={JobStatus.QUEUED, JobStatus.SPLITTING},
-            execution_arn=execution["executionArn"],
-        )
+        # Not a transition: by now the splitter may have moved the job on, and setting QUEUED
+        # again would make its next step (SPLITTING to PROCESSING) fail the job.
+        self.jobs.record_execution(job_id, execution["executionArn"])
         return self.jobs.get(job_id)
 
     def view(self, owner: str | None, job_id: str) -> JobView:
@@ -195,16 +198,23 @@ class JobService:
         s3 = self.store.client
         if size <= min(self.settings.multipart_threshold, _SINGLE_PUT_LIMIT):
             content_type = str(job.input.get("content_type", "application/octet-stream"))
+            # The signature covers the length, so S3 itself refuses a body of any other size
+            # (an unsigned length would let a caller store up to 5 GB under a 10-byte job).
             url = s3.generate_presigned_url(
                 "put_object",
-                Params={"Bucket": self.store.bucket, "Key": key, "ContentType": content_type},
+                Params={
+                    "Bucket": self.store.bucket,
+                    "Key": key,
+                    "ContentType": content_type,
+                    "ContentLength": size,
+                },
                 ExpiresIn=self.settings.presign_seconds,
             )
             return {
                 "upload": {
                     "method": "PUT",
                     "url": url,
-                    "headers": {"Content-Type": content_type},
+                    "headers": {"Content-Type": content_type, "Content-Length": str(size)},
                     "expires_at": expires_at,
                 }
             }
@@ -226,6 +236,7 @@ class JobService:
                         "Key": key,
                         "UploadId": upload_id,
                         "PartNumber": number,
+                        "ContentLength": min(part_size, size - (number - 1) * part_size),
                     },
                     ExpiresIn=self.settings.presign_seconds,
                 ),

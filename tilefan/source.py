@@ -29,11 +29,21 @@ def open_checked(
     if size == 0:
         raise UnsupportedImage(f"{name} is empty")
     try:
-        image = pyvips.Image.new_from_file(str(path), access=access, fail_on="truncated")
+        # "error", not "truncated": a TIFF whose strips are cut short is a read error to
+        # libtiff, not a truncation to libvips, and would decode with the missing rows black.
+        image = pyvips.Image.new_from_file(str(path), access=access, fail_on="error")
     except pyvips.Error as e:
-        if "is not a known file format" in str(e):
-            raise UnsupportedImage(f"{name} is not an image format tilefan reads") from e
-        raise DamagedImage(f"{name} could not be read: {_first_line(e)}") from e
+        if "is not a known file format" not in str(e):
+            raise DamagedImage(f"{name} could not be read: {_first_line(e)}") from e
+        claimed = _claimed_format(path)
+        if claimed is not None:
+            # libvips says "not a known format" when a loader's own check reads past the
+            # signature and fails, as for a TIFF cut before its directory: damaged, not foreign.
+            raise DamagedImage(
+                f"{name} starts like a {claimed} file but could not be read: it is damaged "
+                "or cut short"
+            ) from e
+        raise UnsupportedImage(f"{name} is not an image format tilefan reads") from e
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
         raise TooManyPixels(
@@ -64,6 +74,30 @@ def decode_to_scratch(image: pyvips.Image, path: Path) -> pyvips.Image:
     except pyvips.Error as e:
         raise DamagedImage(f"the image could not be decoded: {_first_line(e)}") from e
     return upright(pyvips.Image.new_from_file(str(path)))
+
+
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"II+\x00", 0, "BigTIFF"),
+    (b"MM\x00+", 0, "BigTIFF"),
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"WEBP", 8, "WebP"),
+)
+"""Signatures of formats every libvips build reads (bytes, offset, name)."""
+
+
+def _claimed_format(path: Path) -> str | None:
+    """The format whose signature the file starts with, if it is one libvips always reads."""
+    with path.open("rb") as stream:
+        head = stream.read(16)
+    for signature, offset, format_name in _SIGNATURES:
+        if head[offset : offset + len(signature)] == signature:
+            return format_name
+    return None
 
 
 def _first_line(error: pyvips.Error) -> str:

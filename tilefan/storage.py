@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
 import pyvips
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
@@ -73,6 +74,11 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         """The assembled output."""
         return f"results/{job_id}/result.{extension}"
 
+    @staticmethod
+    def result_prefix(job_id: str) -> str:
+        """Everything of one job's output."""
+        return f"results/{job_id}/"
+
 
 def _translate(error: ClientError, key: str) -> TilefanError:
     code = error.response.get("Error", {}).get("Code", "")
@@ -93,9 +99,22 @@ class TileStore:
         self.client: S3Client = client or boto3.client("s3")
         self.compression = compression
 
-    def put_tile(self, job_id: str, stage: TileStage, index: int, tile: pyvips.Image) -> int:
-        """Store a tile losslessly (any band count and pixel format); returns its size in bytes."""
-        body = tile.tiffsave_buffer(compression=self.compression, predictor="none")
+    def put_tile(
+        self,
+        job_id: str,
+        stage: TileStage,
+        index: int,
+        tile: pyvips.Image,
+        *,
+        metadata: bool = True,
+    ) -> int:
+        """Store a tile losslessly (any band count and pixel format); returns its size in bytes.
+
+        With ``metadata=False`` only the pixels are kept: no ICC profile, EXIF or XMP, which an
+        input can make megabytes long and every tile would otherwise carry.
+        """
+        options = {} if metadata else {"keep": "none"}
+        body = tile.tiffsave_buffer(compression=self.compression, predictor="none", **options)
         self._put(keys.tile(job_id, stage, index), body)
         return len(body)
 
@@ -121,6 +140,8 @@ class TileStore:
             self.client.download_file(self.bucket, key, str(path), Config=_TRANSFER)
         except ClientError as e:
             raise _translate(e, key) from e
+        except RetriesExceededError as e:
+            raise TransientError(f"storage did not answer for {key}") from e
 
     def upload(self, path: Path, key: str, content_type: str) -> None:
         """Copy a local file to an object, multipart above 64 MiB."""
@@ -134,6 +155,12 @@ class TileStore:
             )
         except ClientError as e:
             raise _translate(e, key) from e
+        except S3UploadFailedError as e:
+            # boto3 turns the transfer's ClientError into this, keeping it only as the context;
+            # without the translation a throttled upload would not be retried.
+            if isinstance(e.__context__, ClientError):
+                raise _translate(e.__context__, key) from e
+            raise TilefanError(f"storage refused {key}") from e
 
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when it does not exist."""
