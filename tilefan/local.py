@@ -32,6 +32,17 @@ class LocalStack:
     engine: EmbeddedEngine
     service: JobService
 
+    def settle(self, job_id: str, *, timeout: float = 600) -> None:
+        """Wait until the job's execution has ended, not only its status.
+
+        The job item ends before its execution does: a job is marked SUCCEEDED or FAILED
+        first and its intermediates removed after, so that a late tile worker finds the job
+        ended and removes what it wrote.
+        """
+        execution_arn = self.service.jobs.get(job_id).execution_arn
+        if execution_arn:
+            self.engine.wait(execution_arn, timeout=timeout)
+
 
 @contextmanager
 def local_stack(
@@ -97,6 +108,7 @@ def run_job(
             service.cancel(LOCAL_OWNER, job.job_id)
             break
         time.sleep(poll_seconds)
+    stack.settle(job.job_id, timeout=max(deadline - time.monotonic(), 60))
     view = service.view(LOCAL_OWNER, job.job_id)
     if view.job.status is JobStatus.SUCCEEDED and view.job.output:
         service.store.download(view.job.output["key"], output)

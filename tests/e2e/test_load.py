@@ -125,8 +125,11 @@ def test_jobs_submitted_at_once_all_complete_exactly(
         sent = {s.job["job_id"] for o, s in zip(orders, done, strict=True) if o.key == key}
         assert {job["job_id"] for job in listed} == sent
 
-    # Nothing is left behind: no intermediates now, and nothing at all once deleted.
+    # Nothing is left behind: no intermediates once the executions end, and nothing at all
+    # once deleted.
     store, table = api.stack.service.store, api.stack.service.jobs.table
+    for submission in done:
+        api.stack.settle(submission.job["job_id"])
     assert store.list_keys("jobs/") == []
     for order, submission in zip(orders, done, strict=True):
         job_id = submission.job["job_id"]
