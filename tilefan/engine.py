@@ -566,6 +566,8 @@ class _MotoPatches:
       whatever fails, and ToleratedFailureCount/Percentage are ignored. AWS fails the Map with
       ``States.ExceedToleratedFailureThreshold`` once failures pass the threshold (0 by
       default); the engine applies the same rule when the Map Run ends.
+    - moto lets a task that fails after StopExecution turn the stopped execution FAILED. On AWS
+      a stopped execution ends ABORTED whatever its task in flight answers; so it does here.
     - moto's DynamoDB backend reads and writes items without a lock, so concurrent ``ADD``
       updates lose increments. One process-wide lock around each request's dispatch makes
       every request atomic, as DynamoDB's single-item operations are.
@@ -585,6 +587,7 @@ class _MotoPatches:
         """Apply every change."""
         self._serialise_dynamodb()
         self._install_failure_threshold()
+        self._keep_stops()
         self._install_speedups()
 
     def _serialise_dynamodb(self) -> None:
@@ -598,6 +601,21 @@ class _MotoPatches:
                 return original_call_action(handler)
 
         self._replace(DynamoHandler, "call_action", call_action)
+
+    def _keep_stops(self) -> None:
+        try:
+            environment = _interpreter_module("asl.eval.environment")
+            program_state = _interpreter_module("asl.eval.program_state")
+        except ImportError:  # pragma: no cover - depends on moto's internals
+            LOG.warning("moto's interpreter moved: a stopped execution may end FAILED")
+            return
+        original_set_error = environment.Environment.set_error
+
+        def set_error(env: Any, error: Any) -> None:
+            if not isinstance(env.program_state(), program_state.ProgramStopped):
+                original_set_error(env, error)
+
+        self._replace(environment.Environment, "set_error", set_error)
 
     def _install_speedups(self) -> None:
         try:
@@ -650,6 +668,8 @@ class _MotoPatches:
 
         def map_run(component: Any, env: Any, eval_input: Any) -> None:
             original_map_run(component, env, eval_input)
+            if not env.is_running():
+                return  # stopped: its items ended as stopped, not failed, and so does it
             record = eval_input.map_run_record
             total = record.item_counter.total.get()
             failed = record.item_counter.failed.get() + record.item_counter.timed_out.get()
