@@ -71,7 +71,7 @@ def _extend(block: pyvips.Image, block_rect: Rect, needed: Rect) -> pyvips.Image
 class Operation(BaseModel):
     """One step of a chain. Subclasses are the supported libvips operations."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     kind: ClassVar[OpKind]
 
