@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _section(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A ``## title`` heading and its table, as lines of the summary."""
+    return [f"## {title}", "", _table(header, rows), ""]
+
+
+CASE_HEADER = ["MP", "sweep", "chain", "tile", "conc.", "tile enc."]
+"""The columns that say which tilefan case a row is, first in each table of cases."""
+
+
+def _case_cells(case: Mapping[str, Any]) -> list[Any]:
+    """``case``'s values for the ``CASE_HEADER`` columns."""
+    keys = ("megapixels", "sweep", "chain", "tile_size", "concurrency", "encoding")
+    return [case[key] for key in keys]
+
+
 def _mp_per_s(run: dict[str, Any]) -> float | None:
     pixels = run.get("source_pixels") or run["case"]["megapixels"] * 1e6
     seconds = run.get("end_to_end_s")
@@ -67,8 +82,6 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
             else "Optional S3 checksums off in the embedded engine (see docs/benchmarks.md)."
         ),
         "",
-        "## Targets",
-        "",
     ]
     rows = []
     for name, target in document.get("targets", {}).items():
@@ -81,75 +94,37 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
                 json.dumps(measured, default=str)[:400],
             ]
         )
-    parts += [_table(["target", "wanted", "result", "measured"], rows), ""]
+    parts += _section("Targets", ["target", "wanted", "result", "measured"], rows)
 
-    parts += ["## tilefan against the peers (same image, same chain, same TIFF encoder)", ""]
-    rows = []
-    for pair in document.get("pairs", []):
-        case = pair["case"]
-        rows.append(
-            [
-                pair["megapixels"],
-                pair["sweep"],
-                case["chain"],
-                case["tile_size"],
-                case["concurrency"],
-                case["encoding"],
-                pair["tilefan_s"],
-                pair.get("libvips_s"),
-                pair.get("dask_s"),
-                pair.get("ratio_vs_libvips"),
-                pair.get("ratio_vs_dask"),
-            ]
-        )
-    parts += [
-        _table(
-            [
-                "MP",
-                "sweep",
-                "chain",
-                "tile",
-                "conc.",
-                "tile enc.",
-                "tilefan s",
-                "libvips s",
-                "dask s",
-                "x libvips",
-                "x dask",
-            ],
-            rows,
-        ),
-        "",
+    rows = [
+        # A pair keeps its size and sweep beside its case.
+        [
+            *_case_cells({**pair, **pair["case"]}),
+            pair["tilefan_s"],
+            pair.get("libvips_s"),
+            pair.get("dask_s"),
+            pair.get("ratio_vs_libvips"),
+            pair.get("ratio_vs_dask"),
+        ]
+        for pair in document.get("pairs", [])
     ]
+    parts += _section(
+        "tilefan against the peers (same image, same chain, same TIFF encoder)",
+        [*CASE_HEADER, "tilefan s", "libvips s", "dask s", "x libvips", "x dask"],
+        rows,
+    )
 
-    parts += ["## tilefan runs", ""]
     rows = []
     for run in document.get("runs", []):
-        case = run["case"]
         if "error" in run:
-            rows.append(
-                [
-                    case["megapixels"],
-                    case["sweep"],
-                    case["chain"],
-                    case["tile_size"],
-                    case["concurrency"],
-                    case["encoding"],
-                    "error: " + str(run["error"])[:80],
-                ]
-            )
+            rows.append([*_case_cells(run["case"]), "error: " + str(run["error"])[:80]])
             continue
         timings = run.get("timings", {})
         storage = run.get("storage", {}).get("bytes", {})
         moved = sum(v for k, v in storage.items() if not k.startswith("client"))
         rows.append(
             [
-                case["megapixels"],
-                case["sweep"],
-                case["chain"],
-                case["tile_size"],
-                case["concurrency"],
-                case["encoding"],
+                *_case_cells(run["case"]),
                 timings.get("split"),
                 timings.get("process"),
                 timings.get("merge"),
@@ -163,33 +138,25 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
                 run.get("memory", {}).get("peak_rss_mb"),
             ]
         )
-    parts += [
-        _table(
-            [
-                "MP",
-                "sweep",
-                "chain",
-                "tile",
-                "conc.",
-                "tile enc.",
-                "split s",
-                "map s",
-                "merge s",
-                "end to end s",
-                "MP/s",
-                "tiles",
-                "tile p50 ms",
-                "tile p90 ms",
-                "orchestration ms/tile",
-                "storage MB",
-                "engine peak RSS MB",
-            ],
-            rows,
-        ),
-        "",
-    ]
+    parts += _section(
+        "tilefan runs",
+        [
+            *CASE_HEADER,
+            "split s",
+            "map s",
+            "merge s",
+            "end to end s",
+            "MP/s",
+            "tiles",
+            "tile p50 ms",
+            "tile p90 ms",
+            "orchestration ms/tile",
+            "storage MB",
+            "engine peak RSS MB",
+        ],
+        rows,
+    )
 
-    parts += ["## Peak memory per stage (one process per invocation)", ""]
     rows = []
     for probe in document.get("memory", []):
         case = probe["case"]
@@ -210,36 +177,35 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
                     figures["peak_rss_mb"],
                 ]
             )
-    parts += [
-        _table(
-            [
-                "MP",
-                "tile",
-                "stage",
-                "invocations",
-                "baseline RSS MB",
-                "peak anon MB",
-                "anon over baseline MB",
-                "peak file-backed MB",
-                "peak RSS (VmHWM) MB",
-            ],
-            rows,
-        ),
-        "",
-    ]
+    parts += _section(
+        "Peak memory per stage (one process per invocation)",
+        [
+            "MP",
+            "tile",
+            "stage",
+            "invocations",
+            "baseline RSS MB",
+            "peak anon MB",
+            "anon over baseline MB",
+            "peak file-backed MB",
+            "peak RSS (VmHWM) MB",
+        ],
+        rows,
+    )
 
     model = document.get("model", {}).get("by_encoding", {}).get("none")
     if model:
-        parts += ["## Lambda model (tile encoding none; see docs/benchmarks.md for sources)", ""]
         rec = model["recommendation"]
         parts += [
+            "## Lambda model (tile encoding none; see docs/benchmarks.md for sources)",
+            "",
             f"Recommended tile size at concurrency {rec['concurrency']}: **{rec['tile_size']}**. "
             f"A serial stage (split or merge) is the longest stage from "
             f"{rec['serial_stage_dominates_from_gp']} GP; first limit broken: "
             f"{json.dumps(rec['first_infeasible'])}.",
             "",
         ]
-        rows = [
+        limits = [
             [
                 row["concurrency"],
                 row["map_dominates_up_to_gp"],
@@ -250,21 +216,7 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
             ]
             for row in model["limits"]
         ]
-        parts += [
-            _table(
-                [
-                    "concurrency",
-                    "map longest up to GP",
-                    "split < 15 min up to GP",
-                    "merge < 15 min up to GP",
-                    "split /tmp fits up to GP",
-                    "merge /tmp fits up to GP",
-                ],
-                rows,
-            ),
-            "",
-        ]
-        rows = [
+        predictions = [
             [
                 p["gigapixels"],
                 p["tile_size"],
@@ -283,6 +235,18 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
         parts += [
             _table(
                 [
+                    "concurrency",
+                    "map longest up to GP",
+                    "split < 15 min up to GP",
+                    "merge < 15 min up to GP",
+                    "split /tmp fits up to GP",
+                    "merge /tmp fits up to GP",
+                ],
+                limits,
+            ),
+            "",
+            _table(
+                [
                     "GP",
                     "tile",
                     "conc.",
@@ -294,7 +258,7 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
                     "$ per GP",
                     "within limits",
                 ],
-                rows,
+                predictions,
             ),
             "",
         ]
