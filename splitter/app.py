@@ -20,5 +20,7 @@ pyvips.cache_set_max(0)
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Event: ``{"job_id": ...}``; returns the manifest key and the tile and batch counts."""
-    logger.append_keys(job_id=event["job_id"])
+    # This invocation's keys only: the embedded engine runs invocations as threads of one process.
+    logger.thread_safe_clear_keys()
+    logger.thread_safe_append_keys(job_id=event["job_id"])
     return pipeline.split(event["job_id"])

@@ -16,5 +16,7 @@ pipeline = Pipeline.from_settings()
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Event: ``{"job_id": ..., "item": {"batch": n, "tiles": [[index, sx, sy, ...], ...]}}``."""
-    logger.append_keys(job_id=event["job_id"], batch=event["item"]["batch"])
+    # This invocation's keys only: the embedded engine runs invocations as threads of one process.
+    logger.thread_safe_clear_keys()
+    logger.thread_safe_append_keys(job_id=event["job_id"], batch=event["item"]["batch"])
     return pipeline.process_batch(event["job_id"], event["item"]["tiles"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from functools import reduce
 from pathlib import Path
@@ -88,7 +89,11 @@ def small_source(tmp_path: Path) -> Path:
 
 
 def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
-    stack: LocalStack, tmp_path: Path, small_source: Path, monkeypatch: pytest.MonkeyPatch
+    stack: LocalStack,
+    tmp_path: Path,
+    small_source: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     real = tilefan.pipeline.execute_tile
 
@@ -105,6 +110,11 @@ def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
     assert view.progress is not None and view.progress.failed == 1
     assert leftovers(stack, view.job.job_id) == []
     assert not output.exists()
+    # The failure's log line carries this job's keys, not those of other invocations that ran
+    # in the same process (other tile workers, earlier mergers).
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    failure = next(entry for entry in logged if "raised TileFailed" in entry["message"])
+    assert failure["job_id"] == view.job.job_id and "action" not in failure
 
 
 def test_worker_failing_once_is_retried_and_the_job_succeeds(
