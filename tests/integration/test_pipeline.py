@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Iterator
 from functools import reduce
 from pathlib import Path
@@ -82,6 +84,18 @@ def test_hundreds_of_tiles_through_the_distributed_map(stack: LocalStack, tmp_pa
 
 
 @pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """What the handlers' Powertools logger writes, as it formats it."""
+    powertools = logging.getLogger("tilefan")
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(powertools.handlers[0].formatter)
+    powertools.addHandler(handler)
+    yield captured
+    powertools.removeHandler(handler)
+
+
+@pytest.fixture
 def small_source(tmp_path: Path) -> Path:
     path = tmp_path / "small.png"
     noise_image(300, 200, 3, seed=3).pngsave(str(path))
@@ -93,7 +107,7 @@ def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
     tmp_path: Path,
     small_source: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    json_logs: io.StringIO,
 ) -> None:
     real = tilefan.pipeline.execute_tile
 
@@ -112,7 +126,7 @@ def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
     assert not output.exists()
     # The failure's log line carries this job's keys, not those of other invocations that ran
     # in the same process (other tile workers, earlier mergers).
-    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    logged = [json.loads(line) for line in json_logs.getvalue().splitlines()]
     failure = next(entry for entry in logged if "raised TileFailed" in entry["message"])
     assert failure["job_id"] == view.job.job_id and "action" not in failure
 
