@@ -22,11 +22,13 @@ def run_child(
     *,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    stdin: str | None = None,
 ) -> dict[str, Any]:
     """Run ``python -m module args... --result FILE`` and return what it wrote to FILE.
 
-    A child that fails returns ``{"error": ...}`` with the tail of its stderr, so one failed
-    case is recorded and the sweep goes on.
+    ``stdin``, when given, is the child's standard input. A child that fails returns
+    ``{"error": ...}`` with the tail of its stderr, so one failed case is recorded and the
+    sweep goes on.
     """
     with tempfile.TemporaryDirectory(prefix="tilefan-bench-") as scratch:
         result_file = Path(scratch) / "result.json"
@@ -38,6 +40,7 @@ def run_child(
         try:
             completed = subprocess.run(
                 command,
+                input=stdin,
                 cwd=ROOT,
                 env=child_env,
                 capture_output=True,

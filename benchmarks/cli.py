@@ -195,29 +195,27 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
             _log("  " + json.dumps(probe.get("stages", probe.get("error", "")))[:400])
             document["memory"].append(probe)
 
-    kernel_mp = max((size for size in profile.sizes_mp if size <= 500), default=profile.sweep_mp)
-    from benchmarks.kernel import run_kernel
-
     if args.no_kernel:
         document["kernel"] = {"error": "skipped (--no-kernel)"}
-        document["model"] = _model(document)
-        document["pairs"] = _pairs(document)
-        document["targets"] = _targets(document)
-        document["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        return document
-    _log(f"per-tile CPU on one thread, {kernel_mp} MP image")
-    document["kernel"] = run_kernel(
-        source_for(kernel_mp),
-        profile.base.chain,
-        profile.kernel_tile_sizes,
-        ["none", "lzw", "deflate"],
-        samples=profile.kernel_samples,
-        timeout=args.timeout,
-    )
-    document["kernel"]["megapixels"] = kernel_mp
-    document["kernel"]["source_bytes_per_px"] = source_for(kernel_mp).stat().st_size / (
-        kernel_mp * 1e6
-    )
+    else:
+        from benchmarks.kernel import run_kernel
+
+        kernel_mp = max(
+            (size for size in profile.sizes_mp if size <= 500), default=profile.sweep_mp
+        )
+        _log(f"per-tile CPU on one thread, {kernel_mp} MP image")
+        document["kernel"] = run_kernel(
+            source_for(kernel_mp),
+            profile.base.chain,
+            profile.kernel_tile_sizes,
+            ["none", "lzw", "deflate"],
+            samples=profile.kernel_samples,
+            timeout=args.timeout,
+        )
+        document["kernel"]["megapixels"] = kernel_mp
+        document["kernel"]["source_bytes_per_px"] = source_for(kernel_mp).stat().st_size / (
+            kernel_mp * 1e6
+        )
     document["model"] = _model(document)
     document["pairs"] = _pairs(document)
     document["targets"] = _targets(document)

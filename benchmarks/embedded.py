@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import threading
@@ -16,11 +17,15 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks._child import run_child, write_result
 
-__all__ = ["CHECKSUM_ENV", "run_embedded"]
+if TYPE_CHECKING:
+    from tilefan.jobs import Job
+    from tilefan.service import JobService
+
+__all__ = ["CHECKSUM_ENV", "case_main", "create_job", "run_case", "run_embedded"]
 
 CHECKSUM_ENV = {
     "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
@@ -40,21 +45,66 @@ def run_embedded(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run ``case`` (chain, tile_size, concurrency, encoding, tiles_per_item) in a child."""
-    env = {
+    return run_case(
+        "benchmarks.embedded",
+        case,
+        source,
+        env={} if s3_checksums else CHECKSUM_ENV,
+        timeout=timeout,
+    )
+
+
+def run_case(
+    module: str,
+    case: Mapping[str, Any],
+    source: Path,
+    *,
+    env: Mapping[str, str],
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run ``case`` on ``source`` in ``python -m module``, a child whose entry is ``case_main``.
+
+    The child's environment holds the handlers' settings that ``case`` names, then ``env``.
+    """
+    settings = {
         "TILEFAN_TILE_ENCODING": str(case["encoding"]),
         "TILEFAN_TILES_PER_ITEM": str(case["tiles_per_item"]),
     }
-    if not s3_checksums:
-        env.update(CHECKSUM_ENV)
     return run_child(
-        "benchmarks.embedded",
+        module,
         ["--case", json.dumps(dict(case)), "--source", str(source)],
-        env=env,
+        env={**settings, **env},
         timeout=timeout,
     )
 
 
 # --- inside the child -------------------------------------------------------------------------
+
+
+def case_main(
+    run: Callable[[dict[str, Any], Path], Mapping[str, Any]], description: str | None
+) -> None:
+    """What a ``run_case`` child runs: ``run(case, source)``, its result written where asked."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--case", required=True)
+    parser.add_argument("--source", required=True, type=Path)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    write_result(args.result, run(json.loads(args.case), args.source))
+
+
+def create_job(service: JobService, case: Mapping[str, Any], source: Path) -> Job:
+    """The local owner's TIFF job for ``case``'s chain and tile size, declaring ``source``."""
+    from benchmarks.chains import CHAINS
+    from tilefan.local import LOCAL_OWNER
+
+    return service.create(
+        LOCAL_OWNER,
+        CHAINS[case["chain"]],
+        "tiff",
+        tile_size=int(case["tile_size"]),
+        input_info={"size_bytes": source.stat().st_size},
+    )
 
 
 class _StorageMeter:
@@ -173,7 +223,6 @@ def _percentiles(values: list[int]) -> dict[str, float]:
 def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
     import tempfile
 
-    from benchmarks.chains import CHAINS
     from benchmarks.memwatch import watch
     from tilefan.jobs import TERMINAL, JobStatus
     from tilefan.local import LOCAL_OWNER, local_stack
@@ -185,13 +234,7 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with local_stack() as stack, tempfile.TemporaryDirectory(prefix="tilefan-run-") as scratch:
         service = stack.service
-        job = service.create(
-            LOCAL_OWNER,
-            CHAINS[case["chain"]],
-            "tiff",
-            tile_size=int(case["tile_size"]),
-            input_info={"size_bytes": source.stat().st_size},
-        )
+        job = create_job(service, case, source)
         cpu_before = os.times()
         with watch(result):
             started = time.monotonic()
@@ -269,16 +312,8 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--case", required=True)
-    parser.add_argument("--source", required=True, type=Path)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-    import logging
-
     logging.getLogger().setLevel(logging.WARNING)
-    case = json.loads(args.case)
-    write_result(args.result, _run(case, args.source))
+    case_main(_run, __doc__)
 
 
 if __name__ == "__main__":

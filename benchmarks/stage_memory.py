@@ -10,20 +10,15 @@ see ``benchmarks.memwatch`` for what the figures count.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks._child import ROOT, run_child, write_result
-from benchmarks.embedded import CHECKSUM_ENV
+from benchmarks._child import run_child
+from benchmarks.embedded import CHECKSUM_ENV, case_main, create_job, run_case
 
 __all__ = ["run_stage_memory"]
 
@@ -46,16 +41,11 @@ def run_stage_memory(
     ``extra_env`` reaches every stage process: for experiments such as ``MALLOC_ARENA_MAX`` or
     ``TILEFAN_BENCH_VIPS_CACHE_MAX`` (libvips' operation cache size, set before the handler).
     """
-    env = {
-        "TILEFAN_TILE_ENCODING": str(case["encoding"]),
-        "TILEFAN_TILES_PER_ITEM": str(case["tiles_per_item"]),
-        **CHECKSUM_ENV,
-        **(extra_env or {}),
-    }
-    return run_child(
+    return run_case(
         "benchmarks.stage_memory",
-        ["--case", json.dumps(dict(case)), "--source", str(source)],
-        env=env,
+        case,
+        source,
+        env={**CHECKSUM_ENV, **(extra_env or {})},
         timeout=timeout,
     )
 
@@ -69,27 +59,9 @@ class _ChildHandler:
         self.lock = lock
 
     def __call__(self, event: dict[str, Any], context: Any) -> Any:
-        with tempfile.TemporaryDirectory(prefix="tilefan-stage-") as scratch:
-            result_file = Path(scratch) / "result.json"
-            completed = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.stage_child",
-                    self.logical_id,
-                    "--result",
-                    str(result_file),
-                ],
-                input=json.dumps(event),
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if not result_file.exists():
-                raise RuntimeError(f"{self.logical_id} child failed: {completed.stderr[-2000:]}")
-            report = json.loads(result_file.read_text())
+        report = run_child("benchmarks.stage_child", [self.logical_id], stdin=json.dumps(event))
+        if "memory" not in report:  # the child ended before its report: run_child's error
+            raise RuntimeError(f"{self.logical_id} child failed: {report['error']}")
         report["stage"] = _STAGE.get(self.logical_id, self.logical_id)
         if event.get("action") == "abort":
             report["stage"] = "abort"
@@ -125,7 +97,6 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
-    from benchmarks.chains import CHAINS
     from tilefan.jobs import TERMINAL, JobStatus
     from tilefan.local import LOCAL_OWNER, local_stack
     from tilefan.storage import keys
@@ -136,13 +107,7 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
     started = time.monotonic()
     with local_stack(server=True, handlers=handlers) as stack:
         service = stack.service
-        job = service.create(
-            LOCAL_OWNER,
-            CHAINS[case["chain"]],
-            "tiff",
-            tile_size=int(case["tile_size"]),
-            input_info={"size_bytes": source.stat().st_size},
-        )
+        job = create_job(service, case, source)
         service.store.upload(source, keys.upload(job.job_id), "application/octet-stream")
         service.start(LOCAL_OWNER, job.job_id, max_concurrency=int(case["concurrency"]))
         while True:
@@ -150,10 +115,9 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
             if current.status in TERMINAL:
                 break
             time.sleep(0.5)
-        if current.execution_arn:
-            # The merger marks the job SUCCEEDED before its process exits: wait for the
-            # execution, so that the merger's own report is in.
-            stack.engine.wait(current.execution_arn, timeout=600)
+        # The merger marks the job SUCCEEDED before its process exits: wait for the
+        # execution, so that the merger's own report is in.
+        stack.settle(job.job_id, timeout=600)
     if current.status is not JobStatus.SUCCEEDED:
         raise RuntimeError(f"job ended {current.status.value}: {current.error}")
     return {
@@ -165,12 +129,7 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--case", required=True)
-    parser.add_argument("--source", required=True, type=Path)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-    write_result(args.result, _run(json.loads(args.case), args.source))
+    case_main(_run, __doc__)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ def test_layers_install_exactly_the_projects_dependencies() -> None:
 
 @pytest.mark.parametrize("layer", ["vips", "core"])
 def test_wheels_are_fetched_for_lambda_not_built_here(layer: str) -> None:
-    text = (PROJECT_ROOT / "layers" / layer / "Makefile").read_text(encoding="utf-8")
+    makefile = (PROJECT_ROOT / "layers" / layer / "Makefile").read_text(encoding="utf-8")
+    # The settings every layer shares are in layers/layer.mk, included by the Makefile's path.
+    assert "include $(dir $(lastword $(MAKEFILE_LIST)))../layer.mk" in makefile
+    text = makefile + (PROJECT_ROOT / "layers" / "layer.mk").read_text(encoding="utf-8")
     assert "--only-binary=:all:" in text
     assert "--platform manylinux_2_28_$(MACHINE)" in text
     assert "--python-version $(TILEFAN_LAYER_PYTHON)" in text
