@@ -104,32 +104,53 @@ def _chain(args: argparse.Namespace) -> list[dict[str, Any]]:
     return steps
 
 
-def _run(args: argparse.Namespace) -> int:
-    from tilefan.local import local_stack, run_job
+class _InputMissing(TilefanError):
+    code = "INPUT_MISSING"
 
+
+class _UnknownFormat(TilefanError):
+    code = "UNKNOWN_FORMAT"
+
+
+def _job_files(args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """The input, the output and the output format a run or submit names, checked."""
     source, output = Path(args.input), Path(args.output)
     if not source.is_file():
-        return _fail("INPUT_MISSING", f"{source} is not a file")
+        raise _InputMissing(f"{source} is not a file")
     output_format = args.format or format_for_path(output)
     if output_format is None:
-        return _fail(
-            "UNKNOWN_FORMAT",
+        raise _UnknownFormat(
             f"cannot tell the format from {output.name!r}; pass --format "
-            f"({', '.join(OUTPUT_FORMATS)})",
+            f"({', '.join(OUTPUT_FORMATS)})"
         )
+    return source, output, output_format
+
+
+def _run_locally(
+    source: Path, output: Path, chain: Any, output_format: str, args: argparse.Namespace
+) -> JobView:
+    """One job on a fresh embedded engine, with the progress bar on a terminal."""
+    from tilefan.local import local_stack, run_job
+
     progress = _Progress(sys.stderr)
     with local_stack() as stack:
         view = run_job(
             stack,
             source,
             output,
-            _chain(args),
+            chain,
             output_format=output_format,
             tile_size=args.tile_size,
             concurrency=args.concurrency,
             on_progress=progress.on_view if progress.enabled else None,
         )
     progress.close()
+    return view
+
+
+def _run(args: argparse.Namespace) -> int:
+    source, output, output_format = _job_files(args)
+    view = _run_locally(source, output, _chain(args), output_format, args)
     return _report(view, output, quiet=not sys.stdout.isatty() and not args.verbose)
 
 
@@ -154,7 +175,6 @@ def _fail(code: str, message: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tilefan.local import local_stack, run_job
     from tilefan.synthetic import synthetic_image
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tilefan-demo-"))
@@ -165,20 +185,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"making a {width}x{height} synthetic image: {source}")
     synthetic_image(width, height).jpegsave(str(source), Q=90)
     print(f"running {json.dumps(DEMO_CHAIN)} on the embedded engine...")
-    progress = _Progress(sys.stderr)
     started = time.monotonic()
-    with local_stack() as stack:
-        view = run_job(
-            stack,
-            source,
-            output,
-            DEMO_CHAIN,
-            output_format="tiff",
-            tile_size=args.tile_size,
-            concurrency=args.concurrency,
-            on_progress=progress.on_view if progress.enabled else None,
-        )
-    progress.close()
+    view = _run_locally(source, output, DEMO_CHAIN, "tiff", args)
     status = _report(view, output, quiet=False)
     if status == 0:
         print(f"result: {output}  (whole job {time.monotonic() - started:.1f}s)")
@@ -204,14 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from tilefan.client import ApiError, JobFailed, TilefanClient
 
-    source, output = Path(args.input), Path(args.output)
-    output_format = args.format or format_for_path(output)
-    if not source.is_file():
-        return _fail("INPUT_MISSING", f"{source} is not a file")
-    if output_format is None:
-        return _fail(
-            "UNKNOWN_FORMAT", f"cannot tell the format from {output.name!r}; pass --format"
-        )
+    source, output, output_format = _job_files(args)
     progress = _Progress(sys.stderr)
     client = TilefanClient(args.api, args.key)
     try:

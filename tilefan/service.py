@@ -11,7 +11,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tilefan.errors import TilefanError
+from tilefan.errors import InvalidTileSize, TilefanError
 from tilefan.jobs import TERMINAL, InvalidTransition, Job, JobRepository, JobStatus, TileProgress
 from tilefan.operations import parse_chain
 from tilefan.outputs import OUTPUT_FORMATS
@@ -118,7 +118,7 @@ class JobService:
             )
         size = tile_size if tile_size is not None else self.settings.tile_size
         if not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:
-            raise InvalidRequest(
+            raise InvalidTileSize(
                 f"tile_size: must be from {MIN_TILE_SIZE} to {MAX_TILE_SIZE} pixels, got {size}"
             )
         return self.jobs.new_job(

@@ -1,0 +1,122 @@
+"""The `tilefan` command as a user runs it: run, submit, and what they print when refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+from tests.support import assert_identical, noise_image
+from tilefan import parse_chain
+from tilefan.cli import main, parse_op
+from tilefan.serve import LocalApi, serve_api
+
+pytestmark = pytest.mark.integration
+
+OPS = [{"op": "gaussblur", "sigma": 1.5}, {"op": "flip", "direction": "vertical"}]
+
+
+def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
+    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "input.png"
+    noise_image(210, 150, 3, seed=11).pngsave(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "step"),
+    [
+        ("invert", {"op": "invert"}),
+        ("gaussblur:sigma=4", {"op": "gaussblur", "sigma": 4}),
+        ("rot:angle=d90", {"op": "rot", "angle": "d90"}),
+        (
+            "conv:mask=[[1,2],[3,4]],scale=10",
+            {"op": "conv", "mask": [[1, 2], [3, 4]], "scale": 10},
+        ),
+    ],
+)
+def test_op_text_is_a_step(text: str, step: dict[str, Any]) -> None:
+    assert parse_op(text) == step
+
+
+def test_run_writes_what_whole_image_libvips_gives(
+    source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ops_file = tmp_path / "ops.json"
+    ops_file.write_text(json.dumps(OPS[:1]))
+    output = tmp_path / "out.tif"
+    argv = ["run", str(source), "-o", str(output), "--ops-file", str(ops_file)]
+    assert main([*argv, "--op", "flip:direction=vertical", "--tile-size", "64", "-v"]) == 0
+    expected = whole(pyvips.Image.new_from_file(str(source)), OPS)
+    assert_identical(expected, pyvips.Image.new_from_file(str(output)))
+    assert capsys.readouterr().out.startswith(f"{output} (210x150, ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["run", "{missing}", "-o", "{tmp}/out.tif", "--op", "invert"], "INPUT_MISSING"),
+        (["run", "{source}", "-o", "{tmp}/out.xyz", "--op", "invert"], "UNKNOWN_FORMAT"),
+        (["run", "{source}", "-o", "{tmp}/out.tif", "--op", "blur"], "INVALID_CHAIN"),
+        (["run", "{source}", "-o", "{tmp}/out.tif", "--tile-size", "7"], "INVALID_TILE_SIZE"),
+        (["run", "{damaged}", "-o", "{tmp}/out.tif", "--op", "invert"], "DAMAGED_IMAGE"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_run_refuses_with_the_code_and_writes_nothing(
+    argv: list[str], code: str, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    names = {
+        "source": source,
+        "damaged": damaged,
+        "missing": tmp_path / "missing.png",
+        "tmp": tmp_path,
+    }
+    assert main([arg.format(**names) for arg in argv]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: {code}: "), error
+    assert not list(tmp_path.glob("out.*"))
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[LocalApi]:
+    with serve_api(port=0) as served:
+        yield served
+
+
+def test_submit_through_the_api_writes_what_whole_image_libvips_gives(
+    api: LocalApi, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out.png"
+    argv = ["submit", str(source), "-o", str(output), "--api", api.url, "--key", api.keys[0]]
+    steps = [arg for step in OPS for arg in ("--op", _op_text(step))]
+    assert main([*argv, *steps, "--tile-size", "64", "--poll", "0.05"]) == 0
+    expected = whole(pyvips.Image.new_from_file(str(source)), OPS)
+    assert_identical(expected, pyvips.Image.new_from_file(str(output)))
+    assert capsys.readouterr().out.startswith(f"{output} (210x150); job ")
+
+
+def test_submit_refused_by_the_api_prints_its_code(
+    api: LocalApi, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out.png"
+    argv = ["submit", str(source), "-o", str(output), "--api", api.url, "--key", "not-a-key"]
+    assert main([*argv, "--op", "invert"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: FORBIDDEN: ")
+    assert not output.exists()
+
+
+def _op_text(step: dict[str, Any]) -> str:
+    params = ",".join(f"{key}={value}" for key, value in step.items() if key != "op")
+    return f"{step['op']}:{params}" if params else step["op"]
