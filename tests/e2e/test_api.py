@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -14,9 +12,10 @@ from typing import Any
 import pytest
 import pyvips
 
+from tests.e2e.support import assert_invisible, create, raw, serving, submit, wait_until_ended
 from tests.support import assert_identical, noise_image
 from tilefan.client import ApiError, TilefanClient
-from tilefan.serve import LocalApi, serve_api
+from tilefan.serve import LocalApi
 
 pytestmark = pytest.mark.e2e
 
@@ -27,52 +26,14 @@ PART = 5 * 2**20
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[LocalApi]:
-    saved = {
-        name: os.environ.get(name)
-        for name in ("TILEFAN_MULTIPART_THRESHOLD", "TILEFAN_MULTIPART_PART_SIZE")
-    }
-    os.environ["TILEFAN_MULTIPART_THRESHOLD"] = str(PART)
-    os.environ["TILEFAN_MULTIPART_PART_SIZE"] = str(PART)
-    try:
-        with serve_api(port=0, keys=[KEY, OTHER_KEY]) as running:
-            yield running
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    settings = {"TILEFAN_MULTIPART_THRESHOLD": str(PART), "TILEFAN_MULTIPART_PART_SIZE": str(PART)}
+    with serving([KEY, OTHER_KEY], settings) as running:
+        yield running
 
 
 @pytest.fixture
 def client(api: LocalApi) -> TilefanClient:
     return TilefanClient(api.url, KEY)
-
-
-def raw(
-    api: LocalApi, method: str, path: str, body: bytes | None = None, key: str | None = KEY
-) -> tuple[int, dict[str, Any]]:
-    """A request with exact bytes, for the cases a well-behaved client never sends."""
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["x-api-key"] = key
-    request = urllib.request.Request(api.url + path, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request) as response:
-            text = response.read().decode()
-            return response.status, json.loads(text) if text else {}
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read().decode() or "{}")
-
-
-def create(client: TilefanClient, size: int, ops: list[dict[str, Any]] | None = None) -> Any:
-    body = {
-        "operations": ops or [{"op": "invert"}],
-        "output": {"format": "png"},
-        "tile_size": 64,
-        "input": {"size_bytes": size},
-    }
-    return client.request("POST", "/jobs", body)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +46,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_whole_flow_result_equals_libvips_and_counts_rise_to_the_total(
     client: TilefanClient, source: Path, tmp_path: Path
 ) -> None:
-    ops = [{"op": "gaussblur", "sigma": 2}, {"op": "rot", "angle": "d270"}]
+    ops: list[dict[str, Any]] = [{"op": "gaussblur", "sigma": 2}, {"op": "rot", "angle": "d270"}]
     seen: list[tuple[int, int]] = []
 
     def record(job: Any) -> None:
@@ -93,15 +54,7 @@ def test_whole_flow_result_equals_libvips_and_counts_rise_to_the_total(
             seen.append((job["tiles"]["done"], job["tiles"]["total"]))
 
     output = tmp_path / "out.png"
-    done = client.submit(
-        source,
-        output,
-        ops,
-        output_format="png",
-        tile_size=64,
-        on_progress=record,
-        poll_seconds=0.05,
-    )
+    done = submit(client, source, output, operations=ops, on_progress=record)
     expected = pyvips.Image.new_from_file(str(source)).gaussblur(2).rot("d270")
     assert_identical(expected, pyvips.Image.new_from_file(str(output)))
     total = done.job["tiles"]["total"]
@@ -115,14 +68,7 @@ def test_whole_flow_result_equals_libvips_and_counts_rise_to_the_total(
 def test_progress_svg_has_one_cell_per_tile(
     api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
 ) -> None:
-    done = client.submit(
-        source,
-        tmp_path / "o.png",
-        [{"op": "invert"}],
-        output_format="png",
-        tile_size=64,
-        poll_seconds=0.05,
-    )
+    done = submit(client, source, tmp_path / "o.png")
     request = urllib.request.Request(
         f"{api.url}/jobs/{done.job['job_id']}/progress.svg", headers={"x-api-key": KEY}
     )
@@ -143,7 +89,7 @@ def test_multipart_upload_end_to_end(client: TilefanClient, tmp_path: Path) -> N
     assert len(created["multipart"]["parts"]) == 3
     client.upload(source, created)
     client.request("POST", f"/jobs/{created['job_id']}/start")
-    job = client.follow(created["job_id"], on_progress=None, poll_seconds=0.1)
+    job = wait_until_ended(client, created["job_id"])
     assert job["status"] == "SUCCEEDED", job.get("error")
     client.download(created["job_id"], tmp_path / "out.png")
     assert_identical(image.invert(), pyvips.Image.new_from_file(str(tmp_path / "out.png")))
@@ -182,7 +128,7 @@ def test_idempotency_key_returns_the_same_job(client: TilefanClient) -> None:
 def test_bad_create_requests_answer_with_a_code_and_a_sentence(
     api: LocalApi, body: bytes, status: int, code: str
 ) -> None:
-    answer_status, answer = raw(api, "POST", "/jobs", body)
+    answer_status, answer = raw(api, "POST", "/jobs", KEY, body)
     assert (answer_status, answer["code"]) == (status, code)
     assert answer["message"]
     assert "Traceback" not in answer["message"]
@@ -190,7 +136,7 @@ def test_bad_create_requests_answer_with_a_code_and_a_sentence(
 
 def test_validation_error_names_the_field(api: LocalApi) -> None:
     body = b'{"operations": [{"op": "median", "size": "big"}], "input": {"size_bytes": 5}}'
-    _, answer = raw(api, "POST", "/jobs", body)
+    _, answer = raw(api, "POST", "/jobs", KEY, body)
     assert answer["field"] == "operations.0.median.size"
 
 
@@ -214,7 +160,7 @@ def test_start_refuses_a_missing_upload_a_size_mismatch_and_a_second_start(
     with pytest.raises(ApiError) as twice:
         client.request("POST", f"/jobs/{job_id}/start")
     assert (twice.value.status, twice.value.code) == (409, "ALREADY_STARTED")
-    client.follow(job_id, on_progress=None, poll_seconds=0.1)
+    wait_until_ended(client, job_id)
 
 
 def test_result_before_success_is_409(client: TilefanClient) -> None:
@@ -225,34 +171,16 @@ def test_result_before_success_is_409(client: TilefanClient) -> None:
 
 
 def test_wrong_or_missing_key_is_refused(api: LocalApi) -> None:
-    assert raw(api, "GET", "/jobs", key="not-a-key")[0] == 403
-    assert raw(api, "GET", "/jobs", key=None)[0] == 403
+    assert raw(api, "GET", "/jobs", "not-a-key")[0] == 403
+    assert raw(api, "GET", "/jobs", None)[0] == 403
 
 
 def test_another_callers_job_is_invisible_on_every_route(
     api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
 ) -> None:
-    done = client.submit(
-        source,
-        tmp_path / "o.png",
-        [{"op": "invert"}],
-        output_format="png",
-        tile_size=128,
-        poll_seconds=0.05,
-    )
+    done = submit(client, source, tmp_path / "o.png", tile_size=128)
     job_id = done.job["job_id"]
-    for method, path in [
-        ("GET", f"/jobs/{job_id}"),
-        ("GET", f"/jobs/{job_id}/tiles"),
-        ("GET", f"/jobs/{job_id}/progress.svg"),
-        ("GET", f"/jobs/{job_id}/result"),
-        ("POST", f"/jobs/{job_id}/start"),
-        ("POST", f"/jobs/{job_id}/upload/complete"),
-        ("DELETE", f"/jobs/{job_id}"),
-    ]:
-        body = b'{"parts": [{"part_number": 1, "etag": "x"}]}' if "complete" in path else None
-        status, answer = raw(api, method, path, body, key=OTHER_KEY)
-        assert (status, answer["code"]) == (404, "JOB_NOT_FOUND"), (method, path)
+    assert_invisible(api, job_id, OTHER_KEY)
     other_jobs = TilefanClient(api.url, OTHER_KEY).request("GET", "/jobs")["jobs"]
     assert job_id not in {job["job_id"] for job in other_jobs}
     assert client.request("GET", f"/jobs/{job_id}")["status"] == "SUCCEEDED"
@@ -261,14 +189,7 @@ def test_another_callers_job_is_invisible_on_every_route(
 def test_tiles_are_paginated_and_filtered_by_state(
     client: TilefanClient, source: Path, tmp_path: Path
 ) -> None:
-    done = client.submit(
-        source,
-        tmp_path / "o.png",
-        [{"op": "invert"}],
-        output_format="png",
-        tile_size=64,
-        poll_seconds=0.05,
-    )
+    done = submit(client, source, tmp_path / "o.png")
     job_id = done.job["job_id"]
     first = client.request("GET", f"/jobs/{job_id}/tiles?limit=20&state=DONE")
     rest = client.request("GET", f"/jobs/{job_id}/tiles?limit=20&cursor={first['next_cursor']}")
@@ -280,14 +201,7 @@ def test_tiles_are_paginated_and_filtered_by_state(
 
 
 def test_delete_removes_a_finished_job(client: TilefanClient, source: Path, tmp_path: Path) -> None:
-    done = client.submit(
-        source,
-        tmp_path / "o.png",
-        [{"op": "invert"}],
-        output_format="png",
-        tile_size=128,
-        poll_seconds=0.05,
-    )
+    done = submit(client, source, tmp_path / "o.png", tile_size=128)
     job_id = done.job["job_id"]
     assert client.request("DELETE", f"/jobs/{job_id}") == {"job_id": job_id, "deleted": True}
     with pytest.raises(ApiError) as gone:
@@ -298,14 +212,7 @@ def test_delete_removes_a_finished_job(client: TilefanClient, source: Path, tmp_
 def test_result_redirects_to_a_presigned_download(
     api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
 ) -> None:
-    done = client.submit(
-        source,
-        tmp_path / "o.png",
-        [{"op": "invert"}],
-        output_format="png",
-        tile_size=128,
-        poll_seconds=0.05,
-    )
+    done = submit(client, source, tmp_path / "o.png", tile_size=128)
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:

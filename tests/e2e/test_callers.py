@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -33,10 +30,20 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 import pytest
 
 import tilefan.pipeline
+from tests.e2e.support import (
+    ROUTES,
+    assert_invisible,
+    create,
+    raw,
+    serving,
+    submit,
+    wait_until_ended,
+)
 from tests.support import noise_image
 from tilefan.client import ApiError, TilefanClient, _put
+from tilefan.execute import execute_tile
 from tilefan.geometry import Rect
-from tilefan.serve import LocalApi, serve_api
+from tilefan.serve import LocalApi
 from tilefan.storage import keys
 
 pytestmark = pytest.mark.e2e
@@ -60,17 +67,8 @@ KEY_SHAPES = re.compile(
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[LocalApi]:
-    saved = {name: os.environ.get(name) for name in SETTINGS}
-    os.environ.update(SETTINGS)
-    try:
-        with serve_api(port=0, keys=[OWNER, OTHER, THIRD]) as running:
-            yield running
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with serving([OWNER, OTHER, THIRD], SETTINGS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -80,51 +78,11 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def raw(
-    api: LocalApi, method: str, path: str, key: str, body: bytes | None = None
-) -> tuple[int, dict[str, Any]]:
-    """One request with exact bytes and path; returns the status and the JSON answer."""
-    headers = {"x-api-key": key, "Content-Type": "application/json"}
-    request = urllib.request.Request(api.url + path, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request) as response:
-            text = response.read().decode()
-            return response.status, json.loads(text) if text.startswith("{") else {}
-    except urllib.error.HTTPError as e:
-        text = e.read().decode()
-        return e.code, json.loads(text) if text.startswith("{") else {}
-
-
-def create(client: TilefanClient, size: int, **body: Any) -> Any:
-    document = {
-        "operations": [{"op": "invert"}],
-        "output": {"format": "png"},
-        "tile_size": 64,
-        "input": {"size_bytes": size},
-        **body,
-    }
-    return client.request("POST", "/jobs", document)
-
-
 def bucket_keys(api: LocalApi, prefix: str = "") -> list[str]:
     return api.stack.service.store.list_keys(prefix)
 
 
-def wait_until_ended(client: TilefanClient, job_id: str) -> Any:
-    return client.follow(job_id, on_progress=None, poll_seconds=0.05)
-
-
 # --- another caller -------------------------------------------------------------------------
-
-ROUTES = [
-    ("GET", "/jobs/{id}", None),
-    ("GET", "/jobs/{id}/tiles", None),
-    ("GET", "/jobs/{id}/progress.svg", None),
-    ("GET", "/jobs/{id}/result?redirect=false", None),
-    ("POST", "/jobs/{id}/start", None),
-    ("POST", "/jobs/{id}/upload/complete", b'{"parts": [{"part_number": 1, "etag": "x"}]}'),
-    ("DELETE", "/jobs/{id}", None),
-]
 
 
 def test_another_callers_job_is_404_in_every_state_and_nothing_changes(
@@ -149,9 +107,7 @@ def test_another_callers_job_is_404_in_every_state_and_nothing_changes(
     objects = sorted(bucket_keys(api, "uploads/"))
 
     for state, job_id in jobs.items():
-        for method, route, body in ROUTES:
-            status, answer = raw(api, method, route.format(id=job_id), OTHER, body)
-            assert (status, answer.get("code")) == (404, "JOB_NOT_FOUND"), (state, method, route)
+        assert_invisible(api, job_id, OTHER, state)
 
     # Nothing the other caller sent had an effect: same documents, same objects, not started.
     for state, job_id in jobs.items():
@@ -215,12 +171,11 @@ def test_a_running_job_is_cancelled_by_its_owner_only_and_never_restarts(
     api: LocalApi, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
-    real = tilefan.pipeline.execute_tile
 
     def held(chain: Any, spec: Any, block: Any, out: Rect) -> Any:
         if out.x or out.y:  # the first tile runs; the others wait until after the cancel
             assert gate.wait(60)
-        return real(chain, spec, block, out)
+        return execute_tile(chain, spec, block, out)
 
     monkeypatch.setattr(tilefan.pipeline, "execute_tile", held)
     owner = TilefanClient(api.url, OWNER)
@@ -233,9 +188,7 @@ def test_a_running_job_is_cancelled_by_its_owner_only_and_never_restarts(
         assert time.monotonic() < deadline, "the job never got going"
         time.sleep(0.05)
 
-    for method, route, body in ROUTES:  # a running job is as invisible as any other
-        status, answer = raw(api, method, route.format(id=job_id), OTHER, body)
-        assert (status, answer.get("code")) == (404, "JOB_NOT_FOUND"), (method, route)
+    assert_invisible(api, job_id, OTHER)  # a running job is as invisible as any other
     assert owner.request("GET", f"/jobs/{job_id}")["status"] == "PROCESSING"
     status, cancelled = raw(api, "DELETE", f"/jobs/{job_id}", OWNER)
     gate.set()
@@ -390,14 +343,7 @@ def test_result_url_is_signed_for_this_jobs_result_only(
     api: LocalApi, image: Path, tmp_path: Path
 ) -> None:
     owner = TilefanClient(api.url, OWNER)
-    done = owner.submit(
-        image,
-        tmp_path / "out.png",
-        [{"op": "invert"}],
-        output_format="png",
-        tile_size=64,
-        poll_seconds=0.05,
-    )
+    done = submit(owner, image, tmp_path / "out.png")
     job_id = done.job["job_id"]
     link = owner.request("GET", f"/jobs/{job_id}/result?redirect=false")
     bucket = api.stack.engine.bucket
@@ -465,10 +411,7 @@ TRICKY_IDS = [
 
 def test_path_tricks_in_job_ids_reach_no_key(api: LocalApi, image: Path, tmp_path: Path) -> None:
     owner = TilefanClient(api.url, OWNER)
-    victim = owner.submit(
-        image, tmp_path / "o.png", [{"op": "invert"}], output_format="png", tile_size=64,
-        poll_seconds=0.05,
-    ).job["job_id"]  # fmt: skip
+    victim = submit(owner, image, tmp_path / "o.png").job["job_id"]
     victim_keys = sorted(
         bucket_keys(api, f"uploads/{victim}/") + bucket_keys(api, f"results/{victim}/")
     )
