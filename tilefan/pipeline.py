@@ -38,8 +38,8 @@ __all__ = ["Pipeline", "describe_failure"]
 _IO_THREADS = 16
 """Concurrent S3 transfers in the splitter and merger: latency-bound, not CPU-bound."""
 
-_MAX_OPEN_STRIPS = 256
-"""The merger joins at most this many strip files at once (2 descriptors each; Lambda has 1,024)."""
+_MAX_OPEN_FILES = 256
+"""The merger joins at most this many tile or strip files at once (Lambda has 1,024 descriptors)."""
 
 _ERROR_CODES: dict[str, str] = {}
 
@@ -259,22 +259,29 @@ class Pipeline:
     def _join_strips(
         self, job_id: str, plan: TilePlan, scratch: Path, interpretation: str
     ) -> pyvips.Image:
-        """The output image over strip files on disk: one tile row in memory at a time."""
+        """The output image over strip files on disk, each written from its row's tile files.
+
+        Tiles go to scratch files, not memory, so what the merger holds does not grow with the
+        image's width (a row of 1024 px tiles is 93 MB at 1 GP).
+        """
         strips: list[Path] = []
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             for row in range(plan.rows):
                 indices = range(row * plan.columns, (row + 1) * plan.columns)
                 tiles = list(
                     pool.map(
-                        lambda i: self.store.get_tile(job_id, "out", i, interpretation), indices
+                        lambda i: self.store.download_tile(
+                            job_id, "out", i, scratch / f"tile-{i:06d}.tif"
+                        ),
+                        indices,
                     )
                 )
-                strip = pyvips.Image.arrayjoin(tiles, across=plan.columns)
-                height = tiles[0].height
                 path = scratch / f"strip-{row:06d}.v"
-                strip.crop(0, 0, plan.output_width, height).write_to_file(str(path))
+                _join_files(tiles, scratch, across=True).write_to_file(str(path))
+                for tile in tiles:
+                    tile.unlink()
                 strips.append(path)
-        return _join_files(strips, scratch).copy(interpretation=interpretation)
+        return _join_files(strips, scratch, across=False).copy(interpretation=interpretation)
 
     # --- failure ------------------------------------------------------------------------------
 
@@ -341,19 +348,25 @@ def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:
     }
 
 
-def _join_files(paths: Sequence[Path], scratch: Path) -> pyvips.Image:
-    """Stack strip files vertically, merging groups first so few files are open at once."""
-    if len(paths) <= _MAX_OPEN_STRIPS:
-        strips = [pyvips.Image.new_from_file(str(path)) for path in paths]
-        # arrayjoin spaces cells by the tallest strip; only the last is shorter, so crop.
-        height = sum(strip.height for strip in strips)
-        return pyvips.Image.arrayjoin(strips, across=1).crop(0, 0, strips[0].width, height)
+def _join_files(paths: Sequence[Path], scratch: Path, *, across: bool) -> pyvips.Image:
+    """Join image files in a row or a column, merging groups first so few files are open."""
+    if len(paths) <= _MAX_OPEN_FILES:
+        images = [pyvips.Image.new_from_file(str(path)) for path in paths]
+        # arrayjoin spaces cells by the largest; only the last is smaller, so crop.
+        if across:
+            width, height = sum(image.width for image in images), images[0].height
+        else:
+            width, height = images[0].width, sum(image.height for image in images)
+        joined = pyvips.Image.arrayjoin(images, across=len(images) if across else 1)
+        return joined.crop(0, 0, width, height)
     merged = []
-    for number, start in enumerate(range(0, len(paths), _MAX_OPEN_STRIPS)):
-        path = scratch / f"band-{len(paths)}-{number:06d}.v"
-        _join_files(paths[start : start + _MAX_OPEN_STRIPS], scratch).write_to_file(str(path))
+    for start in range(0, len(paths), _MAX_OPEN_FILES):
+        # Named after its first file, so no two groups, rows or levels share a name.
+        path = scratch / f"{paths[start].stem}-{'row' if across else 'column'}.v"
+        group = _join_files(paths[start : start + _MAX_OPEN_FILES], scratch, across=across)
+        group.write_to_file(str(path))
         merged.append(path)
-    return _join_files(merged, scratch)
+    return _join_files(merged, scratch, across=across)
 
 
 @functools.lru_cache(maxsize=64)

@@ -126,6 +126,11 @@ class TileStore:
         tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
         return tile.copy(interpretation=interpretation).copy_memory()
 
+    def download_tile(self, job_id: str, stage: TileStage, index: int, path: Path) -> Path:
+        """A stored tile, written to ``path`` as it is stored (a TIFF)."""
+        path.write_bytes(self._get(keys.tile(job_id, stage, index)))
+        return path
+
     def put_json(self, key: str, document: Any) -> None:
         """Store a JSON document."""
         self._put(key, json.dumps(document, separators=(",", ":")).encode())

@@ -83,6 +83,23 @@ def test_hundreds_of_tiles_through_the_distributed_map(stack: LocalStack, tmp_pa
     assert_identical(whole(image, ops), pyvips.Image.new_from_file(str(output)))
 
 
+def test_merging_a_few_files_at_a_time_gives_the_same_image(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 11 columns and 8 rows of tiles, joined 3 files at a time: rows and the column of strips
+    # are both merged in groups, in two levels, with a narrower last column and a shorter
+    # last row in every group.
+    monkeypatch.setattr(tilefan.pipeline, "_MAX_OPEN_FILES", 3)
+    image = noise_image(700, 500, 4, fmt="ushort", seed=5)
+    source = tmp_path / "noise.tif"
+    image.tiffsave(str(source))
+    ops = [{"op": "sharpen"}, {"op": "rot", "angle": "d270"}]
+    view, output = run(stack, source, tmp_path, ops, tile_size=64)
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert (view.job.grid["columns"], view.job.grid["rows"]) == (8, 11)
+    assert_identical(whole(image, ops), pyvips.Image.new_from_file(str(output)))
+
+
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """What the handlers' Powertools logger writes, as it formats it."""
