@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ def run_job(
     output_options: Mapping[str, Any] | None = None,
     on_progress: ProgressCallback | None = None,
     poll_seconds: float = 0.25,
+    progress_seconds: float = 1.0,
     timeout: float = 3600,
 ) -> JobView:
     """Create, upload, start and follow one job; download its result when it succeeds."""
@@ -94,15 +96,18 @@ def run_job(
     service.store.upload(source, keys.upload(job.job_id), "application/octet-stream")
     service.start(LOCAL_OWNER, job.job_id, max_concurrency=concurrency)
     deadline = time.monotonic() + timeout
+    shown = -math.inf
     while True:
-        # Tile progress reads every tile item; without someone to show it to, the job item
-        # alone says when the job ends.
-        if on_progress is not None:
-            view = service.view(LOCAL_OWNER, job.job_id)
-            on_progress(view)
-        else:
-            view = JobView(service.jobs.get(job.job_id), None)
-        if view.job.status in TERMINAL:
+        # The job item says when the job ends. Tile progress reads every tile item, which
+        # competes with the job for the machine (docs/benchmarks.md), so it is read at most
+        # once every progress_seconds, and once more at the end.
+        status = service.jobs.get(job.job_id).status
+        if on_progress is not None and (
+            status in TERMINAL or time.monotonic() - shown >= progress_seconds
+        ):
+            on_progress(service.view(LOCAL_OWNER, job.job_id))
+            shown = time.monotonic()
+        if status in TERMINAL:
             break
         if time.monotonic() > deadline:
             service.cancel(LOCAL_OWNER, job.job_id)

@@ -438,6 +438,7 @@ def test_fault_ends_the_job_cleanly(
         output_format="png",
         tile_size=TILE,
         poll_seconds=0.02,
+        progress_seconds=0,
         timeout=120,
         on_progress=lambda current: statuses.append(current.job.status),
     )

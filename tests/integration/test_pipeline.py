@@ -16,7 +16,7 @@ import pyvips
 import tilefan.pipeline
 from tests.support import assert_identical, noise_image, shared_image
 from tilefan import TransientError, parse_chain
-from tilefan.jobs import JobStatus, TileState
+from tilefan.jobs import TERMINAL, JobStatus, TileState
 from tilefan.local import LocalStack, local_stack, run_job
 from tilefan.source import upright
 from tilefan.storage import keys
@@ -98,6 +98,28 @@ def test_merging_a_few_files_at_a_time_gives_the_same_image(
     assert view.job.status is JobStatus.SUCCEEDED, view.job.error
     assert (view.job.grid["columns"], view.job.grid["rows"]) == (8, 11)
     assert_identical(whole(image, ops), pyvips.Image.new_from_file(str(output)))
+
+
+def test_progress_is_read_at_most_every_progress_seconds_and_at_the_end(
+    stack: LocalStack, tmp_path: Path, small_source: Path
+) -> None:
+    seen: list[Any] = []
+    view = run_job(
+        stack,
+        small_source,
+        tmp_path / "out.png",
+        [{"op": "invert"}],
+        output_format="png",
+        tile_size=64,
+        poll_seconds=0.01,
+        progress_seconds=3600,
+        on_progress=seen.append,
+    )
+    assert view.job.status is JobStatus.SUCCEEDED
+    # Once when following starts, once when the job ends: not on each of the many polls.
+    assert len(seen) == 2 and seen[0].job.status not in TERMINAL
+    assert seen[1].job.status is JobStatus.SUCCEEDED and seen[1].progress is not None
+    assert seen[1].progress.done == seen[-1].progress.total == view.job.grid["tile_count"]
 
 
 @pytest.fixture
