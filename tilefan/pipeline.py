@@ -261,8 +261,8 @@ class Pipeline:
     ) -> pyvips.Image:
         """The output image over strip files on disk, each written from its row's tile files.
 
-        Tiles go to scratch files, not memory, so what the merger holds does not grow with the
-        image's width (a row of 1024 px tiles is 93 MB at 1 GP).
+        Tiles go to scratch files that libvips maps, not to memory, so what the merger holds
+        does not grow with the image's width (a row of 1024 px tiles is 93 MB at 1 GP).
         """
         strips: list[Path] = []
         with ThreadPoolExecutor(_IO_THREADS) as pool:
@@ -271,7 +271,7 @@ class Pipeline:
                 tiles = list(
                     pool.map(
                         lambda i: self.store.download_tile(
-                            job_id, "out", i, scratch / f"tile-{i:06d}.tif"
+                            job_id, "out", i, scratch / f"tile-{i:06d}.v"
                         ),
                         indices,
                     )
