@@ -39,7 +39,10 @@ _IO_THREADS = 16
 """Concurrent S3 transfers in the splitter and merger: latency-bound, not CPU-bound."""
 
 _MAX_OPEN_FILES = 256
-"""The merger joins at most this many tile or strip files at once (Lambda has 1,024 descriptors)."""
+"""The merger joins at most this many cell or strip files at once (Lambda has 1,024 descriptors)."""
+
+_CELL_PIXELS = 8 * 2**20
+"""Pixels of output tiles the merger holds in memory at once: a cell, written to one file."""
 
 _ERROR_CODES: dict[str, str] = {}
 
@@ -259,29 +262,30 @@ class Pipeline:
     def _join_strips(
         self, job_id: str, plan: TilePlan, scratch: Path, interpretation: str
     ) -> pyvips.Image:
-        """The output image over strip files on disk, each written from its row's tile files.
+        """The output image over cell files on disk, each a few tiles of one row.
 
-        Tiles go to scratch files that libvips maps, not to memory, so what the merger holds
-        does not grow with the image's width (a row of 1024 px tiles is 93 MB at 1 GP).
+        Only one cell's tiles are in memory at a time, so what the merger holds does not grow
+        with the image's width, and every pixel is written to scratch once.
         """
-        strips: list[Path] = []
+        across = max(1, min(_IO_THREADS, _CELL_PIXELS // plan.tile_size**2))
+        grid: list[list[Path]] = []
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             for row in range(plan.rows):
-                indices = range(row * plan.columns, (row + 1) * plan.columns)
-                tiles = list(
-                    pool.map(
-                        lambda i: self.store.download_tile(
-                            job_id, "out", i, scratch / f"tile-{i:06d}.v"
-                        ),
-                        indices,
+                cells = []
+                for column in range(0, plan.columns, across):
+                    first = row * plan.columns + column
+                    indices = range(first, first + min(across, plan.columns - column))
+                    tiles = list(
+                        pool.map(
+                            lambda i: self.store.get_tile(job_id, "out", i, interpretation),
+                            indices,
+                        )
                     )
-                )
-                path = scratch / f"strip-{row:06d}.v"
-                _join_files(tiles, scratch, across=True).write_to_file(str(path))
-                for tile in tiles:
-                    tile.unlink()
-                strips.append(path)
-        return _join_files(strips, scratch, across=False).copy(interpretation=interpretation)
+                    path = scratch / f"cell-{row:06d}-{column:06d}.v"
+                    _join(tiles, across=True).write_to_file(str(path))
+                    cells.append(path)
+                grid.append(cells)
+        return _join_grid(grid, scratch).copy(interpretation=interpretation)
 
     # --- failure ------------------------------------------------------------------------------
 
@@ -348,17 +352,34 @@ def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:
     }
 
 
+def _join(images: Sequence[pyvips.Image], *, across: bool) -> pyvips.Image:
+    """Images side by side or stacked; only the last may be narrower or shorter."""
+    if across:
+        width, height = sum(image.width for image in images), images[0].height
+    else:
+        width, height = images[0].width, sum(image.height for image in images)
+    # arrayjoin spaces cells by the largest; only the last is smaller, so crop.
+    joined = pyvips.Image.arrayjoin(images, across=len(images) if across else 1)
+    return joined.crop(0, 0, width, height)
+
+
+def _join_grid(grid: Sequence[Sequence[Path]], scratch: Path) -> pyvips.Image:
+    """A grid of cell files as one image; rows become strip files first if too many to open."""
+    if sum(len(row) for row in grid) <= _MAX_OPEN_FILES:
+        cells = [[pyvips.Image.new_from_file(str(path)) for path in row] for row in grid]
+        return _join([_join(row, across=True) for row in cells], across=False)
+    strips = []
+    for row in grid:
+        path = row[0].with_name(f"strip-{row[0].stem}.v")
+        _join_files(row, scratch, across=True).write_to_file(str(path))
+        strips.append(path)
+    return _join_files(strips, scratch, across=False)
+
+
 def _join_files(paths: Sequence[Path], scratch: Path, *, across: bool) -> pyvips.Image:
     """Join image files in a row or a column, merging groups first so few files are open."""
     if len(paths) <= _MAX_OPEN_FILES:
-        images = [pyvips.Image.new_from_file(str(path)) for path in paths]
-        # arrayjoin spaces cells by the largest; only the last is smaller, so crop.
-        if across:
-            width, height = sum(image.width for image in images), images[0].height
-        else:
-            width, height = images[0].width, sum(image.height for image in images)
-        joined = pyvips.Image.arrayjoin(images, across=len(images) if across else 1)
-        return joined.crop(0, 0, width, height)
+        return _join([pyvips.Image.new_from_file(str(path)) for path in paths], across=across)
     merged = []
     for start in range(0, len(paths), _MAX_OPEN_FILES):
         # Named after its first file, so no two groups, rows or levels share a name.

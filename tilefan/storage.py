@@ -126,17 +126,6 @@ class TileStore:
         tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
         return tile.copy(interpretation=interpretation).copy_memory()
 
-    def download_tile(self, job_id: str, stage: TileStage, index: int, path: Path) -> Path:
-        """A stored tile, decoded into the libvips file ``path`` (a ``.v``), which libvips maps.
-
-        Many tiles opened at once cost the pages they map, not the heap: opened as TIFFs,
-        each kept a few megabytes of decode buffers while joined (measured: a row of 31 tiles of
-        1024 px held 170-330 MB as TIFFs, 45 MB as ``.v`` files).
-        """
-        body = self._get(keys.tile(job_id, stage, index))
-        pyvips.Image.new_from_buffer(body, "", access="sequential").write_to_file(str(path))
-        return path
-
     def put_json(self, key: str, document: Any) -> None:
         """Store a JSON document."""
         self._put(key, json.dumps(document, separators=(",", ":")).encode())

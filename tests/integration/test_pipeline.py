@@ -86,10 +86,11 @@ def test_hundreds_of_tiles_through_the_distributed_map(stack: LocalStack, tmp_pa
 def test_merging_a_few_files_at_a_time_gives_the_same_image(
     stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 11 columns and 8 rows of tiles, joined 3 files at a time: rows and the column of strips
-    # are both merged in groups, in two levels, with a narrower last column and a shorter
-    # last row in every group.
+    # 8 columns and 11 rows of tiles, 3 tiles to a cell file and 3 files open at a time: 33
+    # cells are too many to open, so each row becomes a strip, and the 11 strips are joined
+    # in groups, in two levels, with a narrower last cell and a shorter last row.
     monkeypatch.setattr(tilefan.pipeline, "_MAX_OPEN_FILES", 3)
+    monkeypatch.setattr(tilefan.pipeline, "_CELL_PIXELS", 3 * 64 * 64)
     image = noise_image(700, 500, 4, fmt="ushort", seed=5)
     source = tmp_path / "noise.tif"
     image.tiffsave(str(source))
