@@ -69,3 +69,13 @@ def assert_identical(expected: pyvips.Image, actual: pyvips.Image) -> None:
         raise AssertionError(
             f"{len(where)} pixels differ, max {diff.max()}, first at (y, x) = {tuple(where[0])}"
         )
+
+
+def libvips_error(detail: str) -> pyvips.Error:
+    """A libvips failure as libvips reports one: a sentence, then the detail that says why.
+
+    Without a detail, ``pyvips.Error`` takes libvips' process-wide error buffer, where another
+    thread may have just left a line (pyvips looks properties up by provoking an error and
+    clearing it), so an injected failure brings its own.
+    """
+    return pyvips.Error("unable to call the operation", detail)

@@ -12,6 +12,7 @@ __all__ = [
     "TooManyPixels",
     "TransientError",
     "UnsupportedImage",
+    "reason",
 ]
 
 
@@ -67,3 +68,13 @@ class JobNotFound(TilefanError):
     """No such job, or it belongs to another caller."""
 
     code = "JOB_NOT_FOUND"
+
+
+def reason(error: BaseException) -> str:
+    """An error's most specific line: for a libvips error, the last line of its detail.
+
+    pyvips puts libvips' sentence first and its indented error log after it, most specific
+    last.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

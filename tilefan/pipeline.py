@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pyvips
 
-from tilefan.errors import InvalidTileSize, TileFailed, TilefanError, TransientError
+from tilefan.errors import InvalidTileSize, TileFailed, TilefanError, TransientError, reason
 from tilefan.execute import execute_tile
 from tilefan.jobs import (
     MAX_TILES,
@@ -199,7 +199,7 @@ class Pipeline:
             self.jobs.tile_retrying(job_id, tile.index, f"tile {tile.index}: {e}")
             raise
         except (pyvips.Error, TilefanError) as e:
-            message = f"tile {tile.index}: {str(e).strip().splitlines()[-1]}"
+            message = f"tile {tile.index}: {reason(e)}"
             self.jobs.tile_finished(job_id, tile.index, _ms_since(started), error=message)
             raise TileFailed(message) from e
         self.jobs.tile_finished(job_id, tile.index, _ms_since(started))

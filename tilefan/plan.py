@@ -9,7 +9,7 @@ from typing import Any
 
 import pyvips
 
-from tilefan.errors import InvalidChain, InvalidTileSize, UnsupportedImage
+from tilefan.errors import InvalidChain, InvalidTileSize, UnsupportedImage, reason
 from tilefan.geometry import Rect
 from tilefan.operations import Chain, Operation
 
@@ -134,10 +134,9 @@ def check_chain(chain: Chain, spec: ImageSpec) -> ImageSpec:
             probe = step.apply(probe)
             probe.crop(0, 0, 1, 1).copy_memory()
         except pyvips.Error as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             raise InvalidChain(
                 f"step {index} ({step.model_dump()['op']}): cannot apply to a "
-                f"{probe.bands}-band {probe.format} image: {lines[-1] if lines else e}"
+                f"{probe.bands}-band {probe.format} image: {reason(e)}"
             ) from e
     return ImageSpec.of(probe)
 

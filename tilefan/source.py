@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyvips
 
-from tilefan.errors import DamagedImage, TooManyPixels, UnsupportedImage
+from tilefan.errors import DamagedImage, TooManyPixels, UnsupportedImage, reason
 
 __all__ = ["decode_to_scratch", "open_checked", "upright"]
 
@@ -34,7 +34,7 @@ def open_checked(
         image = pyvips.Image.new_from_file(str(path), access=access, fail_on="error")
     except pyvips.Error as e:
         if "is not a known file format" not in str(e):
-            raise DamagedImage(f"{name} could not be read: {_first_line(e)}") from e
+            raise DamagedImage(f"{name} could not be read: {reason(e)}") from e
         claimed = _claimed_format(path)
         if claimed is not None:
             # libvips says "not a known format" when a loader's own check reads past the
@@ -72,7 +72,7 @@ def decode_to_scratch(image: pyvips.Image, path: Path) -> pyvips.Image:
     try:
         image.write_to_file(str(path))
     except pyvips.Error as e:
-        raise DamagedImage(f"the image could not be decoded: {_first_line(e)}") from e
+        raise DamagedImage(f"the image could not be decoded: {reason(e)}") from e
     return upright(pyvips.Image.new_from_file(str(path)))
 
 
@@ -98,8 +98,3 @@ def _claimed_format(path: Path) -> str | None:
         if head[offset : offset + len(signature)] == signature:
             return format_name
     return None
-
-
-def _first_line(error: pyvips.Error) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else "libvips gave no reason"

@@ -31,7 +31,7 @@ from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 
 import tilefan.pipeline
-from tests.support import assert_identical, noise_image
+from tests.support import assert_identical, libvips_error, noise_image
 from tilefan import TransientError, parse_chain
 from tilefan.geometry import Rect
 from tilefan.jobs import TERMINAL, JobStatus, TileState
@@ -304,7 +304,7 @@ MATRIX = {
         condition_failures=TILES_4_TO_6,
     ),
     "worker-raises-always": Row(
-        _worker(7, lambda: pyvips.Error("injected: libvips ran out of memory"), times=ALWAYS),
+        _worker(7, lambda: libvips_error("injected: libvips ran out of memory"), times=ALWAYS),
         JobStatus.FAILED,
         code="TILE_FAILED",
         message="tile 7: injected: libvips ran out of memory",
@@ -402,7 +402,7 @@ MATRIX = {
     ),
     "abort-itself-is-throttled": Row(
         _both(
-            _worker(7, lambda: pyvips.Error("injected: libvips ran out of memory"), ALWAYS),
+            _worker(7, lambda: libvips_error("injected: libvips ran out of memory"), ALWAYS),
             _aws(("UpdateItem", job_update_to("FAILED"), "ThrottlingException", 400, 1)),
         ),
         JobStatus.FAILED,

@@ -14,7 +14,7 @@ import pytest
 import pyvips
 
 import tilefan.pipeline
-from tests.support import assert_identical, noise_image, shared_image
+from tests.support import assert_identical, libvips_error, noise_image, shared_image
 from tilefan import TransientError, parse_chain
 from tilefan.jobs import TERMINAL, JobStatus, TileState
 from tilefan.local import LocalStack, local_stack, run_job
@@ -153,7 +153,7 @@ def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
 
     def broken(chain: Any, spec: Any, block: Any, out: Any) -> Any:
         if out.x == 64 and out.y == 64:
-            raise pyvips.Error("injected: libvips ran out of memory")
+            raise libvips_error("injected: libvips ran out of memory")
         return real(chain, spec, block, out)
 
     monkeypatch.setattr(tilefan.pipeline, "execute_tile", broken)
