@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -232,7 +233,7 @@ class Pipeline:
             )
         plan = plan_tiles(ImageSpec(**job.source), parse_chain(job.operations), job.tile_size)
         with tempfile.TemporaryDirectory(dir=self.settings.scratch_dir) as scratch:
-            image = self._join_strips(job_id, plan, Path(scratch), job.grid["interpretation"])
+            image = self._join_cells(job_id, plan, Path(scratch), job.grid["interpretation"])
             saved = save_output(image, Path(scratch), job.output_format, job.output_options)
             key = keys.result(job_id, saved.extension)
             self.store.upload(saved.path, key, saved.content_type)
@@ -259,15 +260,22 @@ class Pipeline:
         self.store.delete_prefix(keys.job_prefix(job_id))
         return {"status": JobStatus.SUCCEEDED.value, "output_key": key}
 
-    def _join_strips(
+    def _join_cells(
         self, job_id: str, plan: TilePlan, scratch: Path, interpretation: str
     ) -> pyvips.Image:
         """The output image over cell files on disk, each a few tiles of one row.
 
         Only one cell's tiles are in memory at a time, so what the merger holds does not grow
-        with the image's width, and every pixel is written to scratch once.
+        with the image's width, and every pixel is written to scratch once. Cells widen when
+        the grid would need more files open than the merger may have; with more rows than
+        that, a cell is a whole row.
         """
-        across = max(1, min(_IO_THREADS, _CELL_PIXELS // plan.tile_size**2))
+        cells_per_row = max(1, _MAX_OPEN_FILES // plan.rows)
+        across = max(
+            1,
+            min(_IO_THREADS, _CELL_PIXELS // plan.tile_size**2),
+            math.ceil(plan.columns / cells_per_row),
+        )
         grid: list[list[Path]] = []
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             for row in range(plan.rows):
@@ -364,30 +372,24 @@ def _join(images: Sequence[pyvips.Image], *, across: bool) -> pyvips.Image:
 
 
 def _join_grid(grid: Sequence[Sequence[Path]], scratch: Path) -> pyvips.Image:
-    """A grid of cell files as one image; rows become strip files first if too many to open."""
-    if sum(len(row) for row in grid) <= _MAX_OPEN_FILES:
-        cells = [[pyvips.Image.new_from_file(str(path)) for path in row] for row in grid]
-        return _join([_join(row, across=True) for row in cells], across=False)
-    strips = []
-    for row in grid:
-        path = row[0].with_name(f"strip-{row[0].stem}.v")
-        _join_files(row, scratch, across=True).write_to_file(str(path))
-        strips.append(path)
-    return _join_files(strips, scratch, across=False)
+    """A grid of cell files as one image: at most `_MAX_OPEN_FILES` cells, or one per row."""
+    if len(grid) > _MAX_OPEN_FILES:
+        return _stack_files([row[0] for row in grid], scratch)
+    cells = [[pyvips.Image.new_from_file(str(path)) for path in row] for row in grid]
+    return _join([_join(row, across=True) for row in cells], across=False)
 
 
-def _join_files(paths: Sequence[Path], scratch: Path, *, across: bool) -> pyvips.Image:
-    """Join image files in a row or a column, merging groups first so few files are open."""
+def _stack_files(paths: Sequence[Path], scratch: Path) -> pyvips.Image:
+    """Stack image files, merging groups first so few files are open at once."""
     if len(paths) <= _MAX_OPEN_FILES:
-        return _join([pyvips.Image.new_from_file(str(path)) for path in paths], across=across)
+        return _join([pyvips.Image.new_from_file(str(path)) for path in paths], across=False)
     merged = []
     for start in range(0, len(paths), _MAX_OPEN_FILES):
-        # Named after its first file, so no two groups, rows or levels share a name.
-        path = scratch / f"{paths[start].stem}-{'row' if across else 'column'}.v"
-        group = _join_files(paths[start : start + _MAX_OPEN_FILES], scratch, across=across)
-        group.write_to_file(str(path))
+        # Named after its first file, so no two groups or levels share a name.
+        path = scratch / f"{paths[start].stem}-group.v"
+        _stack_files(paths[start : start + _MAX_OPEN_FILES], scratch).write_to_file(str(path))
         merged.append(path)
-    return _join_files(merged, scratch, across=across)
+    return _stack_files(merged, scratch)
 
 
 @functools.lru_cache(maxsize=64)
