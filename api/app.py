@@ -19,7 +19,10 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyVa
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
-from tilefan.api_schema import (
+from tilefan.errors import TilefanError
+from tilefan.service.job_service import JobService
+from tilefan.service.progress_svg import render_progress_svg
+from tilefan.service.schema import (
     CompleteUploadRequest,
     CreateJobRequest,
     DeletedJob,
@@ -33,12 +36,9 @@ from tilefan.api_schema import (
     links,
     tile_document,
 )
-from tilefan.errors import TilefanError
-from tilefan.jobs import JobRepository, TileState
-from tilefan.progress_svg import render_progress_svg
-from tilefan.service import JobService
 from tilefan.settings import Settings
-from tilefan.storage import TileStore
+from tilefan.state.jobs import JobRepository, TileState
+from tilefan.state.storage import TileStore
 
 logger = Logger()
 app = APIGatewayRestResolver(enable_validation=True)

@@ -37,9 +37,9 @@ def _libvips(source: Path, chain_name: str, scratch: Path) -> dict[str, Any]:
     import pyvips
 
     from benchmarks.chains import CHAINS
-    from tilefan.operations import OpKind, parse_chain
-    from tilefan.outputs import save_output
-    from tilefan.source import upright
+    from tilefan.formats.outputs import save_output
+    from tilefan.formats.source import upright
+    from tilefan.imaging.operations import OpKind, parse_chain
 
     chain = parse_chain(CHAINS[chain_name])
     # Sequential access streams the JPEG top to bottom; steps that move pixels need random
@@ -70,7 +70,7 @@ def _dask(source: Path, chain_name: str, scratch: Path, chunk: int) -> dict[str,
     from PIL import Image
 
     from benchmarks.chains import dask_chain
-    from tilefan.outputs import save_output
+    from tilefan.formats.outputs import save_output
 
     Image.MAX_IMAGE_PIXELS = None  # the benchmark's own images, not untrusted uploads
     workers = os.cpu_count() or 1

@@ -24,7 +24,7 @@ def run_deployed(
     case: Mapping[str, Any], source: Path, api: str, key: str | None
 ) -> dict[str, Any]:
     """Create, upload, start, follow and download one job on the deployment at ``api``."""
-    from tilefan.client import TilefanClient
+    from tilefan.service.client import TilefanClient
 
     client = TilefanClient(api, key)
     result: dict[str, Any] = {"deployed": True, "api": api}

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from benchmarks._child import run_child, write_result
 
 if TYPE_CHECKING:
-    from tilefan.jobs import Job
-    from tilefan.service import JobService
+    from tilefan.service.job_service import JobService
+    from tilefan.state.jobs import Job
 
 __all__ = ["CHECKSUM_ENV", "case_main", "create_job", "run_case", "run_embedded"]
 
@@ -96,7 +96,7 @@ def case_main(
 def create_job(service: JobService, case: Mapping[str, Any], source: Path) -> Job:
     """The local owner's TIFF job for ``case``'s chain and tile size, declaring ``source``."""
     from benchmarks.chains import CHAINS
-    from tilefan.local import LOCAL_OWNER
+    from tilefan.local.stack import LOCAL_OWNER
 
     return service.create(
         LOCAL_OWNER,
@@ -140,9 +140,9 @@ def _category(operation: str, key: str) -> str:
 def _instrument(
     meter: _StorageMeter, calls: Counter[str], batches: list[tuple[float, float, int]]
 ) -> None:
-    from tilefan.jobs import JobRepository
-    from tilefan.pipeline import Pipeline
-    from tilefan.storage import TileStore
+    from tilefan.stages.pipeline import Pipeline
+    from tilefan.state.jobs import JobRepository
+    from tilefan.state.storage import TileStore
 
     original_batch = Pipeline.process_batch
 
@@ -224,9 +224,9 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
     import tempfile
 
     from benchmarks.memwatch import watch
-    from tilefan.jobs import TERMINAL, JobStatus
-    from tilefan.local import LOCAL_OWNER, local_stack
-    from tilefan.storage import keys
+    from tilefan.local.stack import LOCAL_OWNER, local_stack
+    from tilefan.state.jobs import TERMINAL, JobStatus
+    from tilefan.state.storage import keys
 
     meter, calls = _StorageMeter(), Counter[str]()
     batches: list[tuple[float, float, int]] = []

@@ -17,8 +17,8 @@ from typing import Any
 
 import boto3
 
-import tilefan.engine
-from tilefan.engine import EmbeddedEngine
+import tilefan.local.engine
+from tilefan.local.engine import EmbeddedEngine
 
 ITEMS = 200
 CONCURRENCIES = (2, 8)
@@ -38,7 +38,7 @@ def no_op(event: dict[str, Any], context: Any) -> None:
 
 @contextmanager
 def without_speedups() -> Iterator[None]:
-    patches = tilefan.engine._MotoPatches  # a benchmark may reach inside
+    patches = tilefan.local.engine._MotoPatches  # a benchmark may reach inside
     original = patches._install_speedups
     patches._install_speedups = lambda self: None  # type: ignore[method-assign]
     try:

@@ -20,7 +20,7 @@ def synthetic_source(megapixels: float, workdir: Path, *, seed: int = 1) -> tupl
     path = workdir / f"synthetic-{side}x{side}-s{seed}-q{JPEG_QUALITY}.jpg"
     if path.exists() and path.stat().st_size > 0:
         return path, 0.0
-    from tilefan.synthetic import synthetic_image
+    from tilefan.imaging.synthetic import synthetic_image
 
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

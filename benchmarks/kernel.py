@@ -64,11 +64,11 @@ def _measure(
     import pyvips
 
     from benchmarks.chains import CHAINS
-    from tilefan.execute import execute_tile
-    from tilefan.operations import parse_chain
-    from tilefan.outputs import save_output
-    from tilefan.plan import ImageSpec, plan_tiles
-    from tilefan.source import decode_to_scratch, open_checked
+    from tilefan.formats.outputs import save_output
+    from tilefan.formats.source import decode_to_scratch, open_checked
+    from tilefan.imaging.execute import execute_tile
+    from tilefan.imaging.operations import parse_chain
+    from tilefan.imaging.plan import ImageSpec, plan_tiles
 
     pyvips.cache_set_max(0)  # every tile pays its own way, as in a fresh batch
     chain = parse_chain(CHAINS[chain_name])

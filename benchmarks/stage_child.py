@@ -32,7 +32,7 @@ def main() -> None:
         import pyvips
 
         pyvips.cache_set_max(int(os.environ["TILEFAN_BENCH_VIPS_CACHE_MAX"]))
-    from tilefan.engine import load_template
+    from tilefan.local.engine import load_template
 
     spec = load_template(ROOT).functions[args.function]
     module_file, _, attribute = spec.handler.rpartition(".")
@@ -45,7 +45,7 @@ def main() -> None:
     module_spec.loader.exec_module(module)
     handler = getattr(module, attribute)
     from benchmarks.memwatch import PeakMemory
-    from tilefan.engine import LambdaContext
+    from tilefan.local.engine import LambdaContext
 
     # What a cold start spends importing and building clients, on this machine.
     report["init_s"] = time.monotonic() - started

@@ -97,9 +97,9 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
-    from tilefan.jobs import TERMINAL, JobStatus
-    from tilefan.local import LOCAL_OWNER, local_stack
-    from tilefan.storage import keys
+    from tilefan.local.stack import LOCAL_OWNER, local_stack
+    from tilefan.state.jobs import TERMINAL, JobStatus
+    from tilefan.state.storage import keys
 
     records: list[dict[str, Any]] = []
     lock = threading.Lock()

@@ -8,7 +8,7 @@ import pyvips
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from tilefan.pipeline import Pipeline
+from tilefan.stages.pipeline import Pipeline
 
 logger = Logger()
 pipeline = Pipeline.from_settings()

@@ -13,11 +13,11 @@ from tilefan.errors import (
     TransientError,
     UnsupportedImage,
 )
-from tilefan.execute import assemble, execute_tile, process_tiled
-from tilefan.geometry import Rect
-from tilefan.operations import Chain, Operation, OpKind, operation_names, parse_chain
-from tilefan.plan import ImageSpec, Tile, TilePlan, check_chain, plan_tiles
-from tilefan.source import open_checked
+from tilefan.formats.source import open_checked
+from tilefan.imaging.execute import assemble, execute_tile, process_tiled
+from tilefan.imaging.geometry import Rect
+from tilefan.imaging.operations import Chain, Operation, OpKind, operation_names, parse_chain
+from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, check_chain, plan_tiles
 
 __all__ = [
     "Chain",

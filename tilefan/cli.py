@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tilefan.errors import TilefanError
-from tilefan.jobs import JobStatus
-from tilefan.outputs import OUTPUT_FORMATS, format_for_path
-from tilefan.service import JobView
+from tilefan.formats.outputs import OUTPUT_FORMATS, format_for_path
+from tilefan.service.job_service import JobView
+from tilefan.state.jobs import JobStatus
 
 __all__ = ["main", "parse_op"]
 
@@ -130,7 +130,7 @@ def _run_locally(
     source: Path, output: Path, chain: Any, output_format: str, args: argparse.Namespace
 ) -> JobView:
     """One job on a fresh embedded engine, with the progress bar on a terminal."""
-    from tilefan.local import local_stack, run_job
+    from tilefan.local.stack import local_stack, run_job
 
     progress = _Progress(sys.stderr)
     with local_stack() as stack:
@@ -175,7 +175,7 @@ def _fail(code: str, message: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tilefan.synthetic import synthetic_image
+    from tilefan.imaging.synthetic import synthetic_image
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tilefan-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tilefan.serve import serve_api
+    from tilefan.local.serve import serve_api
 
     with serve_api(host=args.host, port=args.port, keys=args.key or ()) as api:
         print(f"tilefan API on {api.url}  (OpenAPI: {api.url}/openapi.json)")
@@ -210,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from tilefan.client import ApiError, JobFailed, TilefanClient
+    from tilefan.service.client import ApiError, JobFailed, TilefanClient
 
     source, output, output_format = _job_files(args)
     progress = _Progress(sys.stderr)

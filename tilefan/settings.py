@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 
 __all__ = ["Settings", "TileEncoding"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tilefan.client import Submission, TilefanClient
-from tilefan.serve import LocalApi, serve_api
+from tilefan.local.serve import LocalApi, serve_api
+from tilefan.service.client import Submission, TilefanClient
 
 POLL_SECONDS = 0.05
 """Seconds between status polls: the jobs here are small, so waiting longer only slows tests."""

@@ -14,8 +14,8 @@ import pyvips
 
 from tests.e2e.support import assert_invisible, create, raw, serving, submit, wait_until_ended
 from tests.support import assert_identical, noise_image
-from tilefan.client import ApiError, TilefanClient
-from tilefan.serve import LocalApi
+from tilefan.local.serve import LocalApi
+from tilefan.service.client import ApiError, TilefanClient
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tilefan.serve import serve_api
+from tilefan.local.serve import serve_api
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import pytest
 
-import tilefan.pipeline
+import tilefan.stages.process
 from tests.e2e.support import (
     ROUTES,
     assert_invisible,
@@ -40,11 +40,11 @@ from tests.e2e.support import (
     wait_until_ended,
 )
 from tests.support import noise_image
-from tilefan.client import ApiError, TilefanClient, _put
-from tilefan.execute import execute_tile
-from tilefan.geometry import Rect
-from tilefan.serve import LocalApi
-from tilefan.storage import keys
+from tilefan.imaging.execute import execute_tile
+from tilefan.imaging.geometry import Rect
+from tilefan.local.serve import LocalApi
+from tilefan.service.client import ApiError, TilefanClient, _put
+from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.e2e
 
@@ -177,7 +177,7 @@ def test_a_running_job_is_cancelled_by_its_owner_only_and_never_restarts(
             assert gate.wait(60)
         return execute_tile(chain, spec, block, out)
 
-    monkeypatch.setattr(tilefan.pipeline, "execute_tile", held)
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", held)
     owner = TilefanClient(api.url, OWNER)
     created = create(owner, image.stat().st_size)
     job_id = created["job_id"]

@@ -23,8 +23,8 @@ from boto3.dynamodb.conditions import Attr
 
 from tests.support import assert_identical, noise_image
 from tilefan import ImageSpec, parse_chain, plan_tiles
-from tilefan.client import Submission, TilefanClient
-from tilefan.serve import LocalApi, serve_api
+from tilefan.local.serve import LocalApi, serve_api
+from tilefan.service.client import Submission, TilefanClient
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ Every file in ../shared/images and a set of generated ones (empty, random, misla
 short, bombs, a huge ICC profile, several pages) is uploaded and run through split, tiles and
 merge. Each ends SUCCEEDED with a result equal to whole-image libvips (first page, EXIF
 orientation applied), or FAILED with its own code; a bomb is refused from its header, before
-any decode (`tilefan.pipeline.decode_to_scratch` is watched). No job leaves intermediates.
+any decode (`tilefan.stages.split.decode_to_scratch` is watched). No job leaves intermediates.
 
 The table in docs/bad-inputs.md is this module's output: `TILEFAN_WRITE_DOCS=1` rewrites it, and
 every other run fails if the committed table differs from what the run produced.
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import pyvips
 
-import tilefan.pipeline
+import tilefan.stages.split
 from tests.support import (
     NO_SHARED,
     SHARED_IMAGES,
@@ -35,10 +35,10 @@ from tests.support import (
     shared_image_names,
 )
 from tilefan import parse_chain
-from tilefan.jobs import JobStatus
-from tilefan.local import LocalStack, local_stack, run_job
-from tilefan.source import upright
-from tilefan.storage import keys
+from tilefan.formats.source import upright
+from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.state.jobs import JobStatus
+from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
 
@@ -338,14 +338,14 @@ def _describe_success(
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     decoded: list[str] = []
-    real = tilefan.pipeline.decode_to_scratch
+    real = tilefan.stages.split.decode_to_scratch
 
     def watched(image: pyvips.Image, path: Path) -> pyvips.Image:
         decoded.append(str(path))
         return real(image, path)
 
     with pytest.MonkeyPatch.context() as patch, local_stack() as stack:
-        patch.setattr(tilefan.pipeline, "decode_to_scratch", watched)
+        patch.setattr(tilefan.stages.split, "decode_to_scratch", watched)
         yield Corpus(stack, tmp_path_factory.mktemp("bad-inputs"), decoded)
 
 

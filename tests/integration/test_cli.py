@@ -14,7 +14,7 @@ import pyvips
 from tests.support import assert_identical, noise_image
 from tilefan import parse_chain
 from tilefan.cli import main, parse_op
-from tilefan.serve import LocalApi, serve_api
+from tilefan.local.serve import LocalApi, serve_api
 
 pytestmark = pytest.mark.integration
 

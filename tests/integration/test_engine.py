@@ -18,8 +18,8 @@ import boto3
 import pytest
 from cfnlint.decode.cfn_yaml import load as load_cfn_yaml  # type: ignore[import-untyped]
 
-from tilefan.engine import EmbeddedEngine, LambdaContext
 from tilefan.errors import TileFailed, TooManyPixels, TransientError
+from tilefan.local.engine import EmbeddedEngine, LambdaContext
 
 pytestmark = pytest.mark.integration
 

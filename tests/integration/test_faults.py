@@ -2,7 +2,7 @@
 
 Faults are injected below the code under test: AWS errors as the botocore `ClientError` a real
 service answers with (raised from `BaseClient._make_api_call`, so the project's own adapters
-translate them), worker faults by replacing `tilefan.pipeline.execute_tile`. Each row of the
+translate them), worker faults by replacing `tilefan.stages.process.execute_tile`. Each row of the
 matrix checks the job's final state and error code, the objects left in the bucket, the tile
 counts and attempts, the retries the state machine made (with their backoff), and that no
 execution is left running.
@@ -30,14 +30,17 @@ import pyvips
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError
 
-import tilefan.pipeline
+import tilefan.stages.merge
+import tilefan.stages.pipeline
+import tilefan.stages.process
+import tilefan.stages.split
 from tests.support import assert_identical, libvips_error, noise_image
 from tilefan import TransientError, parse_chain
-from tilefan.geometry import Rect
-from tilefan.jobs import TERMINAL, JobStatus, TileState
-from tilefan.local import LOCAL_OWNER, LocalStack, local_stack, run_job
-from tilefan.service import AlreadyStarted
-from tilefan.storage import keys
+from tilefan.imaging.geometry import Rect
+from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
+from tilefan.service.job_service import AlreadyStarted
+from tilefan.state.jobs import TERMINAL, JobStatus, TileState
+from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
 
@@ -204,7 +207,7 @@ class WorkerFaults:
     calls: Counter[int] = field(default_factory=Counter)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = tilefan.pipeline.execute_tile
+        real = tilefan.stages.process.execute_tile
         lock = threading.Lock()
 
         def execute_tile(chain: Any, spec: Any, block: Any, out: Rect) -> Any:
@@ -216,12 +219,12 @@ class WorkerFaults:
                 raise self.error()
             return real(chain, spec, block, out)
 
-        monkeypatch.setattr(tilefan.pipeline, "execute_tile", execute_tile)
+        monkeypatch.setattr(tilefan.stages.process, "execute_tile", execute_tile)
 
 
 def deliver_twice(monkeypatch: pytest.MonkeyPatch, skipped: list[int]) -> None:
     """Every manifest item is delivered a second time once the first delivery finished."""
-    real = tilefan.pipeline.Pipeline.process_batch
+    real = tilefan.stages.pipeline.Pipeline.process_batch
 
     def process_batch(self: Any, job_id: str, tiles: Any) -> Any:
         first = real(self, job_id, tiles)
@@ -229,7 +232,7 @@ def deliver_twice(monkeypatch: pytest.MonkeyPatch, skipped: list[int]) -> None:
         skipped.append(second["skipped"])
         return first
 
-    monkeypatch.setattr(tilefan.pipeline.Pipeline, "process_batch", process_batch)
+    monkeypatch.setattr(tilefan.stages.pipeline.Pipeline, "process_batch", process_batch)
 
 
 ALWAYS = 1_000
@@ -286,7 +289,7 @@ def _splitter_times_out(
     def decode(image: Any, path: Any) -> Any:
         raise SandboxTimedout("Task timed out after 900.00 seconds")
 
-    monkeypatch.setattr(tilefan.pipeline, "decode_to_scratch", decode)
+    monkeypatch.setattr(tilefan.stages.split, "decode_to_scratch", decode)
 
 
 def _duplicates(aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
@@ -525,7 +528,7 @@ class Gate:
 
     def count(self, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
         """Count the calls of a `Pipeline` stage that have not returned yet."""
-        real = getattr(tilefan.pipeline.Pipeline, method)
+        real = getattr(tilefan.stages.pipeline.Pipeline, method)
 
         def counted(pipeline: Any, *args: Any) -> Any:
             with self.lock:
@@ -536,33 +539,37 @@ class Gate:
                 with self.lock:
                     self.in_flight[method] -= 1
 
-        monkeypatch.setattr(tilefan.pipeline.Pipeline, method, counted)
+        monkeypatch.setattr(tilefan.stages.pipeline.Pipeline, method, counted)
 
     def idle(self) -> bool:
         return sum(self.in_flight.values()) == 0
 
 
 def hold_split(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.pipeline.decode_to_scratch
+    real = tilefan.stages.split.decode_to_scratch
     monkeypatch.setattr(
-        tilefan.pipeline, "decode_to_scratch", lambda image, path: gate.wait() or real(image, path)
+        tilefan.stages.split,
+        "decode_to_scratch",
+        lambda image, path: gate.wait() or real(image, path),
     )
 
 
 def hold_tiles(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.pipeline.execute_tile
+    real = tilefan.stages.process.execute_tile
 
     def execute_tile(chain: Any, spec: Any, block: Any, out: Rect) -> Any:
         if tile_index(out) >= 4:  # the first batch runs; every later tile waits
             gate.wait()
         return real(chain, spec, block, out)
 
-    monkeypatch.setattr(tilefan.pipeline, "execute_tile", execute_tile)
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", execute_tile)
 
 
 def hold_merge(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.pipeline.save_output
-    monkeypatch.setattr(tilefan.pipeline, "save_output", lambda *args: gate.wait() or real(*args))
+    real = tilefan.stages.merge.save_output
+    monkeypatch.setattr(
+        tilefan.stages.merge, "save_output", lambda *args: gate.wait() or real(*args)
+    )
 
 
 CANCEL_AT = {

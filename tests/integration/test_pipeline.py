@@ -13,13 +13,16 @@ from typing import Any
 import pytest
 import pyvips
 
-import tilefan.pipeline
+import tilefan.stages.merge
+import tilefan.stages.pipeline
+import tilefan.stages.process
+import tilefan.stages.split
 from tests.support import assert_identical, libvips_error, noise_image, shared_image
 from tilefan import TransientError, parse_chain
-from tilefan.jobs import TERMINAL, JobStatus, TileState
-from tilefan.local import LocalStack, local_stack, run_job
-from tilefan.source import upright
-from tilefan.storage import keys
+from tilefan.formats.source import upright
+from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.state.jobs import TERMINAL, JobStatus, TileState
+from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
 
@@ -97,8 +100,8 @@ def test_hundreds_of_tiles_through_the_distributed_map(stack: LocalStack, tmp_pa
 def test_merging_a_few_files_at_a_time_gives_the_same_image(
     stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_open: int
 ) -> None:
-    monkeypatch.setattr(tilefan.pipeline, "_MAX_OPEN_FILES", max_open)
-    monkeypatch.setattr(tilefan.pipeline, "_CELL_PIXELS", 3 * 64 * 64)
+    monkeypatch.setattr(tilefan.stages.merge, "_MAX_OPEN_FILES", max_open)
+    monkeypatch.setattr(tilefan.stages.merge, "_CELL_PIXELS", 3 * 64 * 64)
     image = noise_image(700, 500, 4, fmt="ushort", seed=5)
     source = tmp_path / "noise.tif"
     image.tiffsave(str(source))
@@ -157,14 +160,14 @@ def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
     monkeypatch: pytest.MonkeyPatch,
     json_logs: io.StringIO,
 ) -> None:
-    real = tilefan.pipeline.execute_tile
+    real = tilefan.stages.process.execute_tile
 
     def broken(chain: Any, spec: Any, block: Any, out: Any) -> Any:
         if out.x == 64 and out.y == 64:
             raise libvips_error("injected: libvips ran out of memory")
         return real(chain, spec, block, out)
 
-    monkeypatch.setattr(tilefan.pipeline, "execute_tile", broken)
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", broken)
     view, output = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64)
     assert view.job.status is JobStatus.FAILED
     assert view.job.error is not None and view.job.error["code"] == "TILE_FAILED"
@@ -182,7 +185,7 @@ def test_worker_failing_for_good_fails_the_job_and_removes_intermediates(
 def test_worker_failing_once_is_retried_and_the_job_succeeds(
     stack: LocalStack, tmp_path: Path, small_source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = tilefan.pipeline.execute_tile
+    real = tilefan.stages.process.execute_tile
     failed: list[int] = []
 
     def flaky(chain: Any, spec: Any, block: Any, out: Any) -> Any:
@@ -191,7 +194,7 @@ def test_worker_failing_once_is_retried_and_the_job_succeeds(
             raise TransientError("injected: storage hiccup")
         return real(chain, spec, block, out)
 
-    monkeypatch.setattr(tilefan.pipeline, "execute_tile", flaky)
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", flaky)
     view, _ = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64)
     assert view.job.status is JobStatus.SUCCEEDED, view.job.error
     assert failed == [1]
@@ -203,13 +206,13 @@ def test_worker_failing_once_is_retried_and_the_job_succeeds(
 def test_duplicated_tile_delivery_counts_once(
     stack: LocalStack, tmp_path: Path, small_source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = tilefan.pipeline.Pipeline.process_batch
+    real = tilefan.stages.pipeline.Pipeline.process_batch
 
     def twice(self: Any, job_id: str, tiles: Any) -> Any:
         real(self, job_id, tiles)
         return real(self, job_id, tiles)
 
-    monkeypatch.setattr(tilefan.pipeline.Pipeline, "process_batch", twice)
+    monkeypatch.setattr(tilefan.stages.pipeline.Pipeline, "process_batch", twice)
     view, _ = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64)
     assert view.job.status is JobStatus.SUCCEEDED, view.job.error
     records = list(stack.service.jobs.tiles(view.job.job_id))
@@ -231,9 +234,9 @@ def test_bad_input_fails_the_job_with_its_own_code(
 ) -> None:
     source = shared_image(name)
     decoded: list[str] = []
-    real = tilefan.pipeline.decode_to_scratch
+    real = tilefan.stages.split.decode_to_scratch
     monkeypatch.setattr(
-        tilefan.pipeline,
+        tilefan.stages.split,
         "decode_to_scratch",
         lambda image, path: decoded.append(str(path)) or real(image, path),
     )

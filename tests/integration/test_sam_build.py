@@ -38,7 +38,7 @@ import pytest
 from cfnlint.decode.cfn_yaml import load as load_cfn_yaml  # type: ignore[import-untyped]
 
 from tests.unit.test_template_iam import FUNCTION_ROLES, function_roles, least_privilege_problems
-from tilefan.engine import load_template
+from tilefan.local.engine import load_template
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tilefan import Chain, InvalidChain, operation_names, parse_chain
-from tilefan.operations import MAX_CHAIN_LENGTH
-from tilefan.service import JobService
+from tilefan.imaging.operations import MAX_CHAIN_LENGTH
+from tilefan.service.job_service import JobService
 from tilefan.settings import Settings
 
 pytestmark = pytest.mark.unit

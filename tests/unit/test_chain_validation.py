@@ -7,7 +7,7 @@ import pyvips
 
 from tests.support import assert_identical, noise_image
 from tilefan import InvalidChain, OpKind, operation_names, parse_chain
-from tilefan.operations import MAX_CONV_MASK
+from tilefan.imaging.operations import MAX_CONV_MASK
 
 pytestmark = pytest.mark.unit
 

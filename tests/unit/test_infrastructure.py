@@ -185,7 +185,7 @@ def test_state_machine_role_may_run_its_own_distributed_map(template: dict[str, 
 def test_the_asl_file_is_what_the_template_deploys_and_the_engine_runs(
     template: dict[str, Any],
 ) -> None:
-    from tilefan.engine import load_template
+    from tilefan.local.engine import load_template
 
     properties = template["Resources"]["TilefanStateMachine"]["Properties"]
     assert (PROJECT_ROOT / properties["DefinitionUri"]).resolve() == ASL_PATH

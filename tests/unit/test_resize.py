@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from tests.support import assert_identical, noise_image
 from tilefan import InvalidChain, Rect, parse_chain, process_tiled
-from tilefan._resize import KERNELS, STRIP_HEIGHT, resize_input_region
-from tilefan.operations import Resize
+from tilefan.imaging._resize import KERNELS, STRIP_HEIGHT, resize_input_region
+from tilefan.imaging.operations import Resize
 
 pytestmark = pytest.mark.unit
 

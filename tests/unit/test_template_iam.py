@@ -1,7 +1,7 @@
 """Least privilege: each role grants what its code calls, on the resources it calls it on.
 
-The grants below are derived from the code (tilefan/service.py, pipeline.py, jobs.py,
-storage.py and the handlers) and written out once more in docs/deploy.md. Any change to a role
+The grants below are derived from the code (tilefan/service/, tilefan/stages/, tilefan/state/
+and the handlers) and written out once more in docs/deploy.md. Any change to a role
 changes this file, deliberately. The same rules run on the template after the SAM transform in
 tests/integration/test_sam_build.py, so SAM cannot add a role or policy unseen.
 """

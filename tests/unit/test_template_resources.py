@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from cfnlint.decode.cfn_yaml import load as load_cfn_yaml  # type: ignore[import-untyped]
 
-from tilefan.engine import load_template
-from tilefan.jobs import JobRepository
+from tilefan.local.engine import load_template
 from tilefan.settings import Settings
+from tilefan.state.jobs import JobRepository
 
 pytestmark = pytest.mark.unit
 
@@ -246,7 +246,7 @@ def test_template_defaults_equal_the_codes_defaults(template: dict[str, Any]) ->
 
 
 def test_tile_size_bounds_match_the_planner(template: dict[str, Any]) -> None:
-    from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+    from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 
     tile_size = template["Parameters"]["TileSize"]
     assert (tile_size["MinValue"], tile_size["MaxValue"]) == (MIN_TILE_SIZE, MAX_TILE_SIZE)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.support import assert_identical, noise_image, shared_image, shared_image_names
 from tilefan import ImageSpec, InvalidChain, check_chain, parse_chain, process_tiled
-from tilefan.operations import Conv, GaussBlur, Median, Sharpen, Sobel
+from tilefan.imaging.operations import Conv, GaussBlur, Median, Sharpen, Sobel
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pyvips
 
-from tilefan.geometry import Rect
-from tilefan.operations import Chain, parse_chain
-from tilefan.plan import ImageSpec, TilePlan, plan_tiles, stage_regions, stage_sizes
-from tilefan.source import open_checked, upright
+from tilefan.formats.source import open_checked, upright
+from tilefan.imaging.geometry import Rect
+from tilefan.imaging.operations import Chain, parse_chain
+from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles, stage_regions, stage_sizes
 
 __all__ = ["assemble", "execute_tile", "process_tiled"]
 

@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tilefan.jobs import Job, JobStatus, TileProgress, TileRecord, TileState
-from tilefan.operations import Step
-from tilefan.outputs import OutputFormat
-from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+from tilefan.formats.outputs import OutputFormat
+from tilefan.imaging.operations import Step
+from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+from tilefan.state.jobs import Job, JobStatus, TileProgress, TileRecord, TileState
 
 __all__ = [
     "CompleteUploadRequest",

@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 import pyvips
 
-from tilefan.geometry import Rect
+from tilefan.imaging.geometry import Rect
 
 __all__ = [
     "KERNELS",

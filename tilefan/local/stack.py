@@ -12,11 +12,11 @@ from typing import Any
 
 import boto3
 
-from tilefan.engine import REGION, EmbeddedEngine, LambdaHandler
-from tilefan.jobs import TERMINAL, JobRepository, JobStatus
-from tilefan.service import JobService, JobView
+from tilefan.local.engine import REGION, EmbeddedEngine, LambdaHandler
+from tilefan.service.job_service import JobService, JobView
 from tilefan.settings import Settings
-from tilefan.storage import TileStore, keys
+from tilefan.state.jobs import TERMINAL, JobRepository, JobStatus
+from tilefan.state.storage import TileStore, keys
 
 __all__ = ["LOCAL_OWNER", "LocalStack", "local_stack", "run_job"]
 

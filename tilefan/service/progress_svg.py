@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
-from tilefan.jobs import TileState
+from tilefan.state.jobs import TileState
 
 __all__ = ["COLOURS", "render_progress_svg"]
 

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tilefan.engine import LambdaContext
-from tilefan.local import LocalStack, local_stack
+from tilefan.local.engine import LambdaContext
+from tilefan.local.stack import LocalStack, local_stack
 
 __all__ = ["LocalApi", "api_key_id", "new_api_key", "serve_api"]
 

@@ -12,12 +12,19 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tilefan.errors import InvalidTileSize, TilefanError
-from tilefan.jobs import TERMINAL, InvalidTransition, Job, JobRepository, JobStatus, TileProgress
-from tilefan.operations import parse_chain
-from tilefan.outputs import OUTPUT_FORMATS
-from tilefan.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
+from tilefan.formats.outputs import OUTPUT_FORMATS
+from tilefan.imaging.operations import parse_chain
+from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 from tilefan.settings import Settings
-from tilefan.storage import TileStore, keys
+from tilefan.state.jobs import (
+    TERMINAL,
+    InvalidTransition,
+    Job,
+    JobRepository,
+    JobStatus,
+    TileProgress,
+)
+from tilefan.state.storage import TileStore, keys
 
 __all__ = [
     "AlreadyStarted",

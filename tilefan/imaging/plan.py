@@ -10,8 +10,8 @@ from typing import Any
 import pyvips
 
 from tilefan.errors import InvalidChain, InvalidTileSize, UnsupportedImage, reason
-from tilefan.geometry import Rect
-from tilefan.operations import Chain, Operation
+from tilefan.imaging.geometry import Rect
+from tilefan.imaging.operations import Chain, Operation
 
 __all__ = [
     "MAX_TILE_SIZE",

@@ -16,7 +16,8 @@ import pyvips
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
-from tilefan._resize import (
+from tilefan.errors import InvalidChain
+from tilefan.imaging._resize import (
     MAX_RESIZE_SCALE,
     Kernel,
     resize_input_region,
@@ -24,8 +25,7 @@ from tilefan._resize import (
     resize_region,
     resize_whole,
 )
-from tilefan.errors import InvalidChain
-from tilefan.geometry import Rect
+from tilefan.imaging.geometry import Rect
 
 __all__ = [
     "MAX_CONV_MASK",
@@ -368,7 +368,7 @@ class Resize(_Geometric):
 
     Sizes, the box pre-shrink, the reduce and the upsizing affine are libvips' own; the tiles
     equal the whole-image result, computed in libvips' strip order, bit for bit (see
-    ``tilefan._resize`` and docs/resize.md).
+    ``tilefan.imaging._resize`` and docs/resize.md).
     """
 
     op: Literal["resize"]

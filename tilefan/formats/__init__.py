@@ -1,0 +1,1 @@
+"""Image formats: opening inputs safely, and writing outputs."""

@@ -1,0 +1,1 @@
+"""Image maths: operations, tile plans, and running a chain on one tile."""

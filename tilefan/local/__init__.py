@@ -1,0 +1,1 @@
+"""The embedded engine: template, state machine and handlers on one machine, over moto."""

@@ -1,0 +1,1 @@
+"""The job service behind the REST API, its documents, and a client for it."""

@@ -1,0 +1,1 @@
+"""The pipeline stages: split, process tiles, merge, abort. No Lambda events here."""

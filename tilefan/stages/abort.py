@@ -1,0 +1,76 @@
+"""Abort: mark a failed job FAILED with a code and a sentence, and clean up."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tilefan.errors import TileFailed, TilefanError, TransientError
+from tilefan.state.jobs import (
+    JobStatus,
+    TileState,
+)
+
+if TYPE_CHECKING:
+    from tilefan.stages.pipeline import Pipeline
+
+
+_ERROR_CODES: dict[str, str] = {}
+
+
+def _register_codes(cls: type[TilefanError]) -> None:
+    _ERROR_CODES[cls.__name__] = cls.code
+    for sub in cls.__subclasses__():
+        _register_codes(sub)
+
+
+def describe_failure(error: Mapping[str, Any] | None) -> tuple[str, str]:
+    """A code and a sentence from a Step Functions error (``{"Error": ..., "Cause": ...}``)."""
+    if not _ERROR_CODES:
+        _register_codes(TilefanError)
+    name = str((error or {}).get("Error", ""))
+    cause = str((error or {}).get("Cause", ""))
+    try:
+        message = str(json.loads(cause).get("errorMessage", cause))
+    except (ValueError, AttributeError):
+        message = cause
+    if name in _ERROR_CODES:
+        return _ERROR_CODES[name], message
+    if name in ("States.Timeout", "Sandbox.Timedout"):  # the state's limit, or Lambda's
+        return "TIMEOUT", "a stage of the job ran out of time"
+    return "INTERNAL_ERROR", f"the job stopped on an internal error ({name or 'unknown'})"
+
+
+def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Mark the job FAILED with a code and a sentence, and remove its intermediates."""
+    code, message = describe_failure(error)
+    if code == "INTERNAL_ERROR":
+        # A failed Distributed Map reports only that its threshold was crossed; the tile's
+        # own error is in its record.
+        code, message = _tile_failure(pipeline, job_id) or (code, message)
+    ended = pipeline.jobs.finish_failed(job_id, code, message)
+    removed = pipeline.discard_if_ended(job_id)
+    return {"status": JobStatus.FAILED.value, "code": code, "ended": ended, "removed": removed}
+
+
+def _tile_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
+    """The code and sentence of the tile that failed the Map, from the tile records."""
+    records = sorted(pipeline.jobs.tiles(job_id), key=lambda record: record.index)
+    failed = next((r for r in records if r.state is TileState.FAILED), None)
+    if failed is not None:
+        return TileFailed.code, failed.error or f"tile {failed.index} failed"
+    # A tile still RUNNING after the Map ended lost its worker: a transient error that
+    # outlasted the retries (recorded), or an invocation that died without an answer, such
+    # as a Lambda timeout or running out of memory (nothing recorded).
+    running = [r for r in records if r.state is TileState.RUNNING]
+    stuck = next((r for r in running if r.error), running[0] if running else None)
+    if stuck is None:
+        return None
+    if stuck.error:
+        return TransientError.code, (
+            f"{stuck.error} (still failing after {stuck.attempts} attempts)"
+        )
+    return TileFailed.code, (
+        f"tile {stuck.index}: its worker stopped before finishing it (it ran out of time or memory)"
+    )

@@ -1,0 +1,105 @@
+"""Split: open the upload, check it, plan the tiles, cut the source tiles, write the manifest."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tilefan.errors import InvalidTileSize
+from tilefan.formats.source import decode_to_scratch, open_checked
+from tilefan.imaging.operations import parse_chain
+from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.state.jobs import (
+    MAX_TILES,
+    InvalidTransition,
+    JobStatus,
+)
+from tilefan.state.storage import keys
+
+if TYPE_CHECKING:
+    from tilefan.stages.pipeline import Pipeline
+
+_IO_THREADS = 16
+"""Concurrent S3 transfers in the splitter and merger: latency-bound, not CPU-bound."""
+
+
+def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
+    """Decode the upload once, cut the source tiles, write the manifest and the tile items."""
+    started = time.monotonic()
+    job = pipeline.jobs.get(job_id)
+    pipeline.jobs.transition(
+        job_id, JobStatus.SPLITTING, allowed_from={JobStatus.QUEUED, JobStatus.SPLITTING}
+    )
+    chain = parse_chain(job.operations)
+    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
+        upload = Path(scratch) / "upload"
+        pipeline.store.download(keys.upload(job_id), upload)
+        header = open_checked(
+            upload,
+            max_pixels=pipeline.settings.max_pixels,
+            max_pixels_per_byte=pipeline.settings.max_pixels_per_byte,
+            access="sequential",
+        )
+        source = decode_to_scratch(header, Path(scratch) / "source.v")
+        spec = ImageSpec.of(source)
+        plan = plan_tiles(spec, chain, job.tile_size)
+        if plan.tile_count > MAX_TILES:
+            raise InvalidTileSize(
+                f"tile_size {job.tile_size} cuts this image into {plan.tile_count:,} tiles; "
+                f"at most {MAX_TILES:,} are supported, so use a larger tile size"
+            )
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            sizes = list(
+                pool.map(
+                    lambda tile: pipeline.store.put_tile(
+                        job_id,
+                        "src",
+                        tile.index,
+                        source.crop(*tile.source),
+                        # The output takes its metadata from tile 0 (libvips' joins keep
+                        # the first image's); an ICC profile or XMP of megabytes copied
+                        # into every tile would multiply the bytes moved by the tile count.
+                        metadata=tile.index == 0,
+                    ),
+                    plan.tiles(),
+                )
+            )
+    manifest = plan.manifest(pipeline.settings.tiles_per_item)
+    for item in manifest:
+        item["job_id"] = job_id
+    pipeline.store.put_json(keys.manifest(job_id), manifest)
+    pipeline.jobs.create_tiles(job_id, plan.tile_count)
+    try:
+        pipeline.jobs.transition(
+            job_id,
+            JobStatus.PROCESSING,
+            allowed_from={JobStatus.SPLITTING},
+            source=asdict(spec),
+            grid=_grid(plan, bytes_split=sum(sizes)),
+            t_split=time.monotonic() - started,
+        )
+    except InvalidTransition:
+        pipeline.discard_if_ended(job_id)
+        raise
+    return {
+        "manifest_key": keys.manifest(job_id),
+        "tile_count": plan.tile_count,
+        "batch_count": len(manifest),
+    }
+
+
+def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:
+    return {
+        "rows": plan.rows,
+        "columns": plan.columns,
+        "tile_count": plan.tile_count,
+        "output_tile": plan.output_tile,
+        "output_width": plan.output_width,
+        "output_height": plan.output_height,
+        "interpretation": plan.output_interpretation,
+        "bytes_split": bytes_split,
+    }
