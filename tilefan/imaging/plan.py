@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,8 +183,18 @@ class TilePlan:
         ]
 
 
-def plan_tiles(spec: ImageSpec, chain: Chain, tile_size: int) -> TilePlan:
-    """Lay the tile grid for ``chain`` on an image of ``spec``, tiles ``tile_size`` pixels wide."""
+def plan_tiles(
+    spec: ImageSpec,
+    chain: Chain,
+    tile_size: int,
+    *,
+    output_tile_rule: Callable[[int], int] | None = None,
+) -> TilePlan:
+    """Lay the tile grid for ``chain`` on an image of ``spec``, tiles ``tile_size`` pixels wide.
+
+    ``output_tile_rule`` adjusts the output tile to what the result's format needs (a TIFF
+    result's blocks must be whole TIFF tiles).
+    """
     if not isinstance(tile_size, int) or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE:
         raise InvalidTileSize(
             f"tile_size must be a whole number from {MIN_TILE_SIZE} to {MAX_TILE_SIZE} pixels, "
@@ -197,6 +207,8 @@ def plan_tiles(spec: ImageSpec, chain: Chain, tile_size: int) -> TilePlan:
     # tile_size x tile_size source pixels, which is what bounds a worker's memory.
     scale = min(1.0, math.sqrt(out_w * out_h / spec.pixels))
     output_tile = max(MIN_OUTPUT_TILE, round(tile_size * scale))
+    if output_tile_rule is not None:
+        output_tile = output_tile_rule(output_tile)
     return TilePlan(
         spec=spec,
         chain=chain,

@@ -36,11 +36,15 @@ class OutputSpec(_Strict):
     """What to produce: a format and its options."""
 
     format: OutputFormat = "tiff"
-    compression: Literal["deflate", "lzw", "none"] | None = Field(
+    compression: Literal["deflate", "lzw", "none", "jpeg"] | None = Field(
         default=None, description="tiff only; lossless deflate by default"
     )
-    pyramid: bool = Field(default=False, description="tiff only: add reduced levels")
-    quality: int | None = Field(default=None, ge=1, le=100, description="jpeg and webp")
+    pyramid: bool = Field(
+        default=False, description="tiff only: every reduced level, laid out as a COG"
+    )
+    quality: int | None = Field(
+        default=None, ge=1, le=100, description="jpeg, webp, and tiff with jpeg compression"
+    )
     lossless: bool = Field(default=False, description="webp only")
 
     def options(self) -> dict[str, Any]:

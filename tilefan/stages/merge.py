@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,8 +17,10 @@ from tilefan.errors import TilefanError
 from tilefan.formats.outputs import save_output
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.tiff_output import assemble_tiff, output_tile_rule
 from tilefan.state.jobs import (
     InvalidTransition,
+    Job,
     JobStatus,
 )
 from tilefan.state.storage import keys
@@ -62,21 +64,14 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         raise TilefanError(
             f"{progress.total - progress.done} of {progress.total} tiles are not done"
         )
-    plan = plan_tiles(ImageSpec(**job.source), parse_chain(job.operations), job.tile_size)
-    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
-        image = _join_cells(pipeline, job_id, plan, Path(scratch), job.grid["interpretation"])
-        saved = save_output(image, Path(scratch), job.output_format, job.output_options)
-        key = keys.result(job_id, saved.extension)
-        pipeline.store.upload(saved.path, key, saved.content_type)
-        output = {
-            "key": key,
-            "format": job.output_format,
-            "size_bytes": saved.path.stat().st_size,
-            "width": plan.output_width,
-            "height": plan.output_height,
-            "bands": image.bands,
-            "pixel_format": image.format,
-        }
+    plan = plan_tiles(
+        ImageSpec(**job.source),
+        parse_chain(job.operations),
+        job.tile_size,
+        output_tile_rule=output_tile_rule(job.output_format),
+    )
+    output = _assembler(job.output_format)(pipeline, job, plan)
+    key = output["key"]
     try:
         pipeline.jobs.transition(
             job_id,
@@ -90,6 +85,30 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         raise
     pipeline.store.delete_prefix(keys.job_prefix(job_id))
     return {"status": JobStatus.SUCCEEDED.value, "output_key": key}
+
+
+def _assembler(output_format: str) -> Callable[[Pipeline, Job, TilePlan], dict[str, Any]]:
+    """How a format's result is made: TIFF around the workers' encoded tiles, others whole."""
+    return assemble_tiff if output_format == "tiff" else _save_whole
+
+
+def _save_whole(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
+    """Join the output tiles on scratch, save the whole image, upload it; the output record."""
+    assert job.grid is not None  # merge() checked it
+    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
+        image = _join_cells(pipeline, job.job_id, plan, Path(scratch), job.grid["interpretation"])
+        saved = save_output(image, Path(scratch), job.output_format, job.output_options)
+        key = keys.result(job.job_id, saved.extension)
+        pipeline.store.upload(saved.path, key, saved.content_type)
+        return {
+            "key": key,
+            "format": job.output_format,
+            "size_bytes": saved.path.stat().st_size,
+            "width": plan.output_width,
+            "height": plan.output_height,
+            "bands": image.bands,
+            "pixel_format": image.format,
+        }
 
 
 def _join_cells(

@@ -14,8 +14,10 @@ from tilefan.errors import TileFailed, TilefanError, TransientError, reason
 from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
+from tilefan.stages.tiff_output import TiffBatchWriter
 from tilefan.state.jobs import (
     TERMINAL,
+    Job,
 )
 
 if TYPE_CHECKING:
@@ -31,34 +33,50 @@ def process_batch(
         return {"processed": 0, "skipped": len(tiles)}
     chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
     spec = ImageSpec(**job.source)
+    output = _encoded_output(pipeline, job, tiles)
     processed = 0
     try:
         for compact in tiles:
             tile = Tile.from_compact(compact)
-            if not pipeline.jobs.tile_started(job_id, tile.index):
+            # An encoded batch is one object, written whole: a retry redoes its done tiles.
+            if not pipeline.jobs.tile_started(job_id, tile.index) and output is None:
                 continue
-            _process_tile(pipeline, job_id, tile, chain, spec, job.grid["interpretation"])
+            _process_tile(pipeline, job_id, tile, chain, spec, job.grid["interpretation"], output)
             processed += 1
+        if output is not None:
+            output.finish()
     finally:
         # Also when a tile failed: a cancellation removes the source tiles under us.
         pipeline.discard_if_ended(job_id)
     return {"processed": processed, "skipped": len(tiles) - processed}
 
 
+def _encoded_output(
+    pipeline: Pipeline, job: Job, tiles: Sequence[Sequence[int]]
+) -> TiffBatchWriter | None:
+    """The writer of a batch whose worker encodes the result's own tiles, or None."""
+    if job.output_format != "tiff" or not tiles:
+        return None
+    return TiffBatchWriter(pipeline, job, first_tile=tiles[0][0])
+
+
 def _process_tile(
-    pipeline: Pipeline, job_id: str, tile: Tile, chain: Any, spec: ImageSpec, interpretation: str
+    pipeline: Pipeline,
+    job_id: str,
+    tile: Tile,
+    chain: Any,
+    spec: ImageSpec,
+    interpretation: str,
+    output: TiffBatchWriter | None,
 ) -> None:
     started = time.monotonic()
     try:
         block = pipeline.store.get_tile(job_id, "src", tile.index, spec.interpretation)
-        result = execute_tile(chain, spec, block, tile.output)
-        pipeline.store.put_tile(
-            job_id,
-            "out",
-            tile.index,
-            result.copy(interpretation=interpretation),
-            metadata=tile.index == 0,
-        )
+        result = execute_tile(chain, spec, block, tile.output).copy(interpretation=interpretation)
+        if output is None:
+            pipeline.store.put_tile(job_id, "out", tile.index, result, metadata=tile.index == 0)
+        else:
+            output.add(tile, result)
     except TransientError as e:
         # Retried by the state machine; kept on the tile in case the retries run out.
         pipeline.jobs.tile_retrying(job_id, tile.index, f"tile {tile.index}: {e}")

@@ -13,9 +13,11 @@ from tilefan.errors import InvalidTileSize
 from tilefan.formats.source import decode_to_scratch, open_checked
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
     MAX_TILES,
     InvalidTransition,
+    Job,
     JobStatus,
 )
 from tilefan.state.storage import keys
@@ -46,7 +48,9 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         )
         source = decode_to_scratch(header, Path(scratch) / "source.v")
         spec = ImageSpec.of(source)
-        plan = plan_tiles(spec, chain, job.tile_size)
+        plan = plan_tiles(
+            spec, chain, job.tile_size, output_tile_rule=output_tile_rule(job.output_format)
+        )
         if plan.tile_count > MAX_TILES:
             raise InvalidTileSize(
                 f"tile_size {job.tile_size} cuts this image into {plan.tile_count:,} tiles; "
@@ -68,7 +72,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
                     plan.tiles(),
                 )
             )
-    manifest = plan.manifest(pipeline.settings.tiles_per_item)
+    manifest = plan.manifest(_tiles_per_item(plan, job, pipeline.settings.tiles_per_item))
     for item in manifest:
         item["job_id"] = job_id
     pipeline.store.put_json(keys.manifest(job_id), manifest)
@@ -90,6 +94,13 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         "tile_count": plan.tile_count,
         "batch_count": len(manifest),
     }
+
+
+def _tiles_per_item(plan: TilePlan, job: Job, default: int) -> int:
+    """Batch size: TIFF workers write one object per batch, sized to be copied on S3."""
+    if job.output_format == "tiff":
+        return tiles_per_item(plan, job.output_options, default)
+    return default
 
 
 def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:

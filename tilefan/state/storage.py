@@ -70,6 +70,20 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/{stage}/{index:06d}.tif"
 
     @staticmethod
+    def encoded(job_id: str, first_tile: int, part: str) -> str:
+        """A worker's encoded output for the batch starting at ``first_tile``.
+
+        ``part`` is ``tiles`` (the encoded tile bytes), ``index`` (where each tile lies in
+        them) or ``pieces`` (raw pixels the merger reduces into coarser levels).
+        """
+        return f"jobs/{job_id}/encoded/{first_tile:06d}.{part}"
+
+    @staticmethod
+    def encoded_prefix(job_id: str) -> str:
+        """Every worker's encoded output of one job."""
+        return f"jobs/{job_id}/encoded/"
+
+    @staticmethod
     def result(job_id: str, extension: str) -> str:
         """The assembled output."""
         return f"results/{job_id}/result.{extension}"
@@ -125,6 +139,14 @@ class TileStore:
         body = self._get(keys.tile(job_id, stage, index))
         tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
         return tile.copy(interpretation=interpretation).copy_memory()
+
+    def put_bytes(self, key: str, body: bytes) -> None:
+        """Store bytes as they are."""
+        self._put(key, body)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of an object, from byte ``start``."""
+        return self._get(key, f"bytes={start}-{start + length - 1}")
 
     def put_json(self, key: str, document: Any) -> None:
         """Store a JSON document."""
@@ -202,8 +224,12 @@ class TileStore:
         except ClientError as e:
             raise _translate(e, key) from e
 
-    def _get(self, key: str) -> bytes:
+    def _get(self, key: str, byte_range: str | None = None) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            if byte_range:
+                response = self.client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            else:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return response["Body"].read()
         except ClientError as e:
             raise _translate(e, key) from e

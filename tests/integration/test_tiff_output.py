@@ -1,0 +1,209 @@
+"""TIFF results assembled around the workers' encoded tiles, on the embedded engine."""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import tempfile
+from collections.abc import Iterator
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+import tifffile
+
+import tilefan.stages.tiff_output
+from tests.support import assert_identical, noise_image, shared_image
+from tilefan import parse_chain
+from tilefan.formats.source import upright
+from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.state.jobs import JobStatus
+from tilefan.state.storage import keys
+
+pytestmark = pytest.mark.integration
+
+BLUR = [{"op": "gaussblur", "sigma": 1.5}]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    with local_stack() as running:
+        yield running
+
+
+def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
+    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
+
+
+def run_tiff(
+    stack: LocalStack,
+    source: pyvips.Image | Path,
+    tmp_path: Path,
+    ops: list[dict[str, Any]],
+    tile_size: int,
+    **options: Any,
+) -> Path:
+    if isinstance(source, pyvips.Image):
+        path = tmp_path / "source.png"
+        source.pngsave(str(path))
+        source = path
+    output = tmp_path / "out.tif"
+    view = run_job(
+        stack,
+        source,
+        output,
+        ops,
+        output_format="tiff",
+        tile_size=tile_size,
+        output_options=options,
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
+    return output
+
+
+def libvips_tiff(image: pyvips.Image, tmp_path: Path, **options: Any) -> Path:
+    """The result as the whole-image save writes it."""
+    path = tmp_path / "libvips.tif"
+    image.tiffsave(str(path), tile=True, tile_width=256, tile_height=256, **options)
+    return path
+
+
+def pages(path: Path) -> list[pyvips.Image]:
+    count = pyvips.Image.new_from_file(str(path)).get("n-pages")
+    return [pyvips.Image.new_from_file(str(path), page=page) for page in range(count)]
+
+
+@pytest.mark.parametrize("compression", ["deflate", "lzw", "none"])
+@pytest.mark.parametrize(("width", "height", "tile_size"), [(1100, 700, 256), (777, 1333, 512)])
+def test_lossless_tiff_equals_whole_image_libvips(
+    stack: LocalStack, tmp_path: Path, compression: str, width: int, height: int, tile_size: int
+) -> None:
+    image = noise_image(width, height, 3, seed=width)
+    output = run_tiff(stack, image, tmp_path, BLUR, tile_size, compression=compression)
+    assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
+    with tifffile.TiffFile(output) as tiff:
+        page = tiff.pages[0]
+        assert (page.tilewidth, page.tilelength) == (256, 256)
+        assert page.compression == {"deflate": 8, "lzw": 5, "none": 1}[compression]
+        assert not tiff.is_bigtiff
+
+
+def test_jpeg_tiff_equals_libvips_jpeg_tiff_decoded(stack: LocalStack, tmp_path: Path) -> None:
+    image = noise_image(900, 650, 3, seed=3)
+    output = run_tiff(stack, image, tmp_path, BLUR, 256, compression="jpeg", quality=80)
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="jpeg", Q=80)
+    assert_identical(
+        pyvips.Image.new_from_file(str(expected)), pyvips.Image.new_from_file(str(output))
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tile_size"), [(1500, 1100, 256), (2600, 1900, 1024), (3000, 530, 512)]
+)
+def test_pyramid_pages_equal_libvips_pyramid_and_pass_cog_validation(
+    stack: LocalStack, tmp_path: Path, width: int, height: int, tile_size: int
+) -> None:
+    image = noise_image(width, height, 3, seed=height)
+    output = run_tiff(stack, image, tmp_path, BLUR, tile_size, pyramid=True)
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="deflate", pyramid=True)
+    got, want = pages(output), pages(expected)
+    assert len(got) == len(want)
+    for page_got, page_want in zip(got, want, strict=True):
+        assert_identical(page_want, page_got)
+    assert_cog(output)
+
+
+def assert_cog(path: Path) -> None:
+    from rio_cogeo.cogeo import cog_validate
+
+    valid, errors, _warnings = cog_validate(str(path), strict=True)
+    assert valid, errors
+
+
+def test_bigtiff_is_written_past_the_threshold_and_reads_back(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tilefan.stages.tiff_output, "BIGTIFF_ABOVE", 1000)
+    image = noise_image(1200, 900, 3, seed=5)
+    output = run_tiff(stack, image, tmp_path, BLUR, 512, pyramid=True)
+    with tifffile.TiffFile(output) as tiff:
+        assert tiff.is_bigtiff
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, pyramid=True)
+    for page_got, page_want in zip(pages(output), pages(expected), strict=True):
+        assert_identical(page_want, page_got)
+    assert_cog(output)
+
+
+def test_an_icc_profile_and_resolution_reach_the_result(stack: LocalStack, tmp_path: Path) -> None:
+    source = shared_image("sample.jpg")
+    ops = [{"op": "sharpen"}]
+    output = run_tiff(stack, source, tmp_path, ops, 256)
+    expected = whole(upright(pyvips.Image.new_from_file(str(source))), ops)
+    result = pyvips.Image.new_from_file(str(output))
+    assert_identical(expected, result)
+    assert (result.xres, result.yres) == pytest.approx((expected.xres, expected.yres))
+    if expected.get_typeof("icc-profile-data"):
+        assert result.get("icc-profile-data") == expected.get("icc-profile-data")
+
+
+def test_a_shared_image_with_a_pyramid_equals_libvips(stack: LocalStack, tmp_path: Path) -> None:
+    source = shared_image("sample.png")
+    output = run_tiff(stack, source, tmp_path, BLUR, 256, pyramid=True, compression="lzw")
+    image = upright(pyvips.Image.new_from_file(str(source)))
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="lzw", pyramid=True)
+    for page_got, page_want in zip(pages(output), pages(expected), strict=True):
+        assert_identical(page_want, page_got)
+
+
+def in_merger() -> bool:
+    """Called from the merge stage (workers never pass through stages/merge.py)."""
+    return any(
+        Path(frame.filename).parts[-2:] == ("stages", "merge.py") for frame in inspect.stack()
+    )
+
+
+def test_the_merger_decodes_no_pixels_and_writes_no_scratch_for_tiff(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way to read pixels or make a scratch file is watched while the merger runs."""
+    seen: list[str] = []
+
+    def spy(owner: Any, name: str) -> None:
+        real = getattr(owner, name)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            if in_merger() and (name != "open" or _writes(args, kwargs)):
+                seen.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, watched)
+
+    for name in ("new_from_buffer", "new_from_file", "new_from_memory", "new_from_source"):
+        spy(pyvips.Image, name)
+    for name in ("TemporaryDirectory", "mkstemp", "mkdtemp", "NamedTemporaryFile"):
+        spy(tempfile, name)
+    spy(builtins, "open")
+    image = noise_image(1300, 1000, 3, seed=11)
+    output = run_tiff(stack, image, tmp_path, BLUR, 512, compression="deflate")
+    assert seen == []
+    assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
+    # The spy does see the merger: a format merged from decoded tiles on scratch trips it.
+    run_job(
+        stack,
+        tmp_path / "source.png",
+        tmp_path / "out.png",
+        BLUR,
+        output_format="png",
+        tile_size=512,
+        poll_seconds=0.05,
+    )
+    assert {"TemporaryDirectory", "new_from_file"} <= set(seen)
+
+
+def _writes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+    return any(flag in str(mode) for flag in "wax+")

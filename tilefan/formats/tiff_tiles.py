@@ -1,0 +1,171 @@
+"""TIFF result tiles: how a block of the output becomes encoded TIFF tiles and reduced levels.
+
+A worker's block is encoded by libvips itself (``tiffsave`` of the block, tiled, in the
+result's compression), and its tiles are taken out of that small file: the bytes are what
+libvips writes for the same tiles of the whole image (deflate with the horizontal predictor
+through the same zlib-ng, JPEG through the same libjpeg with the same tables), so pixels are
+identical by construction. Blocks start on the TIFF tile grid and are whole tiles except at
+the image's right and bottom edges, where libvips pads the last tiles as it would for the
+whole image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyvips
+
+from tilefan.formats.tiff_layout import Tag, read_tags, tile_locations
+
+__all__ = [
+    "TIFF_TILE",
+    "EncodedBlock",
+    "TiffEncoding",
+    "encode_block",
+    "from_array",
+    "halve",
+    "level_sizes",
+    "numpy_dtype",
+    "tiff_output_tile",
+    "to_array",
+    "without_metadata",
+]
+
+TIFF_TILE = 256
+"""The result's TIFF tile edge, as the whole-image save writes it."""
+
+_METADATA_TAGS = frozenset({700, 33723, 34377, 34665, 34675, 34853, 330, 40965})
+"""XMP, IPTC, Photoshop, EXIF, ICC, GPS, SubIFDs, Interop: kept on the first page only;
+the pointer tags among them would point into the worker's small file, so they never travel."""
+_POINTER_TAGS = frozenset({34665, 34853, 330, 40965})
+
+_NUMPY_FORMATS: dict[str, type[np.generic]] = {
+    "uchar": np.uint8,
+    "char": np.int8,
+    "ushort": np.uint16,
+    "short": np.int16,
+    "uint": np.uint32,
+    "int": np.int32,
+    "float": np.float32,
+    "double": np.float64,
+}
+
+
+@dataclass(frozen=True)
+class TiffEncoding:
+    """The result's tile encoding: compression, JPEG quality, and whether it has a pyramid."""
+
+    compression: str = "deflate"
+    quality: int = 75
+    pyramid: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TiffEncoding:
+        """The encoding a job's output options ask for (libvips' defaults where absent)."""
+        return cls(
+            compression=str(options.get("compression") or "deflate"),
+            quality=int(options.get("quality") or 75),
+            pyramid=bool(options.get("pyramid", False)),
+        )
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    """A block's tiles, row-major over the block's tile grid, and its TIFF tags."""
+
+    tiles: list[bytes]
+    tags: list[Tag]
+
+
+def tiff_output_tile(planned: int) -> int:
+    """The output tile for a TIFF result: ``TIFF_TILE`` times the nearest power of two.
+
+    A worker's block is then whole TIFF tiles, and halving it keeps it whole tiles down to
+    one tile, so each worker encodes its share of every level that big.
+    """
+    doublings = max(0, round(np.log2(max(planned, 1) / TIFF_TILE)))
+    return int(TIFF_TILE * 2**doublings)
+
+
+def level_sizes(width: int, height: int, *, pyramid: bool) -> list[tuple[int, int]]:
+    """Each page's size: halved, odd edges dropped, down to the first that fits one tile.
+
+    This is the rule of libvips' ``tiffsave(pyramid=True)``.
+    """
+    sizes = [(width, height)]
+    while pyramid and (sizes[-1][0] > TIFF_TILE or sizes[-1][1] > TIFF_TILE):
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    return sizes
+
+
+def encode_block(block: pyvips.Image, encoding: TiffEncoding, *, metadata: bool) -> EncodedBlock:
+    """Encode ``block`` as tiled TIFF tiles of the result; ``metadata`` keeps ICC, XMP, ...
+
+    The tags are those libvips writes for the block, without the pointers into its file.
+    """
+    options: dict[str, Any] = {
+        "tile": True,
+        "tile_width": TIFF_TILE,
+        "tile_height": TIFF_TILE,
+        "compression": encoding.compression,
+    }
+    if encoding.compression == "jpeg":
+        options["Q"] = encoding.quality
+    if not metadata:
+        options["keep"] = "none"
+    data = block.tiffsave_buffer(**options)
+    tags = read_tags(data)
+    tiles = [data[offset : offset + count] for offset, count in tile_locations(tags)]
+    return EncodedBlock(tiles, [tag for tag in tags if tag.code not in _POINTER_TAGS])
+
+
+def without_metadata(tags: Sequence[Tag]) -> list[Tag]:
+    """The tags of a reduced page: the first page's, without its metadata blocks."""
+    return [tag for tag in tags if tag.code not in _METADATA_TAGS]
+
+
+def halve(block: pyvips.Image) -> pyvips.Image:
+    """The next pyramid level of ``block``: ``(a + b + c + d + 2) >> 2`` per 2x2, odd edge dropped.
+
+    libvips' pyramid arithmetic (integer formats round, float formats average). ``shrink`` is
+    not it: it rounds in two steps. A block at even coordinates halves exactly as its part
+    of the whole image does.
+    """
+    pixels = to_array(block)
+    height, width = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
+    wide = np.float64 if pixels.dtype.kind == "f" else np.int64
+    total = (
+        pixels[0:height:2, 0:width:2].astype(wide)
+        + pixels[1:height:2, 0:width:2]
+        + pixels[0:height:2, 1:width:2]
+        + pixels[1:height:2, 1:width:2]
+    )
+    mean = total / 4 if pixels.dtype.kind == "f" else (total + 2) >> 2
+    return from_array(mean.astype(pixels.dtype), block.format, block.interpretation)
+
+
+def numpy_dtype(pixel_format: str) -> type[np.generic]:
+    """The numpy type of a libvips pixel format."""
+    return _NUMPY_FORMATS[pixel_format]
+
+
+def to_array(image: pyvips.Image) -> np.ndarray[Any, Any]:
+    """An image's pixels as a (height, width, bands) array."""
+    dtype = _NUMPY_FORMATS[image.format]
+    return np.frombuffer(image.write_to_memory(), dtype=dtype).reshape(
+        image.height, image.width, image.bands
+    )
+
+
+def from_array(
+    pixels: np.ndarray[Any, Any], pixel_format: str, interpretation: str
+) -> pyvips.Image:
+    """A (height, width, bands) array as an image of ``pixel_format``."""
+    height, width, bands = pixels.shape
+    image = pyvips.Image.new_from_memory(
+        np.ascontiguousarray(pixels).tobytes(), width, height, bands, pixel_format
+    )
+    return image.copy(interpretation=interpretation)

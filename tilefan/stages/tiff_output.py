@@ -1,0 +1,256 @@
+"""TIFF results: workers encode their blocks; the merger writes header and IFDs around them.
+
+A worker's block is ``TIFF_TILE * 2**m`` pixels on a side and starts on the tile grid, so it
+is whole TIFF tiles at full resolution and at each of its first ``m`` halvings. The worker
+encodes all of those levels (``encode_block``) into one object per manifest item, and writes
+an index of where each tile lies in it. Levels coarser than a block's own (a TIFF tile then
+spans several blocks) are reduced by the merger from each block's next halving, stored raw
+("pieces"). The merger decodes nothing: it lays out the header and the IFDs
+(``tiff_layout``) and assembles the result by multipart upload, copying the workers'
+objects server-side.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tilefan.formats.tiff_layout import CLASSIC_LIMIT, Page, Tag, layout
+from tilefan.formats.tiff_tiles import (
+    TIFF_TILE,
+    TiffEncoding,
+    encode_block,
+    from_array,
+    halve,
+    level_sizes,
+    numpy_dtype,
+    tiff_output_tile,
+    without_metadata,
+)
+from tilefan.imaging.plan import Tile, TilePlan
+from tilefan.state.multipart import MIN_PART, Range, assemble_object
+from tilefan.state.storage import keys
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pyvips import Image
+
+    from tilefan.stages.pipeline import Pipeline
+    from tilefan.state.jobs import Job
+
+__all__ = [
+    "TiffBatchWriter",
+    "assemble_tiff",
+    "output_tile_rule",
+    "tiles_per_item",
+    "worker_levels",
+]
+
+_IO_THREADS = 16
+BIGTIFF_ABOVE = CLASSIC_LIMIT
+"""A result larger than this is written as BigTIFF (tests lower it to force BigTIFF)."""
+
+_EXPECTED_RATIO = {"none": 1.0, "lzw": 0.5, "deflate": 0.4, "jpeg": 0.1}
+"""Encoded over raw bytes, on the small side of what DESIGN-NOTES measured for deflate
+(0.13-0.6 on 1024 px blocks), so most batches' objects pass S3's 5 MiB copy minimum."""
+
+_SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
+
+
+def output_tile_rule(output_format: str) -> Callable[[int], int] | None:
+    """How a format adjusts the planned output tile: TIFF results need whole TIFF tiles."""
+    return tiff_output_tile if output_format == "tiff" else None
+
+
+def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> int:
+    """Tiles per manifest item for a TIFF result: enough for about two S3 minimum parts."""
+    encoding = TiffEncoding.from_options(options)
+    raw = plan.output_tile**2 * plan.spec.bands * _SAMPLE_BYTES.get(plan.spec.format, 4)
+    expected = raw * _EXPECTED_RATIO.get(encoding.compression, 1.0)
+    return max(default, min(1000, math.ceil(2 * MIN_PART / expected)))
+
+
+def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
+    """How many levels workers encode: those where a block is still whole TIFF tiles."""
+    return min(len(sizes), int(math.log2(output_tile // TIFF_TILE)) + 1)
+
+
+@dataclass
+class _Level:
+    tiles: list[list[int]] = field(default_factory=list)
+    """[column, row, offset within the level's bytes, byte count] per tile."""
+    data: bytearray = field(default_factory=bytearray)
+
+
+class TiffBatchWriter:
+    """Collects one manifest item's encoded blocks, then writes its object and index."""
+
+    def __init__(self, pipeline: Pipeline, job: Job, first_tile: int) -> None:
+        grid = job.grid or {}
+        self.pipeline = pipeline
+        self.job_id = job.job_id
+        self.first_tile = first_tile
+        self.encoding = TiffEncoding.from_options(job.output_options)
+        self.sizes = level_sizes(
+            grid["output_width"], grid["output_height"], pyramid=self.encoding.pyramid
+        )
+        self.levels = [_Level() for _ in range(worker_levels(grid["output_tile"], self.sizes))]
+        self.pieces: list[list[int]] = []
+        self.piece_data = bytearray()
+        self.tags: list[Tag] | None = None
+        self.layout: dict[str, Any] = {}
+
+    def add(self, tile: Tile, block: Image) -> None:
+        """Encode the block of ``tile`` at every level it is whole tiles; keep its next halving."""
+        x, y = tile.output.x, tile.output.y
+        for number, level in enumerate(self.levels):
+            if block.width == 0 or block.height == 0:
+                return
+            encoded = encode_block(block, self.encoding, metadata=tile.index == 0)
+            if tile.index == 0 and number == 0:
+                self.tags = encoded.tags
+                self.layout = {"bands": block.bands, "format": block.format}
+            across = -(-block.width // TIFF_TILE)
+            for position, data in enumerate(encoded.tiles):
+                row, column = divmod(position, across)
+                level.tiles.append(
+                    [
+                        (x >> number) // TIFF_TILE + column,
+                        (y >> number) // TIFF_TILE + row,
+                        len(level.data),
+                        len(data),
+                    ]
+                )
+                level.data += data
+            block = halve(block)
+        if len(self.sizes) > len(self.levels) and block.width and block.height:
+            shift = len(self.levels)
+            self.pieces.append(
+                [x >> shift, y >> shift, block.width, block.height, len(self.piece_data)]
+            )
+            self.piece_data += block.write_to_memory()
+
+    def finish(self) -> None:
+        """Write the tiles object, the pieces object and the index (last: it says all is there)."""
+        store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
+        tiles_key = keys.encoded(job_id, first, "tiles")
+        store.put_bytes(tiles_key, b"".join(bytes(level.data) for level in self.levels))
+        index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}
+        start = 0
+        for level in self.levels:
+            index["levels"].append({"start": start, "tiles": level.tiles})
+            start += len(level.data)
+        if self.pieces:
+            index["pieces_key"] = keys.encoded(job_id, first, "pieces")
+            index["pieces"] = self.pieces
+            index["pieces_bytes"] = len(self.piece_data)
+            store.put_bytes(index["pieces_key"], bytes(self.piece_data))
+        if self.tags is not None:
+            index["tags"] = [
+                [tag.code, tag.type, tag.count, base64.b64encode(tag.value).decode()]
+                for tag in self.tags
+            ]
+        store.put_json(keys.encoded(job_id, first, "index"), index)
+
+
+def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
+    """Write the TIFF result around the workers' tiles; returns the job's output record."""
+    store = pipeline.store
+    index_keys = sorted(
+        key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith(".index")
+    )
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        indexes = list(pool.map(store.get_json, index_keys))
+    first = next(index for index in indexes if "tags" in index)
+    tags = [
+        Tag(code, type_, count, base64.b64decode(value))
+        for code, type_, count, value in first["tags"]
+    ]
+    encoding = TiffEncoding.from_options(job.output_options)
+    sizes = level_sizes(plan.output_width, plan.output_height, pyramid=encoding.pyramid)
+    from_workers = worker_levels(plan.output_tile, sizes)
+
+    pages: list[Page] = []
+    data: list[list[bytes | Range]] = []
+    for number, (width, height) in enumerate(sizes[:from_workers]):
+        across = -(-width // TIFF_TILE)
+        counts = [0] * (across * -(-height // TIFF_TILE))
+        order: list[int] = []
+        ranges: list[bytes | Range] = []
+        for index in indexes:
+            level = index["levels"][number]
+            length = 0
+            for column, row, _offset, count in level["tiles"]:
+                counts[row * across + column] = count
+                order.append(row * across + column)
+                length += count
+            if length:
+                ranges.append(Range(index["tiles_key"], level["start"], length))
+        page_tags = tags if number == 0 else without_metadata(tags)
+        pages.append(Page(width, height, TIFF_TILE, page_tags, counts, number > 0, order))
+        data.append(ranges)
+    for width, height, tiles in _coarse_levels(
+        pipeline, indexes, sizes, from_workers, encoding, plan.output_interpretation
+    ):
+        pages.append(
+            Page(width, height, TIFF_TILE, without_metadata(tags), [len(t) for t in tiles], True)
+        )
+        data.append(list(tiles))
+
+    head, _size = layout(pages, bigtiff_above=BIGTIFF_ABOVE)
+    key = keys.result(job.job_id, "tif")
+
+    def pieces() -> Iterator[bytes | Range]:
+        yield head.head
+        for level_data in reversed(data):
+            yield from level_data
+
+    size = assemble_object(store, key, pieces(), "image/tiff")
+    return {
+        "key": key,
+        "format": job.output_format,
+        "size_bytes": size,
+        "width": plan.output_width,
+        "height": plan.output_height,
+        "bands": first["bands"],
+        "pixel_format": first["format"],
+    }
+
+
+def _coarse_levels(
+    pipeline: Pipeline,
+    indexes: Sequence[Mapping[str, Any]],
+    sizes: Sequence[tuple[int, int]],
+    from_workers: int,
+    encoding: TiffEncoding,
+    interpretation: str,
+) -> Iterator[tuple[int, int, list[bytes]]]:
+    """The levels coarser than a block: each block's raw halving, joined, halved, encoded.
+
+    Memory: the first coarse level as raw pixels, 1/4**from_workers of the full resolution.
+    """
+    if len(sizes) <= from_workers:
+        return
+    first = next(index for index in indexes if "tags" in index)
+    pixel_format, bands = first["format"], first["bands"]
+    width, height = sizes[from_workers]
+    mosaic = np.zeros((height, width, bands), dtype=numpy_dtype(pixel_format))
+    for index in indexes:
+        if "pieces" not in index:
+            continue
+        raw = pipeline.store.get_range(index["pieces_key"], 0, index["pieces_bytes"])
+        for x, y, w, h, offset in index["pieces"]:
+            block = np.frombuffer(raw, dtype=mosaic.dtype, count=w * h * bands, offset=offset)
+            mosaic[y : y + h, x : x + w] = block.reshape(h, w, bands)
+    level = from_array(mosaic, pixel_format, interpretation)
+    for number in range(from_workers, len(sizes)):
+        if number > from_workers:
+            level = halve(level)
+        yield level.width, level.height, encode_block(level, encoding, metadata=False).tiles
