@@ -93,10 +93,11 @@ def tiff_output_tile(planned: int) -> int:
 def level_sizes(width: int, height: int, *, pyramid: bool) -> list[tuple[int, int]]:
     """Each page's size: halved, odd edges dropped, down to the first that fits one tile.
 
-    This is the rule of libvips' ``tiffsave(pyramid=True)``.
+    This is the rule of libvips' ``tiffsave(pyramid=True)``, which also stops before a
+    side would halve to nothing.
     """
     sizes = [(width, height)]
-    while pyramid and (sizes[-1][0] > TIFF_TILE or sizes[-1][1] > TIFF_TILE):
+    while pyramid and max(sizes[-1]) > TIFF_TILE and min(sizes[-1]) >= 2:
         sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
     return sizes
 

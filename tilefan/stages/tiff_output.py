@@ -111,8 +111,6 @@ class TiffBatchWriter:
         """Encode the block of ``tile`` at every level it is whole tiles; keep its next halving."""
         x, y = tile.output.x, tile.output.y
         for number, level in enumerate(self.levels):
-            if block.width == 0 or block.height == 0:
-                return
             encoded = encode_block(block, self.encoding, metadata=tile.index == 0)
             if tile.index == 0 and number == 0:
                 self.tags = encoded.tags
@@ -129,8 +127,10 @@ class TiffBatchWriter:
                     ]
                 )
                 level.data += data
+            if min(block.width, block.height) < 2:
+                return  # an edge block a pixel thick: the next level drops it
             block = halve(block)
-        if len(self.sizes) > len(self.levels) and block.width and block.height:
+        if len(self.sizes) > len(self.levels):
             shift = len(self.levels)
             self.pieces.append(
                 [x >> shift, y >> shift, block.width, block.height, len(self.piece_data)]

@@ -1,0 +1,170 @@
+"""The TIFF byte writer and the block encoder, against libvips and tifffile."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import pyvips
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.support import assert_identical, noise_image
+from tilefan.formats.tiff_layout import Page, layout, read_tags, tile_locations
+from tilefan.formats.tiff_tiles import (
+    TIFF_TILE,
+    TiffEncoding,
+    encode_block,
+    halve,
+    level_sizes,
+    tiff_output_tile,
+    without_metadata,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def blocks(image: pyvips.Image, size: int) -> list[tuple[int, int, pyvips.Image]]:
+    return [
+        (x, y, image.crop(x, y, min(size, image.width - x), min(size, image.height - y)))
+        for y in range(0, image.height, size)
+        for x in range(0, image.width, size)
+    ]
+
+
+def assemble(
+    image: pyvips.Image, encoding: TiffEncoding, block: int, bigtiff_above: int
+) -> tuple[bytes, list[Page]]:
+    """Encode ``image`` block by block, then write the file as the merger does (in memory)."""
+    across = -(-image.width // TIFF_TILE)
+    tiles: dict[int, bytes] = {}
+    order: list[int] = []
+    tags = None
+    for x, y, part in blocks(image, block):
+        encoded = encode_block(part, encoding, metadata=(x, y) == (0, 0))
+        tags = tags or encoded.tags
+        part_across = -(-part.width // TIFF_TILE)
+        for position, data in enumerate(encoded.tiles):
+            row, column = divmod(position, part_across)
+            index = (y // TIFF_TILE + row) * across + x // TIFF_TILE + column
+            tiles[index] = data
+            order.append(index)
+    assert tags is not None
+    counts = [len(tiles[index]) for index in range(len(tiles))]
+    page = Page(image.width, image.height, TIFF_TILE, tags, counts, stored_order=order)
+    head, size = layout([page], bigtiff_above=bigtiff_above)
+    body = head.head + b"".join(tiles[index] for index in order)
+    assert len(body) == size
+    return body, [page]
+
+
+@pytest.mark.parametrize("compression", ["deflate", "lzw", "none", "jpeg"])
+@pytest.mark.parametrize("bigtiff_above", [2**32 - 1, 0], ids=["classic", "bigtiff"])
+@pytest.mark.parametrize("block", [256, 512, 1024])
+def test_blocks_written_around_by_the_layout_read_back_as_the_whole_image_save(
+    compression: str, bigtiff_above: int, block: int
+) -> None:
+    image = noise_image(1100, 700, 3, seed=block)
+    encoding = TiffEncoding(compression=compression, quality=85)
+    body, _pages = assemble(image, encoding, block, bigtiff_above)
+    whole = image.tiffsave_buffer(
+        tile=True, tile_width=256, tile_height=256, compression=compression, Q=85
+    )
+    expected = pyvips.Image.new_from_buffer(whole, "")
+    assert_identical(expected, pyvips.Image.new_from_buffer(body, ""))
+    with tifffile.TiffFile(io.BytesIO(body)) as tiff:
+        assert tiff.is_bigtiff == (bigtiff_above == 0)
+        if compression in ("none", "deflate"):  # tifffile decodes these without imagecodecs
+            assert np.array_equal(tiff.asarray(), expected.numpy())
+
+
+def test_jpeg_blocks_are_the_bytes_libvips_writes_for_the_whole_image() -> None:
+    image = noise_image(700, 600, 3, seed=1)
+    whole = image.tiffsave_buffer(
+        tile=True, tile_width=256, tile_height=256, compression="jpeg", Q=75
+    )
+    expected = [whole[offset : offset + n] for offset, n in tile_locations(read_tags(whole))]
+    body, _pages = assemble(image, TiffEncoding(compression="jpeg"), 512, 2**32 - 1)
+    tags = read_tags(body)
+    got = [body[offset : offset + n] for offset, n in tile_locations(tags)]
+    assert got == expected
+
+
+def test_out_of_line_tags_such_as_an_icc_profile_travel_unchanged() -> None:
+    image = noise_image(300, 300, 3).copy()
+    profile = pyvips.Image.profile_load("srgb")
+    image.set_type(pyvips.GValue.blob_type, "icc-profile-data", profile)
+    image = image.copy(xres=4.5, yres=2.25)
+    body, _pages = assemble(image, TiffEncoding(), 256, 2**32 - 1)
+    back = pyvips.Image.new_from_buffer(body, "")
+    assert back.get("icc-profile-data") == profile
+    assert (back.xres, back.yres) == pytest.approx((4.5, 2.25))
+    assert 34675 not in {tag.code for tag in without_metadata(read_tags(body))}
+
+
+def test_pages_are_laid_out_ifds_first_then_data_smallest_page_first() -> None:
+    image = noise_image(600, 520, 1, seed=2)
+    encoded = [encode_block(image, TiffEncoding(), metadata=True)]
+    encoded.append(encode_block(halve(image), TiffEncoding(), metadata=False))
+    pages = [
+        Page(
+            image.width,
+            image.height,
+            TIFF_TILE,
+            encoded[0].tags,
+            [len(t) for t in encoded[0].tiles],
+        ),
+        Page(
+            300, 260, TIFF_TILE, encoded[0].tags, [len(t) for t in encoded[1].tiles], reduced=True
+        ),
+    ]
+    head, size = layout(pages)
+    body = head.head + b"".join(encoded[1].tiles) + b"".join(encoded[0].tiles)
+    assert len(body) == size
+    with tifffile.TiffFile(io.BytesIO(body)) as tiff:
+        assert [page.shape[:2] for page in tiff.pages] == [(520, 600), (260, 300)]
+        first_data = [min(page.dataoffsets) for page in tiff.pages]
+        assert first_data[1] == len(head.head) < first_data[0]
+        assert np.array_equal(tiff.pages[1].asarray(), halve(image).numpy())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 1400), st.integers(1, 1400))
+def test_level_sizes_are_the_pages_libvips_writes(width: int, height: int) -> None:
+    image = pyvips.Image.black(width, height).cast("uchar")
+    body = image.tiffsave_buffer(tile=True, tile_width=256, tile_height=256, pyramid=True)
+    with tifffile.TiffFile(io.BytesIO(body)) as tiff:
+        pages = [(page.imagewidth, page.imagelength) for page in tiff.pages]
+    assert level_sizes(width, height, pyramid=True) == pages
+
+
+@pytest.mark.parametrize(
+    ("bands", "fmt"), [(3, "uchar"), (1, "uchar"), (4, "uchar"), (3, "ushort")]
+)
+def test_halving_blocks_makes_libvips_pyramid_pages(bands: int, fmt: str) -> None:
+    # Without alpha: libvips halves an image with alpha premultiplied (docs/design.md).
+    image = noise_image(1537, 1029, bands, fmt=fmt, seed=bands).copy(interpretation="multiband")
+    body = image.tiffsave_buffer(
+        tile=True, tile_width=256, tile_height=256, pyramid=True, compression="none"
+    )
+    level = image
+    for page in range(1, len(level_sizes(image.width, image.height, pyramid=True))):
+        # Blocks of 512 halve on their own, as a worker's do; join them as the merger would.
+        parts = [
+            (x // 2, y // 2, halve(part))
+            for x, y, part in blocks(level, 512)
+            if min(part.width, part.height) >= 2
+        ]
+        joined = pyvips.Image.black(level.width // 2, level.height // 2, bands=bands).cast(fmt)
+        for x, y, part in parts:
+            joined = joined.insert(part, x, y)
+        expected = pyvips.Image.new_from_buffer(body, "", page=page)
+        assert_identical(expected, joined.copy(interpretation=expected.interpretation))
+        level = joined
+
+
+@pytest.mark.parametrize(("planned", "tile"), [(16, 256), (300, 256), (400, 512), (1024, 1024)])
+def test_output_tiles_of_a_tiff_result_are_power_of_two_tiff_tiles(planned: int, tile: int) -> None:
+    assert tiff_output_tile(planned) == tile
