@@ -11,6 +11,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+import botocore.client
 import pytest
 import pyvips
 import tifffile
@@ -221,3 +222,21 @@ def test_the_merger_decodes_no_pixels_and_writes_no_scratch_for_tiff(
 def _writes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
     return any(flag in str(mode) for flag in "wax+")
+
+
+def test_batches_past_five_mib_are_copied_server_side(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operations: list[str] = []
+    real = botocore.client.BaseClient._make_api_call
+
+    def counted(self: Any, operation: str, params: Any) -> Any:
+        operations.append(operation)
+        return real(self, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+    # Uncompressed 1024 px tiles are 3 MiB: batches of four, objects of 12 and 6 MiB.
+    image = noise_image(2048, 3072, 3, seed=21)
+    output = run_tiff(stack, image, tmp_path, BLUR, 1024, compression="none")
+    assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
+    assert operations.count("UploadPartCopy") >= 1, sorted(set(operations))
