@@ -82,6 +82,9 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:GetItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
         "dynamodb:Query": {TABLE},
+        # A tiff result is assembled by multipart upload: UploadPartCopy reads its source
+        # (GetObject on jobs/*) and, like CreateMultipartUpload, UploadPart and
+        # CompleteMultipartUpload, is PutObject on the destination.
         "s3:GetObject": {JOBS},
         "s3:DeleteObject": {JOBS},
         "s3:PutObject": {RESULTS},
