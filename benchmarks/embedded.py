@@ -132,7 +132,7 @@ def _category(operation: str, key: str) -> str:
         return "split_write_manifest" if operation == "put" else "manifest_read"
     if "/src/" in key:
         return "split_write_tiles" if operation == "put" else "map_read_tiles"
-    if "/out/" in key:
+    if "/out/" in key or "/encoded/" in key:
         return "map_write_tiles" if operation == "put" else "merge_read_tiles"
     return f"other_{operation}"
 
@@ -163,9 +163,9 @@ def _instrument(
         original_put(store, key, body)
         meter.record(_category("put", key), len(body), time.monotonic() - started)
 
-    def _get(store: TileStore, key: str) -> bytes:
+    def _get(store: TileStore, key: str, byte_range: str | None = None) -> bytes:
         started = time.monotonic()
-        body = original_get(store, key)
+        body = original_get(store, key, byte_range)
         meter.record(_category("get", key), len(body), time.monotonic() - started)
         return body
 

@@ -35,7 +35,8 @@ def test_smoke_profile_writes_every_section_and_field(tmp_path: Path) -> None:
     assert math.isfinite(run["orchestration_ms_per_tile"])
     bytes_moved = run["storage"]["bytes"]
     assert bytes_moved["split_write_tiles"] == bytes_moved["map_read_tiles"] > 0
-    assert bytes_moved["map_write_tiles"] == bytes_moved["merge_read_tiles"] > 0
+    # A tiff result's tiles are copied server-side: the merger reads at most what was written.
+    assert bytes_moved["map_write_tiles"] >= bytes_moved["merge_read_tiles"] > 0
     assert run["memory"]["peak_rss_mb"] > 0
 
     kinds = {baseline["kind"] for baseline in document["baselines"] if "wall_s" in baseline}

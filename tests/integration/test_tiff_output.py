@@ -16,9 +16,10 @@ import pytest
 import pyvips
 import tifffile
 
+import tilefan.stages.process
 import tilefan.stages.tiff_output
 from tests.support import assert_identical, noise_image, shared_image
-from tilefan import parse_chain
+from tilefan import TransientError, parse_chain
 from tilefan.formats.source import upright
 from tilefan.local.stack import LocalStack, local_stack, run_job
 from tilefan.state.jobs import JobStatus
@@ -240,3 +241,23 @@ def test_batches_past_five_mib_are_copied_server_side(
     output = run_tiff(stack, image, tmp_path, BLUR, 1024, compression="none")
     assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
     assert operations.count("UploadPartCopy") >= 1, sorted(set(operations))
+
+
+def test_a_batch_retried_after_some_tiles_were_done_writes_every_tile(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiff batch is one object written after its last tile: the retry redoes the done ones."""
+    real = tilefan.stages.process.execute_tile
+    failed: list[int] = []
+
+    def flaky(chain: Any, spec: Any, block: Any, out: Any) -> Any:
+        if (out.x, out.y) == (256, 256) and not failed:
+            failed.append(1)
+            raise TransientError("injected: storage hiccup")
+        return real(chain, spec, block, out)
+
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", flaky)
+    image = noise_image(700, 500, 3, seed=9)
+    output = run_tiff(stack, image, tmp_path, BLUR, 256)
+    assert failed == [1]
+    assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))

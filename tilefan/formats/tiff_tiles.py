@@ -129,23 +129,39 @@ def without_metadata(tags: Sequence[Tag]) -> list[Tag]:
 
 
 def halve(block: pyvips.Image) -> pyvips.Image:
-    """The next pyramid level of ``block``: ``(a + b + c + d + 2) >> 2`` per 2x2, odd edge dropped.
+    """The next pyramid level of ``block``, as libvips' ``tiffsave(pyramid=True)`` makes it.
 
-    libvips' pyramid arithmetic (integer formats round, float formats average). ``shrink`` is
-    not it: it rounds in two steps. A block at even coordinates halves exactly as its part
-    of the whole image does.
+    Each pixel is ``(a + b + c + d + 2) >> 2`` of a 2x2 (float formats: the mean), the odd last
+    row or column dropped. With alpha, colour is weighted by alpha: ``sum(c * a) / sum(a)``
+    and alpha is ``sum(a) / 4``, both truncated. ``shrink`` is neither: it rounds in two
+    steps. A block at even coordinates halves exactly as its part of the whole image does.
     """
     pixels = to_array(block)
     height, width = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
-    wide = np.float64 if pixels.dtype.kind == "f" else np.int64
-    total = (
-        pixels[0:height:2, 0:width:2].astype(wide)
-        + pixels[1:height:2, 0:width:2]
-        + pixels[0:height:2, 1:width:2]
-        + pixels[1:height:2, 1:width:2]
-    )
-    mean = total / 4 if pixels.dtype.kind == "f" else (total + 2) >> 2
+    quads = [
+        pixels[0:height:2, 0:width:2],
+        pixels[0:height:2, 1:width:2],
+        pixels[1:height:2, 0:width:2],
+        pixels[1:height:2, 1:width:2],
+    ]
+    if block.hasalpha():
+        mean = _alpha_weighted(quads)
+    elif pixels.dtype.kind == "f":
+        # In the pixel's own precision, added in libvips' order.
+        mean = (((quads[0] + quads[1]) + quads[2]) + quads[3]) / pixels.dtype.type(4)
+    else:
+        mean = (sum(quad.astype(np.int64) for quad in quads) + 2) >> 2
     return from_array(mean.astype(pixels.dtype), block.format, block.interpretation)
+
+
+def _alpha_weighted(quads: Sequence[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    """libvips' 2x2 mean of an image whose last band is alpha (computed in double)."""
+    wide = [quad.astype(np.float64) for quad in quads]
+    alpha_sum = sum(quad[..., -1:] for quad in wide)
+    colour_sum = sum(quad[..., :-1] * quad[..., -1:] for quad in wide)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        colour = np.where(alpha_sum == 0, 0.0, colour_sum / alpha_sum)
+    return np.trunc(np.concatenate([colour, alpha_sum / 4], axis=-1))
 
 
 def numpy_dtype(pixel_format: str) -> type[np.generic]:
