@@ -144,24 +144,30 @@ def halve(block: pyvips.Image) -> pyvips.Image:
         pixels[1:height:2, 0:width:2],
         pixels[1:height:2, 1:width:2],
     ]
+    mean: np.ndarray[Any, Any]
     if block.hasalpha():
         mean = _alpha_weighted(quads)
     elif pixels.dtype.kind == "f":
         # In the pixel's own precision, added in libvips' order.
         mean = (((quads[0] + quads[1]) + quads[2]) + quads[3]) / pixels.dtype.type(4)
     else:
-        mean = (sum(quad.astype(np.int64) for quad in quads) + 2) >> 2
+        wide = [quad.astype(np.int64) for quad in quads]
+        mean = (wide[0] + wide[1] + wide[2] + wide[3] + 2) >> 2
     return from_array(mean.astype(pixels.dtype), block.format, block.interpretation)
 
 
 def _alpha_weighted(quads: Sequence[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
     """libvips' 2x2 mean of an image whose last band is alpha (computed in double)."""
     wide = [quad.astype(np.float64) for quad in quads]
-    alpha_sum = sum(quad[..., -1:] for quad in wide)
-    colour_sum = sum(quad[..., :-1] * quad[..., -1:] for quad in wide)
+    alpha_sum = np.zeros_like(wide[0][..., -1:])
+    colour_sum = np.zeros_like(wide[0][..., :-1])
+    for quad in wide:
+        alpha_sum += quad[..., -1:]
+        colour_sum += quad[..., :-1] * quad[..., -1:]
     with np.errstate(divide="ignore", invalid="ignore"):
         colour = np.where(alpha_sum == 0, 0.0, colour_sum / alpha_sum)
-    return np.trunc(np.concatenate([colour, alpha_sum / 4], axis=-1))
+    weighted: np.ndarray[Any, Any] = np.trunc(np.concatenate([colour, alpha_sum / 4], axis=-1))
+    return weighted
 
 
 def numpy_dtype(pixel_format: str) -> type[np.generic]:
