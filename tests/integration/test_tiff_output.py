@@ -140,6 +140,16 @@ def assert_cog(path: Path) -> None:
     assert valid, (errors, cog_warnings)
 
 
+def test_pyramid_of_an_image_with_alpha_equals_libvips(stack: LocalStack, tmp_path: Path) -> None:
+    image = noise_image(1100, 900, 4, seed=4)
+    output = run_tiff(stack, image, tmp_path, BLUR, 512, pyramid=True)
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, pyramid=True)
+    got, want = pages(output), pages(expected)
+    assert len(got) == len(want) == 4
+    for page_got, page_want in zip(got, want, strict=True):
+        assert_identical(page_want, page_got)
+
+
 def test_bigtiff_is_written_past_the_threshold_and_reads_back(
     stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

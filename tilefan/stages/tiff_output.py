@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tilefan.errors import TilefanError
 from tilefan.formats.tiff_layout import CLASSIC_LIMIT, Page, Tag, layout
 from tilefan.formats.tiff_tiles import (
     TIFF_TILE,
@@ -168,7 +169,9 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     )
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         indexes = list(pool.map(store.get_json, index_keys))
-    first = next(index for index in indexes if "tags" in index)
+    first = next((index for index in indexes if "tags" in index), None)
+    if first is None:
+        raise TilefanError("the first tile's encoded output is missing")
     tags = [
         Tag(code, type_, count, base64.b64decode(value))
         for code, type_, count, value in first["tags"]
@@ -193,11 +196,15 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
                 length += count
             if length:
                 ranges.append(Range(index["tiles_key"], level["start"], length))
+        if len(order) != len(counts):
+            raise TilefanError(
+                f"the workers wrote {len(order)} of the {len(counts)} tiles of page {number}"
+            )
         page_tags = tags if number == 0 else without_metadata(tags)
         pages.append(Page(width, height, TIFF_TILE, page_tags, counts, number > 0, order))
         data.append(ranges)
     for width, height, tiles in _coarse_levels(
-        pipeline, indexes, sizes, from_workers, encoding, plan.output_interpretation
+        pipeline, indexes, sizes, from_workers, encoding, first, plan.output_interpretation
     ):
         pages.append(
             Page(width, height, TIFF_TILE, without_metadata(tags), [len(t) for t in tiles], True)
@@ -230,6 +237,7 @@ def _coarse_levels(
     sizes: Sequence[tuple[int, int]],
     from_workers: int,
     encoding: TiffEncoding,
+    first: Mapping[str, Any],
     interpretation: str,
 ) -> Iterator[tuple[int, int, list[bytes]]]:
     """The levels coarser than a block: each block's raw halving, joined, halved, encoded.
@@ -238,7 +246,6 @@ def _coarse_levels(
     """
     if len(sizes) <= from_workers:
         return
-    first = next(index for index in indexes if "tags" in index)
     pixel_format, bands = first["format"], first["bands"]
     width, height = sizes[from_workers]
     mosaic = np.zeros((height, width, bands), dtype=numpy_dtype(pixel_format))
