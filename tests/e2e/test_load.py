@@ -1,6 +1,7 @@
 """Load: many jobs submitted at once through `tilefan serve`, every result checked.
 
-CI runs 20 small jobs from four callers at once (135 tiles in all). A larger run is one
+CI runs 20 small jobs from four callers at once (one tile each: a TIFF result's work tiles are
+at least 256 px, docs/operations.md). A larger run is one
 variable away: ``TILEFAN_LOAD_JOBS=100 .venv/bin/pytest tests/e2e/test_load.py`` (sizes grow
 with ``TILEFAN_LOAD_SCALE``); the benchmark harness measures throughput, this checks
 correctness under load: every output equals whole-image libvips, every count is exact, every
@@ -25,6 +26,7 @@ from tests.support import assert_identical, noise_image
 from tilefan import ImageSpec, parse_chain, plan_tiles
 from tilefan.local.serve import LocalApi, serve_api
 from tilefan.service.client import Submission, TilefanClient
+from tilefan.stages.tiff_output import output_tile_rule
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +60,13 @@ class Order:
 
     @property
     def tiles(self) -> int:
-        return plan_tiles(ImageSpec.of(self.image), parse_chain(self.ops), TILE).tile_count
+        plan = plan_tiles(
+            ImageSpec.of(self.image),
+            parse_chain(self.ops),
+            TILE,
+            output_tile_rule=output_tile_rule("tiff"),
+        )
+        return plan.tile_count
 
     def expected(self) -> pyvips.Image:
         return reduce(lambda im, step: step.apply(im), parse_chain(self.ops), self.image)
