@@ -62,6 +62,11 @@ _EXPECTED_RATIO = {"none": 1.0, "lzw": 0.5, "deflate": 0.4, "jpeg": 0.1}
 """Encoded over raw bytes, on the small side of what DESIGN-NOTES measured for deflate
 (0.13-0.6 on 1024 px blocks), so most batches' objects pass S3's 5 MiB copy minimum."""
 
+_MAX_BATCH_PIXELS = 16 * 2**20
+"""Output pixels of one manifest item at most (four times the default batch of four 1024
+tiles), so a batch of well-compressed tiles still ends within the worker's timeout; its
+object is then gathered into plain parts rather than copied."""
+
 _SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
 
 
@@ -75,7 +80,8 @@ def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> 
     encoding = TiffEncoding.from_options(options)
     raw = plan.output_tile**2 * plan.spec.bands * _SAMPLE_BYTES.get(plan.spec.format, 4)
     expected = raw * _EXPECTED_RATIO.get(encoding.compression, 1.0)
-    return max(default, min(1000, math.ceil(2 * MIN_PART / expected)))
+    most = max(1, _MAX_BATCH_PIXELS // plan.output_tile**2)
+    return max(default, min(most, math.ceil(2 * MIN_PART / expected)))
 
 
 def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
