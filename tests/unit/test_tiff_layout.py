@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import assert_identical, noise_image
+from tilefan import ImageSpec, parse_chain, plan_tiles
 from tilefan.formats.tiff_layout import Page, layout, read_tags, tile_locations
 from tilefan.formats.tiff_tiles import (
     TIFF_TILE,
@@ -22,6 +23,8 @@ from tilefan.formats.tiff_tiles import (
     tiff_output_tile,
     without_metadata,
 )
+from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
+from tilefan.state.multipart import MIN_PART
 
 pytestmark = pytest.mark.unit
 
@@ -180,3 +183,22 @@ def test_halving_blocks_makes_libvips_pyramid_pages(bands: int, fmt: str) -> Non
 @pytest.mark.parametrize(("planned", "tile"), [(16, 256), (300, 256), (400, 512), (1024, 1024)])
 def test_output_tiles_of_a_tiff_result_are_power_of_two_tiff_tiles(planned: int, tile: int) -> None:
     assert tiff_output_tile(planned) == tile
+
+
+@pytest.mark.parametrize(
+    ("tile_size", "compression"), [(1024, "deflate"), (1024, "none"), (256, "jpeg"), (64, "lzw")]
+)
+def test_tiff_batches_aim_past_two_copy_parts_within_a_pixel_bound(
+    tile_size: int, compression: str
+) -> None:
+    plan = plan_tiles(
+        ImageSpec(20000, 20000, 3, "uchar"),
+        parse_chain([]),
+        tile_size,
+        output_tile_rule=output_tile_rule("tiff"),
+    )
+    count = tiles_per_item(plan, {"compression": compression}, 4)
+    pixels = count * plan.output_tile**2
+    ratio = {"deflate": 0.4, "none": 1.0, "jpeg": 0.1, "lzw": 0.5}[compression]
+    assert pixels <= 16 * 2**20
+    assert pixels * 3 * ratio >= 2 * MIN_PART or pixels == 16 * 2**20
