@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -97,6 +98,10 @@ class Links(BaseModel):
     tiles: str
     progress_svg: str
     result: str
+    view: str | None = Field(
+        default=None,
+        description="the job's page in a browser; the link is its own credential, and expires",
+    )
 
 
 class JobCreated(BaseModel):
@@ -212,8 +217,8 @@ _STAGES = {
 }
 
 
-def links(base: str, job_id: str) -> Links:
-    """The job's routes under ``base``."""
+def links(base: str, job_id: str, *, view_token: str | None = None) -> Links:
+    """The job's routes under ``base``; with a page token, the job page's link too."""
     root = f"{base}/jobs/{job_id}"
     return Links(
         self=root,
@@ -221,10 +226,13 @@ def links(base: str, job_id: str) -> Links:
         tiles=f"{root}/tiles",
         progress_svg=f"{root}/progress.svg",
         result=f"{root}/result",
+        view=f"{root}/view?{urlencode({'token': view_token})}" if view_token else None,
     )
 
 
-def job_document(job: Job, progress: TileProgress | None, base: str) -> JobDocument:
+def job_document(
+    job: Job, progress: TileProgress | None, base: str, *, view_token: str | None = None
+) -> JobDocument:
     """The status document of a job."""
     tiles = None
     if progress is not None and job.grid:
@@ -252,7 +260,7 @@ def job_document(job: Job, progress: TileProgress | None, base: str) -> JobDocum
         error=job.error,
         output=job.output,
         tiles=tiles,
-        links=links(base, job.job_id),
+        links=links(base, job.job_id, view_token=view_token),
     )
 
 
