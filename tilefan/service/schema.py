@@ -137,6 +137,7 @@ class TileSummary(BaseModel):
     pending: int
     rows: int
     columns: int
+    output_pixels: int = Field(description="pixels of the result, over all tiles")
     grid: list[str] = Field(
         description="one string per tile row; P pending, R running, D done, F failed"
     )
@@ -245,6 +246,7 @@ def job_document(
             pending=progress.counts.get(TileState.PENDING, 0),
             rows=int(job.grid["rows"]),
             columns=columns,
+            output_pixels=int(job.grid["output_width"]) * int(job.grid["output_height"]),
             grid=[progress.grid[i : i + columns] for i in range(0, len(progress.grid), columns)],
         )
     return JobDocument(

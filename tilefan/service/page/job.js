@@ -65,8 +65,9 @@
     for (const item of document.querySelectorAll("#stages li")) {
       const index = order.indexOf(item.dataset.stage);
       item.classList.toggle("active", index === at && !TERMINAL.has(job.status));
-      item.classList.toggle("finished", index < at || (job.status === "SUCCEEDED"));
-      item.querySelector(".time").textContent = seconds(job.timings["t_" + item.dataset.stage]);
+      const took = job.timings["t_" + item.dataset.stage];
+      item.classList.toggle("finished", took !== undefined);  // a stage has a time once it ended
+      item.querySelector(".time").textContent = seconds(took);
     }
   }
 
@@ -81,11 +82,9 @@
     const elapsed = (now - first[0]) / 1000;
     const rate = elapsed > 0 ? (tiles.done - first[1]) / elapsed : 0;
     document.getElementById("rate").textContent = rate > 0 ? rate.toFixed(1) : "–";
-    const pixelsPerTile = job.output && job.output.width
-      ? (job.output.width * job.output.height) / tiles.total
-      : job.tile_size * job.tile_size;
+    const pixelsPerTile = tiles.output_pixels / tiles.total;
     document.getElementById("throughput").textContent =
-      rate > 0 ? ((rate * pixelsPerTile) / 1e6).toFixed(1) + " MP/s" : "–";
+      rate > 0 ? ((rate * pixelsPerTile) / 1e6).toPrecision(3) + " MP/s" : "–";
     const left = tiles.total - tiles.done;
     document.getElementById("eta").textContent =
       TERMINAL.has(job.status) ? "–" : rate > 0 ? seconds(left / rate) : "–";
@@ -108,7 +107,8 @@
     viewerShown = true;
     const format = (job.output || {}).format;
     if (["jpeg", "png", "webp"].includes(format)) {
-      OpenSeadragon({ id: "viewer", tileSources: { type: "image", url: route("result") }, showNavigationControl: false });
+      // The canvas drawer: WebGL cannot take an image from another origin (the presigned URL).
+      OpenSeadragon({ id: "viewer", drawer: "canvas", tileSources: { type: "image", url: route("result") }, showNavigationControl: false });
     } else {
       document.getElementById("viewer").hidden = true;
       const notice = document.getElementById("no-preview");
@@ -125,6 +125,7 @@
     const width = Math.min(canvas.parentElement.clientWidth || 600, 1200);
     cell = Math.max(1, Math.min(28, Math.floor(width / tiles.columns)));
     const ratio = window.devicePixelRatio || 1;
+    canvas.dataset.columns = String(tiles.columns);
     canvas.style.width = tiles.columns * cell + "px";
     canvas.style.height = tiles.rows * cell + "px";
     canvas.width = tiles.columns * cell * ratio;
