@@ -65,7 +65,7 @@
     for (const item of document.querySelectorAll("#stages li")) {
       const index = order.indexOf(item.dataset.stage);
       item.classList.toggle("active", index === at && !TERMINAL.has(job.status));
-      const took = job.timings["t_" + item.dataset.stage];
+      const took = job.timings[item.dataset.stage];
       item.classList.toggle("finished", took !== undefined);  // a stage has a time once it ended
       item.querySelector(".time").textContent = seconds(took);
     }
