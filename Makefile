@@ -12,7 +12,7 @@ SAM_STAMP := $(SAM_VENV)/.installed-$(SAM_CLI_VERSION)
 # Architecture of the functions and layers for `make sam-build` (docs/deploy.md).
 ARCH ?= arm64
 
-.PHONY: setup sam sam-build demo test lint bench clean
+.PHONY: setup sam sam-build browser demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,15 @@ sam-build: $(SAM_STAMP)
 demo: $(STAMP)
 	$(BIN)/tilefan demo
 
-# The SAM checks (tests/integration/test_sam_build.py) fail rather than skip here.
-test: $(STAMP) $(SAM_STAMP)
-	TILEFAN_REQUIRE_SAM=1 $(BIN)/pytest
+# The job page's browser tests drive Debian's Chromium (Playwright's own browser download
+# does not work offline); installed here when missing, which needs root and apt.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The SAM checks (tests/integration/test_sam_build.py) and the browser tests
+# (tests/e2e/test_job_page.py) fail rather than skip here.
+test: $(STAMP) $(SAM_STAMP) browser
+	TILEFAN_REQUIRE_SAM=1 TILEFAN_REQUIRE_BROWSER=1 $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,7 +19,8 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyVa
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
-from tilefan.errors import TilefanError
+from tilefan.errors import JobNotFound, TilefanError
+from tilefan.service.job_page import ViewLinks, page_file
 from tilefan.service.job_service import JobService
 from tilefan.service.progress_svg import render_progress_svg
 from tilefan.service.schema import (
@@ -37,7 +38,7 @@ from tilefan.service.schema import (
     tile_document,
 )
 from tilefan.settings import Settings
-from tilefan.state.jobs import JobRepository, TileState
+from tilefan.state.jobs import Job, JobRepository, TileState
 from tilefan.state.storage import TileStore
 
 logger = Logger()
@@ -50,6 +51,11 @@ service = JobService(
         settings.bucket, client=boto3.client("s3", config=Config(signature_version="s3v4"))
     ),
     stepfunctions=boto3.client("stepfunctions"),
+)
+view_links = (
+    ViewLinks(settings.view_secret.encode(), settings.view_link_seconds)
+    if settings.view_secret
+    else None
 )
 idempotency_store = DynamoDBPersistenceLayer(
     table_name=settings.table,
@@ -170,7 +176,10 @@ def _create(request: dict[str, Any]) -> dict[str, Any]:
     if "multipart" in instructions:
         instructions["multipart"]["complete_url"] = f"{base}/jobs/{job.job_id}/upload/complete"
     created = JobCreated(
-        job_id=job.job_id, status=job.status, links=links(base, job.job_id), **instructions
+        job_id=job.job_id,
+        status=job.status,
+        links=links(base, job.job_id, view_token=_view_token(job.job_id, request["owner"])),
+        **instructions,
     )
     return created.model_dump(mode="json", exclude_none=True)
 
@@ -228,8 +237,9 @@ def start_job(
 @app.get("/jobs/<job_id>")
 def get_job(job_id: Annotated[str, Path(max_length=64)]) -> JobDocument:
     """Status, stage, timings, error, output and per-tile progress."""
-    view = service.view(_owner(), job_id)
-    return job_document(view.job, view.progress, _base_url())
+    owner = _owner()
+    view = service.view(owner, job_id)
+    return job_document(view.job, view.progress, _base_url(), view_token=_view_token(job_id, owner))
 
 
 @app.get("/jobs/<job_id>/tiles")
@@ -240,10 +250,13 @@ def list_tiles(
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,6}$")] = None,
 ) -> TilePage:
     """Per-tile detail, by tile index, optionally only tiles in one state."""
-    job = service.jobs.get(job_id, owner=_owner())
+    return _tile_page(service.jobs.get(job_id, owner=_owner()), state, limit, cursor)
+
+
+def _tile_page(job: Job, state: TileState | None, limit: int, cursor: str | None) -> TilePage:
     if not job.grid:
         return TilePage(tiles=[])
-    records = sorted(service.jobs.tiles(job_id), key=lambda record: record.index)
+    records = sorted(service.jobs.tiles(job.job_id), key=lambda record: record.index)
     if state is not None:
         records = [record for record in records if record.state is state]
     start = int(cursor or 0)
@@ -327,6 +340,93 @@ def list_jobs(
     jobs, following = service.jobs.list_for_owner(_owner(), limit=limit, after=cursor)
     base = _base_url()
     return JobPage(jobs=[job_document(job, None, base) for job in jobs], next_cursor=following)
+
+
+def _view_token(job_id: str, owner: str) -> str | None:
+    return view_links.token(job_id, owner) if view_links else None
+
+
+def _viewed(job_id: str, token: str) -> Job:
+    """The job a page link opens; any other link is answered as if the job did not exist."""
+    job = service.jobs.get(job_id)
+    if view_links is None or not view_links.opens(token, job_id, job.owner):
+        raise JobNotFound(f"job {job_id} was not found")
+    return job
+
+
+_TOKEN = Query(min_length=1, max_length=200)
+_PAGE_HEADERS = {
+    # The page loads only its own files; the result preview may come from storage.
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data: https: http:; "
+        "connect-src 'self'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@app.get("/jobs/<job_id>/view", include_in_schema=False)
+def job_page(
+    job_id: Annotated[str, Path(max_length=64)], token: Annotated[str, _TOKEN]
+) -> Response[str]:
+    """The job's page: live tile grid, stages, and the result (the link is the credential)."""
+    _viewed(job_id, token)
+    return _page_file("job.html")
+
+
+@app.get("/jobs/<job_id>/view/static/<name>", include_in_schema=False)
+def job_page_file(job_id: Annotated[str, Path(max_length=64)], name: str) -> Response[str]:
+    """The page's own CSS, script and viewer: public files, the same for every job."""
+    return _page_file(name)
+
+
+def _page_file(name: str) -> Response[str]:
+    found = page_file(name)
+    if found is None:
+        raise JobNotFound(f"no page file {name}")
+    content_type, text = found
+    return Response(status_code=200, content_type=content_type, body=text, headers=_PAGE_HEADERS)
+
+
+@app.get("/jobs/<job_id>/view/state", include_in_schema=False)
+def job_page_state(
+    job_id: Annotated[str, Path(max_length=64)], token: Annotated[str, _TOKEN]
+) -> JobDocument:
+    """The job document, for the page."""
+    job = _viewed(job_id, token)
+    view = service.view(job.owner, job_id)
+    return job_document(view.job, view.progress, _base_url(), view_token=token)
+
+
+@app.get("/jobs/<job_id>/view/tiles", include_in_schema=False)
+def job_page_tiles(
+    job_id: Annotated[str, Path(max_length=64)],
+    token: Annotated[str, _TOKEN],
+    limit: Annotated[int, _PAGE] = 100,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,6}$")] = None,
+) -> TilePage:
+    """Per-tile detail, for the page's hover and heat maps."""
+    return _tile_page(_viewed(job_id, token), None, limit, cursor)
+
+
+@app.post("/jobs/<job_id>/view/cancel", include_in_schema=False)
+def job_page_cancel(
+    job_id: Annotated[str, Path(max_length=64)], token: Annotated[str, _TOKEN]
+) -> Response[Any]:
+    """The page's cancel button."""
+    job = service.cancel(_viewed(job_id, token).owner, job_id)
+    body = job_document(job, None, _base_url(), view_token=token).model_dump(mode="json")
+    return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=body)
+
+
+@app.get("/jobs/<job_id>/view/result", include_in_schema=False)
+def job_page_result(
+    job_id: Annotated[str, Path(max_length=64)], token: Annotated[str, _TOKEN]
+) -> Response[Any]:
+    """Redirect to the result's short-lived download URL, for the viewer and the button."""
+    url, _ = service.result_url(_viewed(job_id, token).owner, job_id)
+    return Response(status_code=302, headers={"Location": url}, body="")
 
 
 @app.get("/openapi.json")

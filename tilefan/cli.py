@@ -61,6 +61,7 @@ class _Progress:
         self.enabled = stream.isatty()
         self.started = time.monotonic()
         self.last = ""
+        self.view_shown = False
 
     def update(self, status: str, done: int, total: int) -> None:
         """Redraw the bar if anything changed."""
@@ -86,7 +87,12 @@ class _Progress:
         self.update(view.job.status.value, done, total)
 
     def on_document(self, job: Any) -> None:
-        """From the API's status document."""
+        """From the API's status document; the job page's link is printed once, first."""
+        view = (job.get("links") or {}).get("view")
+        if view and not self.view_shown:
+            self.view_shown = True
+            self.stream.write(f"watch it in a browser: {view}\n")
+            self.stream.flush()
         tiles = job.get("tiles") or {}
         self.update(str(job["status"]), int(tiles.get("done", 0)), int(tiles.get("total", 0)))
 
@@ -200,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tilefan API on {api.url}  (OpenAPI: {api.url}/openapi.json)")
         print(f"example key: {api.keys[0]}")
         print(f"try: curl -H 'x-api-key: {api.keys[0]}' {api.url}/jobs")
+        print("each job's document links its page (links.view): open it in a browser")
         sys.stdout.flush()
         try:
             while True:

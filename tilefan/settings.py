@@ -47,3 +47,7 @@ class Settings(BaseSettings):
     """Smallest multipart part: 64 MiB keeps even a 50 GiB upload under 1,000 part URLs."""
     presign_seconds: int = Field(default=900, ge=60, le=43_200)
     """How long presigned upload and download URLs stay valid."""
+    view_secret: str = Field(default="", repr=False)
+    """Signs job page links (`TILEFAN_VIEW_SECRET`); empty: jobs have no page link."""
+    view_link_seconds: int = Field(default=7 * 86_400, ge=60, le=30 * 86_400)
+    """How long a job page link opens the page."""

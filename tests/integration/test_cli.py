@@ -104,7 +104,9 @@ def test_submit_through_the_api_writes_what_whole_image_libvips_gives(
     assert main([*argv, *steps, "--tile-size", "64", "--poll", "0.05"]) == 0
     expected = whole(pyvips.Image.new_from_file(str(source)), OPS)
     assert_identical(expected, pyvips.Image.new_from_file(str(output)))
-    assert capsys.readouterr().out.startswith(f"{output} (210x150); job ")
+    printed = capsys.readouterr()
+    assert printed.out.startswith(f"{output} (210x150); job ")
+    assert f"watch it in a browser: {api.url}/jobs/" in printed.err
 
 
 def test_submit_refused_by_the_api_prints_its_code(

@@ -22,8 +22,8 @@ FUNCTIONS = {
     "TileWorkerFunction": "tile_worker/",
     "MergerFunction": "merger/",
 }
-# Settings that name a resource of the stack, not a tuning value.
-RESOURCE_SETTINGS = {"bucket", "table", "state_machine_arn"}
+# Settings that name a resource of the stack, or carry its secret: not tuning values.
+RESOURCE_SETTINGS = {"bucket", "table", "state_machine_arn", "view_secret"}
 # Settings a deployment leaves at the code's default on purpose.
 UNSET_SETTINGS = {"max_pixels_per_byte"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 import threading
 import uuid
@@ -49,18 +50,22 @@ def _forbidden() -> tuple[int, dict[str, str], bytes]:
 class _Gateway:
     """Translates HTTP requests to REST proxy events and back."""
 
-    def __init__(self, handler: ApiHandler, keys: Iterable[str]) -> None:
+    def __init__(
+        self, handler: ApiHandler, keys: Iterable[str], keyless: Iterable[re.Pattern[str]] = ()
+    ) -> None:
         self.handler = handler
         self.key_ids = {key: api_key_id(key) for key in keys}
+        self.keyless = tuple(keyless)
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
         lowered = {name.lower(): value for name, value in headers.items()}
         key_id = self.key_ids.get(lowered.get("x-api-key", ""))
-        if key_id is None:
-            return _forbidden()
         url = urlsplit(target)
+        # As API Gateway: routes the template marks ApiKeyRequired: false need no key.
+        if key_id is None and not any(route.match(url.path) for route in self.keyless):
+            return _forbidden()
         query = parse_qs(url.query, keep_blank_values=True)
         text = body.decode("utf-8", errors="replace") if body else None
         # API Gateway tells the handler how the client reached it; here that is plain HTTP.
@@ -149,7 +154,9 @@ def serve_api(
     """Run the API on ``host:port`` (0 picks a free port) over the engine in server mode."""
     accepted = tuple(keys) or (new_api_key(),)
     with local_stack(server=True, host=host) as stack:
-        gateway = _Gateway(stack.engine.handler("ApiFunction"), accepted)
+        gateway = _Gateway(
+            stack.engine.handler("ApiFunction"), accepted, stack.engine.template.keyless_routes()
+        )
         server = ThreadingHTTPServer((host, port), _request_handler(gateway))
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, name="tilefan-api", daemon=True)

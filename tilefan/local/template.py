@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ ACCOUNT_ID: Final = "123456789012"  # moto's default account
 STACK_NAME: Final = "tilefan"
 TEMPLATE_FILE: Final = "template.yaml"
 
+_SECRET_REFERENCE = re.compile(
+    r"\{\{resolve:secretsmanager:arn:[^:]+:secretsmanager:[^:]+:\d+:secret:(\w+):SecretString\}\}"
+)
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_:.]+)\}")
 
 
@@ -86,6 +90,8 @@ class StackTemplate:
     bucket_id: str
     table_id: str
     state_machine_id: str
+    secrets: Mapping[str, str]
+    """A value for each ``AWS::SecretsManager::Secret``, made afresh for each engine."""
 
     def resolve(self, value: Any) -> Any:
         """Resolve the intrinsic functions in ``value`` against this stack."""
@@ -94,6 +100,29 @@ class StackTemplate:
     def physical_name(self, logical_id: str) -> str:
         """The name the engine gives a resource, as ``Ref`` returns it."""
         return _Resolver(self).ref(logical_id)
+
+    def keyless_routes(self) -> list[re.Pattern[str]]:
+        """The API paths the template serves without an API key, as patterns on the path."""
+        routes = []
+        for resource in self.resources.values():
+            events = resource.get("Properties", {}).get("Events", {})
+            for event in events.values():
+                properties = event.get("Properties", {})
+                if event.get("Type") != "Api" or properties.get("Auth", {}).get(
+                    "ApiKeyRequired", True
+                ):
+                    continue
+                segments = [
+                    ".+"
+                    if part.endswith("+}")
+                    else "[^/]+"
+                    if part.startswith("{")
+                    else re.escape(part)
+                    for part in properties["Path"].split("/")
+                ]
+                path = "/".join(segments)  # {name}: one segment; {proxy+}: one or more
+                routes.append(re.compile(f"^{path}$"))
+        return routes
 
     @property
     def bucket_name(self) -> str:
@@ -208,6 +237,11 @@ def load_template(project_root: Path, parameters: Mapping[str, str] | None = Non
         bucket_id=_single(resources, "AWS::S3::Bucket"),
         table_id=_single(resources, "AWS::DynamoDB::Table"),
         state_machine_id=_single(resources, "AWS::Serverless::StateMachine"),
+        secrets={
+            logical_id: secrets.token_urlsafe(32)
+            for logical_id, resource in resources.items()
+            if resource.get("Type") == "AWS::SecretsManager::Secret"
+        },
     )
 
 
@@ -309,6 +343,8 @@ class _Resolver:
             return name
         if resource_type == "AWS::Serverless::StateMachine":
             return stack.state_machine_arn
+        if resource_type == "AWS::SecretsManager::Secret":
+            return f"arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{name}"
         if resource_type == "AWS::Serverless::LayerVersion":
             return f"arn:aws:lambda:{REGION}:{ACCOUNT_ID}:layer:{name}:1"
         raise TemplateError(f"cannot Ref {name}")
@@ -343,4 +379,6 @@ class _Resolver:
                 return self.get_att(logical_id, attribute)
             return self.ref(name)
 
-        return _PLACEHOLDER.sub(replace, str(template))
+        text = _PLACEHOLDER.sub(replace, str(template))
+        # A dynamic reference to a template secret reads the value the engine made for it.
+        return _SECRET_REFERENCE.sub(lambda match: self._stack.secrets[match.group(1)], text)

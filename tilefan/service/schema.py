@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,6 +102,10 @@ class Links(BaseModel):
     tiles: str
     progress_svg: str
     result: str
+    view: str | None = Field(
+        default=None,
+        description="the job's page in a browser; the link is its own credential, and expires",
+    )
 
 
 class JobCreated(BaseModel):
@@ -136,6 +141,7 @@ class TileSummary(BaseModel):
     pending: int
     rows: int
     columns: int
+    output_pixels: int = Field(description="pixels of the result, over all tiles")
     grid: list[str] = Field(
         description="one string per tile row; P pending, R running, D done, F failed"
     )
@@ -216,8 +222,8 @@ _STAGES = {
 }
 
 
-def links(base: str, job_id: str) -> Links:
-    """The job's routes under ``base``."""
+def links(base: str, job_id: str, *, view_token: str | None = None) -> Links:
+    """The job's routes under ``base``; with a page token, the job page's link too."""
     root = f"{base}/jobs/{job_id}"
     return Links(
         self=root,
@@ -225,10 +231,13 @@ def links(base: str, job_id: str) -> Links:
         tiles=f"{root}/tiles",
         progress_svg=f"{root}/progress.svg",
         result=f"{root}/result",
+        view=f"{root}/view?{urlencode({'token': view_token})}" if view_token else None,
     )
 
 
-def job_document(job: Job, progress: TileProgress | None, base: str) -> JobDocument:
+def job_document(
+    job: Job, progress: TileProgress | None, base: str, *, view_token: str | None = None
+) -> JobDocument:
     """The status document of a job."""
     tiles = None
     if progress is not None and job.grid:
@@ -241,6 +250,7 @@ def job_document(job: Job, progress: TileProgress | None, base: str) -> JobDocum
             pending=progress.counts.get(TileState.PENDING, 0),
             rows=int(job.grid["rows"]),
             columns=columns,
+            output_pixels=int(job.grid["output_width"]) * int(job.grid["output_height"]),
             grid=[progress.grid[i : i + columns] for i in range(0, len(progress.grid), columns)],
         )
     return JobDocument(
@@ -256,7 +266,7 @@ def job_document(job: Job, progress: TileProgress | None, base: str) -> JobDocum
         error=job.error,
         output=job.output,
         tiles=tiles,
-        links=links(base, job.job_id),
+        links=links(base, job.job_id, view_token=view_token),
     )
 
 

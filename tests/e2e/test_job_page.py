@@ -1,0 +1,275 @@
+"""The job page in a real headless Chromium: live progress, the result viewer, refused links.
+
+The browser is Debian's `chromium` (`make test` installs it when missing), driven by
+Playwright with that executable; Playwright's own browser download is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+import tilefan.stages.process
+from tests.e2e.support import serving, wait_until_ended
+from tests.support import noise_image
+from tilefan.local.serve import LocalApi
+from tilefan.service.client import TilefanClient
+from tilefan.service.job_page import ViewLinks
+
+pytestmark = pytest.mark.e2e
+
+KEY = "tf-page-owner"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "img"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _browser_or_skip() -> Any:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("TILEFAN_REQUIRE_BROWSER"):
+            pytest.fail(f"no Chromium at {CHROMIUM}: `make browser` installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed (`make browser` installs it)")
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = _browser_or_skip()
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[LocalApi]:
+    with serving([KEY], {}) as running:
+        yield running
+
+
+@pytest.fixture
+def client(api: LocalApi) -> TilefanClient:
+    return TilefanClient(api.url, KEY)
+
+
+class SlowTiles:
+    """Holds every tile for a moment, so a page opened mid-run sees the count rise."""
+
+    def __init__(self, seconds: float, fail_tile: int | None = None) -> None:
+        self.seconds = seconds
+        self.fail_tile = fail_tile
+        self.real = tilefan.stages.process.execute_tile
+
+    def __call__(self, chain: Any, spec: Any, block: Any, out: Any) -> Any:
+        time.sleep(self.seconds)
+        if self.fail_tile is not None and (out.x, out.y) == (0, 0):
+            raise pyvips.Error("injected failure for the page's failed state")
+        return self.real(chain, spec, block, out)
+
+
+def start_job(client: TilefanClient, tmp_path: Path, output_format: str = "png") -> dict[str, Any]:
+    source = tmp_path / "noise.png"
+    noise_image(512, 384, 3, seed=5).pngsave(str(source))
+    created = client.request(
+        "POST",
+        "/jobs",
+        {
+            "operations": [{"op": "gaussblur", "sigma": 1.5}],
+            "output": {"format": output_format},
+            "tile_size": 64,
+            "input": {"size_bytes": source.stat().st_size},
+        },
+    )
+    client.upload(source, created)
+    client.request("POST", f"/jobs/{created['job_id']}/start")
+    document: dict[str, Any] = client.request("GET", f"/jobs/{created['job_id']}")
+    return document
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def with_token(url: str, token: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode({"token": token})))
+
+
+def main_data(page: Any) -> dict[str, str]:
+    values: dict[str, str] = page.eval_on_selector(
+        "main",
+        "m => ({status: m.dataset.jobStatus, done: m.dataset.tilesDone,"
+        " total: m.dataset.tilesTotal})",
+    )
+    return values
+
+
+def screenshot(page: Any, name: str) -> None:
+    if os.environ.get("TILEFAN_WRITE_DOCS"):
+        DOCS_IMAGES.mkdir(exist_ok=True)
+        page.screenshot(path=str(DOCS_IMAGES / name), full_page=True)
+
+
+def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
+    api: LocalApi,
+    client: TilefanClient,
+    browser: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", SlowTiles(0.6))
+    job = start_job(client, tmp_path)
+    view = job["links"]["view"]
+    assert view.startswith(api.url + f"/jobs/{job['job_id']}/view?token=")
+
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(view)
+    # Selectors, not wait_for_function: the page's CSP allows no eval, Playwright's included.
+    page.wait_for_selector('main:not([data-tiles-total="0"])')
+    seen: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        data = main_data(page)
+        seen.append(int(data["done"]))
+        mid_run = data["status"] == "PROCESSING" and 0 < seen[-1] < int(data["total"])
+        if mid_run and len(set(seen)) == 2:  # the first count between none and all
+            screenshot(page, "job-page-running.png")
+        if data["status"] == "SUCCEEDED":
+            break
+        time.sleep(0.2)
+    data = main_data(page)
+    assert data["status"] == "SUCCEEDED"
+    assert data["done"] == data["total"] == "48"  # 512 x 384 in 64-pixel tiles
+    assert seen == sorted(seen), seen  # never goes back
+    assert [count for count in seen if 0 < count < 48], f"no count seen mid-run: {seen}"
+
+    page.wait_for_selector("#viewer canvas", timeout=30_000)
+    time.sleep(1.5)  # the viewer fades its image in
+    shot = pyvips.Image.new_from_buffer(page.locator("#viewer").screenshot(), "")
+    # The viewer's background is near black (17); the result is blurred noise, mid-grey.
+    assert shot.avg() > 60, "the viewer drew nothing"
+    screenshot(page, "job-page-succeeded.png")
+
+    api_origin = urllib.parse.urlsplit(api.url).netloc
+    foreign = [url for url in requests if urllib.parse.urlsplit(url).netloc != api_origin]
+    # The page and its script load from the API alone; only the result's own presigned
+    # download (the viewer's image) comes from storage.
+    assert all(f"/results/{job['job_id']}/" in url for url in foreign), foreign
+    page.close()
+
+
+def test_failed_job_shows_its_code_and_the_failed_tile(
+    client: TilefanClient,
+    browser: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", SlowTiles(0.0, fail_tile=0))
+    job = start_job(client, tmp_path)
+    wait_until_ended(client, job["job_id"])
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(job["links"]["view"])
+    page.wait_for_selector('main[data-job-status="FAILED"]')
+    assert page.locator("#error-code").inner_text() == "TILE_FAILED"
+    assert "injected failure" in page.locator("#error-message").inner_text()
+    failed_cell = page.evaluate(
+        "() => { const g = document.getElementById('grid');"
+        " const columns = Number(g.dataset.columns);"
+        " const x = Math.floor(g.width / columns / 2);"  # the top middle of tile 0
+        " const d = g.getContext('2d').getImageData(x, 2, 1, 1).data; return [d[0], d[1], d[2]]; }"
+    )
+    assert failed_cell[0] > 150 and failed_cell[1] < 100, failed_cell  # tile 0 drawn failed
+    screenshot(page, "job-page-failed.png")
+    page.close()
+
+
+def test_forged_expired_and_other_jobs_links_get_404(
+    api: LocalApi, client: TilefanClient, tmp_path: Path
+) -> None:
+    first = start_job(client, tmp_path)
+    second = start_job(client, tmp_path)
+    for job in (first, second):
+        wait_until_ended(client, job["job_id"])
+    view = first["links"]["view"]
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(view).query)["token"][0]
+    assert status_of(view) == 200
+    assert status_of(with_token(view, token).replace("/view?", "/view/state?")) == 200
+
+    secret = api.stack.engine.template.secrets["ViewLinkSecret"].encode()
+    expired = ViewLinks(secret, 60).token(first["job_id"], first_owner(api, first), now=0)
+    other_jobs = urllib.parse.parse_qs(urllib.parse.urlsplit(second["links"]["view"]).query)
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    for bad in (forged, expired, other_jobs["token"][0], "", "1.x"):
+        for route in ("/view?", "/view/state?", "/view/tiles?", "/view/result?"):
+            assert status_of(with_token(view, bad).replace("/view?", route)) in (404, 400), (
+                bad,
+                route,
+            )
+    wrong_job = view.replace(first["job_id"], second["job_id"])
+    assert status_of(wrong_job) == 404
+
+
+def first_owner(api: LocalApi, job: dict[str, Any]) -> str:
+    return str(api.stack.service.jobs.get(job["job_id"]).owner)
+
+
+def test_page_link_needs_no_api_key_but_other_routes_still_do(
+    api: LocalApi, client: TilefanClient, tmp_path: Path
+) -> None:
+    job = start_job(client, tmp_path)
+    wait_until_ended(client, job["job_id"])
+    assert status_of(job["links"]["view"]) == 200
+    assert status_of(job["links"]["self"]) == 403
+    static = api.url + f"/jobs/{job['job_id']}/view/static/job.js"
+    assert status_of(static) == 200
+    assert status_of(api.url + f"/jobs/{job['job_id']}/view/static/../app.py") == 404
+
+
+def test_concurrent_pages_do_not_slow_the_job_beyond_a_few_requests_a_second(
+    api: LocalApi,
+    client: TilefanClient,
+    browser: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", SlowTiles(0.05))
+    job = start_job(client, tmp_path)
+    page = browser.new_page()
+    data_requests: list[str] = []
+    page.on(
+        "request",
+        lambda request: data_requests.append(request.url) if "/view/" in request.url else None,
+    )
+    started = time.monotonic()
+    page.goto(job["links"]["view"])
+    page.wait_for_selector(
+        'main[data-job-status="SUCCEEDED"], main[data-job-status="FAILED"]', timeout=120_000
+    )
+    elapsed = max(1.0, time.monotonic() - started)
+    assert len(data_requests) / elapsed <= 3, (len(data_requests), elapsed)
+    page.close()
