@@ -64,6 +64,7 @@ class InputSpec(_Strict):
         default="application/octet-stream",
         max_length=200,
         description="a media type on one line of printable ASCII, sent back as a header",
+        json_schema_extra={"pattern": f"^{_HEADER_VALUE.pattern}$"},
     )
 
     @field_validator("content_type")
