@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pyvips
 
 import tilefan.cli
-from tests.support import noise_image
+from tests.support import assert_identical, noise_image
 from tilefan.cli import main
 from tilefan.imaging.operations import operation_names
 
@@ -222,3 +223,14 @@ def test_help_lists_the_operations_and_the_defaults(
     assert "1024" in text
     if command == "run":
         assert "default: 1024" in text and "default: 4" in text
+
+
+def test_an_ops_file_holding_no_steps_asks_for_a_re_encode(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (files["tmp"] / "no-steps.json").write_text("[]")
+    argv = [*RUN[:3], "{tmp}/out.png", "--ops-file", "{tmp}/no-steps.json", "--tile-size", "64"]
+    status, _ = run_cli([*argv, "-q"], files, capsys)
+    assert status == 0
+    original = pyvips.Image.new_from_file(str(files["source"]))
+    assert_identical(original, pyvips.Image.new_from_file(str(files["tmp"] / "out.png")))
