@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What is installed: `local` (the embedded engine) for the demo, `dev` (which includes it) for
+# the rest.
+LOCAL_STAMP := $(VENV)/.installed-local
+STAMP := $(VENV)/.installed-dev
 # The SAM CLI has its own virtualenv: aws-sam-cli pins boto3 and pydantic below what the
 # project's environment resolves to. Pinned, so CI checks with the SAM a developer used.
 SAM_CLI_VERSION := 1.170.0
@@ -14,11 +17,17 @@ ARCH ?= arm64
 
 .PHONY: setup sam sam-build browser demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(LOCAL_STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[local]'
+	touch $(LOCAL_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(LOCAL_STAMP)
 
 setup: $(STAMP)
 
@@ -36,7 +45,7 @@ sam-build: $(SAM_STAMP)
 	SAM_CLI_TELEMETRY=0 TILEFAN_ARCH=$(ARCH) $(SAM) build --parallel \
 		--parameter-overrides Architecture=$(ARCH)
 
-demo: $(STAMP)
+demo: $(LOCAL_STAMP)
 	$(BIN)/tilefan demo
 
 # The job page's browser tests drive Debian's Chromium (Playwright's own browser download

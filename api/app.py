@@ -19,10 +19,12 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyVa
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
 
-from tilefan.errors import JobNotFound, TilefanError
+from tilefan.errors import InvalidChain, JobNotFound, TilefanError
+from tilefan.imaging.operations import parse_chain
 from tilefan.service.job_page import ViewLinks, page_file
 from tilefan.service.job_service import JobService
 from tilefan.service.progress_svg import render_progress_svg
+from tilefan.service.request_limits import MAX_JSON_DEPTH, nests_too_deep
 from tilefan.service.schema import (
     CompleteUploadRequest,
     CreateJobRequest,
@@ -109,17 +111,17 @@ def _owner() -> str:
     return owner
 
 
-def _base_url() -> str:
-    """Scheme, host and stage prefix as the client called us."""
+def _link_prefix() -> str:
+    """The stage prefix the client called (``/Prod``, or nothing): links are root-relative.
+
+    Never the Host header: a client chooses it, so it would choose where our links point.
+    API Gateway puts the path as called, stage included, in the request context.
+    """
     event = app.current_event
-    headers = {name.lower(): value for name, value in (event.headers or {}).items()}
-    scheme = headers.get("x-forwarded-proto", "https")
-    host = headers.get("host", "localhost")
     stage_path = event.request_context.path or event.path
-    prefix = (
-        stage_path[: len(stage_path) - len(event.path)] if stage_path.endswith(event.path) else ""
-    )
-    return f"{scheme}://{host}{prefix}"
+    if not stage_path.endswith(event.path):
+        return ""
+    return stage_path[: len(stage_path) - len(event.path)]
 
 
 @app.not_found
@@ -144,7 +146,22 @@ def _invalid_request(error: RequestValidationError) -> Response[Any]:
     field = ".".join(location) or None
     if problem.get("type") == "json_invalid":
         return _error(400, "BAD_JSON", "the request body is not valid JSON")
-    return _error(400, "INVALID_REQUEST", f"{field or 'request'}: {problem.get('msg')}", field)
+    if location[:1] == ["operations"]:
+        chain_error = _chain_error()
+        if chain_error is not None:
+            return _error(400, chain_error.code, str(chain_error), field)
+    # A field validator's ValueError reaches here as "Value error, <its sentence>".
+    sentence = str(problem.get("msg", "")).removeprefix("Value error, ")
+    return _error(400, "INVALID_REQUEST", f"{field or 'request'}: {sentence}", field)
+
+
+def _chain_error() -> InvalidChain | None:
+    """The chain validator's own sentence for the body's operations, as the CLI words it."""
+    try:
+        parse_chain((app.current_event.json_body or {}).get("operations"))
+    except InvalidChain as e:
+        return e
+    return None
 
 
 @app.exception_handler(IdempotencyValidationError)
@@ -195,7 +212,7 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> Response[JobCreated]:
     """Create a job and get where to upload its image."""
-    owner, base = _owner(), _base_url()
+    owner, base = _owner(), _link_prefix()
     request = {"owner": owner, "body": body.model_dump(mode="json"), "base": base}
     if idempotency_key:
         created = _create_once(request={**request, "key": idempotency_key})
@@ -226,7 +243,7 @@ def start_job(
     """Check the upload and start processing; a job starts once."""
     service.start(_owner(), job_id, max_concurrency=max_concurrency)
     view = service.view(_owner(), job_id)
-    document = job_document(view.job, view.progress, _base_url())
+    document = job_document(view.job, view.progress, _link_prefix())
     return Response(
         status_code=202,
         content_type=content_types.APPLICATION_JSON,
@@ -239,7 +256,9 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> JobDocument:
     """Status, stage, timings, error, output and per-tile progress."""
     owner = _owner()
     view = service.view(owner, job_id)
-    return job_document(view.job, view.progress, _base_url(), view_token=_view_token(job_id, owner))
+    return job_document(
+        view.job, view.progress, _link_prefix(), view_token=_view_token(job_id, owner)
+    )
 
 
 @app.get("/jobs/<job_id>/tiles")
@@ -323,7 +342,7 @@ def delete_job(job_id: Annotated[str, Path(max_length=64)]) -> Response[Any]:
             content_type=content_types.APPLICATION_JSON,
             body=DeletedJob(job_id=job_id).model_dump(),
         )
-    document = job_document(cancelled, None, _base_url())
+    document = job_document(cancelled, None, _link_prefix())
     return Response(
         status_code=202,
         content_type=content_types.APPLICATION_JSON,
@@ -338,7 +357,7 @@ def list_jobs(
 ) -> JobPage:
     """The caller's jobs, newest first."""
     jobs, following = service.jobs.list_for_owner(_owner(), limit=limit, after=cursor)
-    base = _base_url()
+    base = _link_prefix()
     return JobPage(jobs=[job_document(job, None, base) for job in jobs], next_cursor=following)
 
 
@@ -396,7 +415,7 @@ def job_page_state(
     """The job document, for the page."""
     job = _viewed(job_id, token)
     view = service.view(job.owner, job_id)
-    return job_document(view.job, view.progress, _base_url(), view_token=token)
+    return job_document(view.job, view.progress, _link_prefix(), view_token=token)
 
 
 @app.get("/jobs/<job_id>/view/tiles", include_in_schema=False)
@@ -416,7 +435,7 @@ def job_page_cancel(
 ) -> Response[Any]:
     """The page's cancel button."""
     job = service.cancel(_viewed(job_id, token).owner, job_id)
-    body = job_document(job, None, _base_url(), view_token=token).model_dump(mode="json")
+    body = job_document(job, None, _link_prefix(), view_token=token).model_dump(mode="json")
     return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=body)
 
 
@@ -439,6 +458,16 @@ def openapi() -> Response[str]:
     )
 
 
+def _refusal(status: int, code: str, message: str) -> dict[str, Any]:
+    """A proxy response refusing a request before the resolver reads it."""
+    return {
+        "statusCode": status,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON},
+        "body": ErrorBody(code=code, message=message).model_dump_json(exclude_none=True),
+        "isBase64Encoded": False,
+    }
+
+
 def _sends_non_json(event: dict[str, Any]) -> bool:
     """A body in any other type than JSON: the resolver would try to parse it as a form."""
     headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
@@ -451,12 +480,10 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     """API Gateway REST proxy event in, proxy response out."""
     idempotency.register_lambda_context(context)
     if _sends_non_json(event):
-        body = ErrorBody(code="UNSUPPORTED_MEDIA_TYPE", message="send request bodies as JSON")
-        return {
-            "statusCode": 415,
-            "headers": {"Content-Type": content_types.APPLICATION_JSON},
-            "body": body.model_dump_json(exclude_none=True),
-            "isBase64Encoded": False,
-        }
+        return _refusal(415, "UNSUPPORTED_MEDIA_TYPE", "send request bodies as JSON")
+    if nests_too_deep(event.get("body") or ""):
+        # The resolver's parser and validators recurse: a deep body would end in RecursionError.
+        message = f"the request body is not valid JSON nested at most {MAX_JSON_DEPTH} levels"
+        return _refusal(400, "BAD_JSON", message)
     with _ONE_REQUEST_AT_A_TIME:
         return app.resolve(event, context)

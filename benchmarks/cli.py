@@ -20,6 +20,7 @@ from typing import Any
 
 from benchmarks._child import ROOT
 from benchmarks.profiles import PROFILES, Profile
+from tilefan.cli_failures import OneLineParser, UsageError, guarded
 
 __all__ = ["main", "run_profile"]
 
@@ -34,14 +35,14 @@ def _log(message: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = OneLineParser(prog="python -m benchmarks", description=__doc__)
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--quick",
         action="store_const",
         dest="profile",
         const="quick",
-        help="trends on 16-64 MP images, about 15 minutes (the default)",
+        help="trends on 16-64 MP images, about 10 minutes on 2 cores (the default)",
     )
     which.add_argument(
         "--full",
@@ -415,11 +416,14 @@ def _targets(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks`` and ``tilefan bench``."""
+    """Entry point of ``python -m benchmarks`` and ``tilefan bench``: failures are one line."""
+    return guarded(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.key and not args.api:
-        print("--key needs --api", file=sys.stderr)
-        return 2
+        raise UsageError("--key needs --api")
     from benchmarks.report import write_report
 
     if args.report_only:

@@ -12,8 +12,22 @@ SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
 NO_SHARED = "../shared/images is absent (a fresh clone has no shared test images)"
 
 
+REPOSITORY_IMAGES = Path(__file__).resolve().parent / "images"
+"""Small real photographs shipped with the repository (their licences: images/README.md)."""
+
+
+def repository_image_names() -> list[str]:
+    """The real images every clone has."""
+    return sorted(p.name for p in REPOSITORY_IMAGES.iterdir() if p.suffix.lower() != ".md")
+
+
 def shared_image(name: str) -> Path:
-    """A file from ../shared/images, or a skip with the reason when the folder is absent."""
+    """A test image: one shipped in tests/images, else one from ../shared/images.
+
+    A name from ../shared/images skips with the reason when that folder is absent.
+    """
+    if (REPOSITORY_IMAGES / name).is_file():
+        return REPOSITORY_IMAGES / name
     path = SHARED_IMAGES / name
     if not path.exists():
         pytest.skip(

@@ -3,23 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
+from urllib.parse import urljoin
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from tilefan.errors import TilefanError
+from tilefan.cli_failures import (
+    CannotListen,
+    InputMissing,
+    InvalidConcurrency,
+    InvalidOpsFile,
+    NoBenchmarks,
+    NoOperations,
+    OneLineParser,
+    OutputUnwritable,
+    UnknownFormat,
+    fail,
+    guarded,
+    route_handler_logs,
+)
 from tilefan.formats.outputs import OUTPUT_FORMATS, format_for_path
+from tilefan.imaging.operations import operation_names, parse_chain
+from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 from tilefan.service.job_service import JobView
+from tilefan.settings import Settings
 from tilefan.state.jobs import JobStatus
 
 __all__ = ["main", "parse_op"]
 
 DEMO_CHAIN = [{"op": "gaussblur", "sigma": 2}, {"op": "sharpen", "sigma": 1}]
+DEFAULT_CONCURRENCY = 4
+MAX_LOCAL_CONCURRENCY = 64
+"""The embedded engine runs every worker as a thread of one process on one machine: past a few
+dozen they only queue for its cores and its memory (docs/engine.md)."""
 
 
 def parse_op(text: str) -> dict[str, Any]:
@@ -56,8 +79,9 @@ def _split_top_level(text: str) -> list[str]:
 class _Progress:
     """Tiles done of total and throughput, redrawn in place on a terminal, silent otherwise."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, api_url: str = "") -> None:
         self.stream = stream
+        self.api_url = api_url
         self.enabled = stream.isatty()
         self.started = time.monotonic()
         self.last = ""
@@ -91,7 +115,8 @@ class _Progress:
         view = (job.get("links") or {}).get("view")
         if view and not self.view_shown:
             self.view_shown = True
-            self.stream.write(f"watch it in a browser: {view}\n")
+            # The API's links are root-relative; a browser needs the whole address.
+            self.stream.write(f"watch it in a browser: {urljoin(self.api_url + '/', view)}\n")
             self.stream.flush()
         tiles = job.get("tiles") or {}
         self.update(str(job["status"]), int(tiles.get("done", 0)), int(tiles.get("total", 0)))
@@ -103,33 +128,81 @@ class _Progress:
 
 
 def _chain(args: argparse.Namespace) -> list[dict[str, Any]]:
-    steps: list[dict[str, Any]] = []
-    if args.ops_file:
-        steps.extend(json.loads(Path(args.ops_file).read_text()))
+    """The steps of --ops-file then --op, validated here so run and submit word errors alike."""
+    if not args.ops_file and not args.op:
+        raise NoOperations(
+            "no --op or --ops-file: give at least one step (an --ops-file holding [] "
+            "re-encodes the input unchanged)"
+        )
+    steps: list[dict[str, Any]] = _ops_file(Path(args.ops_file)) if args.ops_file else []
     steps.extend(args.op or [])
+    return parse_chain(steps).to_json()
+
+
+def _ops_file(path: Path) -> list[dict[str, Any]]:
+    try:
+        steps = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise InvalidOpsFile(f"--ops-file {path}: no such file") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidOpsFile(f"--ops-file {path}: cannot be read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise InvalidOpsFile(f"--ops-file {path}: not JSON ({e})") from e
+    if not isinstance(steps, list):
+        raise InvalidOpsFile(
+            f'--ops-file {path}: must hold a JSON list of steps like {{"op": "invert"}}'
+        )
     return steps
-
-
-class _InputMissing(TilefanError):
-    code = "INPUT_MISSING"
-
-
-class _UnknownFormat(TilefanError):
-    code = "UNKNOWN_FORMAT"
 
 
 def _job_files(args: argparse.Namespace) -> tuple[Path, Path, str]:
     """The input, the output and the output format a run or submit names, checked."""
     source, output = Path(args.input), Path(args.output)
     if not source.is_file():
-        raise _InputMissing(f"{source} is not a file")
-    output_format = args.format or format_for_path(output)
+        raise InputMissing(f"{source} is not a file")
+    named_format = format_for_path(output)
+    output_format = args.format or named_format
     if output_format is None:
-        raise _UnknownFormat(
+        raise UnknownFormat(
             f"cannot tell the format from {output.name!r}; pass --format "
             f"({', '.join(OUTPUT_FORMATS)})"
         )
+    _check_writable(output)
     return source, output, output_format
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse an output that cannot be written before any work is done for it."""
+    folder = output.parent
+    if output.is_dir():
+        raise OutputUnwritable(f"{output} is a directory; name a file")
+    if not folder.is_dir():
+        raise OutputUnwritable(f"{folder} does not exist; create it or name another folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputUnwritable(f"{folder} is not writable")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise OutputUnwritable(f"{output} exists and is not writable")
+
+
+def _concurrency(text: str) -> int:
+    """--concurrency, checked before the engine starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_LOCAL_CONCURRENCY:
+        raise InvalidConcurrency(
+            f"--concurrency must be a whole number from 1 to {MAX_LOCAL_CONCURRENCY}, got {text!r}"
+        )
+    return value
+
+
+def _service_name() -> str:
+    """The handlers' Powertools service name, from the template they are deployed with."""
+    from tilefan.local.template import load_template
+
+    environment = load_template(Path(__file__).resolve().parent.parent).environment()
+    return environment.get("POWERTOOLS_SERVICE_NAME", "service_undefined")
 
 
 def _run_locally(
@@ -138,6 +211,7 @@ def _run_locally(
     """One job on a fresh embedded engine, with the progress bar on a terminal."""
     from tilefan.local.stack import local_stack, run_job
 
+    route_handler_logs(_service_name(), verbose=args.verbose)
     progress = _Progress(sys.stderr)
     with local_stack() as stack:
         view = run_job(
@@ -157,14 +231,15 @@ def _run_locally(
 def _run(args: argparse.Namespace) -> int:
     source, output, output_format = _job_files(args)
     view = _run_locally(source, output, _chain(args), output_format, args)
-    return _report(view, output, quiet=not sys.stdout.isatty() and not args.verbose)
+    return _report(view, output, quiet=args.quiet)
 
 
 def _report(view: JobView, output: Path, *, quiet: bool) -> int:
     job = view.job
     if job.status is not JobStatus.SUCCEEDED:
         error = job.error or {"code": job.status.value, "message": "the job did not finish"}
-        return _fail(error["code"], error["message"])
+        fail(error["code"], error["message"])
+        return 1
     if not quiet:
         timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in job.timings.items())
         assert job.output is not None
@@ -173,11 +248,6 @@ def _report(view: JobView, output: Path, *, quiet: bool) -> int:
             f"{job.output['size_bytes']:,} bytes); {timings}"
         )
     return 0
-
-
-def _fail(code: str, message: str) -> int:
-    print(f"error: {code}: {message}", file=sys.stderr)
-    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -202,7 +272,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tilefan.local.serve import serve_api
 
-    with serve_api(host=args.host, port=args.port, keys=args.key or ()) as api:
+    route_handler_logs(_service_name(), verbose=args.verbose)
+    with contextlib.ExitStack() as running:
+        try:
+            api = running.enter_context(
+                serve_api(host=args.host, port=args.port, keys=args.key or ())
+            )
+        except OSError as e:
+            where = f"{args.host}:{args.port}"
+            raise CannotListen(f"cannot listen on {where}: {e.strerror or e}") from e
         print(f"tilefan API on {api.url}  (OpenAPI: {api.url}/openapi.json)")
         print(f"example key: {api.keys[0]}")
         print(f"try: curl -H 'x-api-key: {api.keys[0]}' {api.url}/jobs")
@@ -217,27 +295,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from tilefan.service.client import ApiError, JobFailed, TilefanClient
+    from tilefan.service.client import TilefanClient
 
     source, output, output_format = _job_files(args)
-    progress = _Progress(sys.stderr)
+    chain = _chain(args)
+    progress = _Progress(sys.stderr, api_url=args.api)
     client = TilefanClient(args.api, args.key)
     try:
         done = client.submit(
             source,
             output,
-            _chain(args),
+            chain,
             output_format=output_format,
             tile_size=args.tile_size,
             on_progress=progress.on_document,
             poll_seconds=args.poll,
         )
-    except (ApiError, JobFailed) as e:
+    finally:
         progress.close()
-        return _fail(e.code, getattr(e, "message", str(e)))
-    progress.close()
-    result = done.job["output"]
-    print(f"{output} ({result['width']}x{result['height']}); job {done.job['job_id']}")
+    if not args.quiet:
+        result = done.job["output"]
+        print(f"{output} ({result['width']}x{result['height']}); job {done.job['job_id']}")
     return 0
 
 
@@ -245,7 +323,7 @@ def _bench(argv: Sequence[str]) -> int:
     # The harness lives beside the package in a checkout (benchmarks/), not in the wheel.
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "cli.py").is_file():
-        return _fail("NO_BENCHMARKS", f"no benchmarks/ beside {root / 'tilefan'}: use a checkout")
+        raise NoBenchmarks(f"no benchmarks/ beside {root / 'tilefan'}: use a checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     # Imported by name: the harness is a tool beside the core, outside its type-checked API.
@@ -253,11 +331,41 @@ def _bench(argv: Sequence[str]) -> int:
     return int(harness.main(argv))
 
 
+_OP_HELP = "a step, e.g. gaussblur:sigma=4 (repeat for a chain)"
+_OPS_FILE_HELP = "a JSON file with a list of steps (run before --op); [] re-encodes only"
+_FORMAT_HELP = "the output format (default: from the output's extension)"
+_VERBOSE_HELP = "also print the Lambda handlers' logs (on stderr)"
+
+
+def _epilog() -> str:
+    """What every job-running subcommand's --help ends with: the operations and the defaults."""
+    return (
+        f"operations: {', '.join(operation_names())} (docs/operations.md). "
+        "Without --op or --ops-file the command refuses (NO_OPERATIONS). "
+        "On failure: exit status 1 (2 for a wrong command line) and one line on stderr, "
+        "'error: CODE: sentence'."
+    )
+
+
+def _tile_size_help() -> str:
+    default = Settings.model_fields["tile_size"].default
+    return f"tile edge in pixels, {MIN_TILE_SIZE} to {MAX_TILE_SIZE} (default: {default})"
+
+
+def _add_concurrency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=DEFAULT_CONCURRENCY,
+        help=f"tile workers at once, 1 to {MAX_LOCAL_CONCURRENCY} (default: {DEFAULT_CONCURRENCY})",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tilefan", description=__doc__)
+    parser = OneLineParser(prog="tilefan", description=__doc__, epilog=_epilog())
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run one job on the embedded engine")
+    run = commands.add_parser("run", help="run one job on the embedded engine", epilog=_epilog())
     run.add_argument("input")
     run.add_argument("-o", "--output", required=True)
     run.add_argument(
@@ -265,38 +373,57 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=parse_op,
         metavar="NAME[:key=value,...]",
-        help="a step, e.g. gaussblur:sigma=4 (repeat for a chain)",
+        help=_OP_HELP,
     )
-    run.add_argument("--ops-file", help="a JSON file with a list of steps (run before --op)")
-    run.add_argument("--tile-size", type=int, default=None)
-    run.add_argument("--concurrency", type=int, default=4)
-    run.add_argument("--format", choices=sorted(OUTPUT_FORMATS))
-    run.add_argument("-v", "--verbose", action="store_true", help="print the summary always")
+    run.add_argument("--ops-file", help=_OPS_FILE_HELP)
+    run.add_argument("--tile-size", type=int, default=None, help=_tile_size_help())
+    _add_concurrency(run)
+    run.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help=_FORMAT_HELP)
+    run.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="no summary line (output and stage timings)"
+    )
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="make a synthetic image and run a chain on it")
-    demo.add_argument("--megapixels", type=float, default=100)
-    demo.add_argument("--tile-size", type=int, default=1024)
-    demo.add_argument("--concurrency", type=int, default=4)
+    demo.add_argument("--megapixels", type=float, default=100, help="(default: 100)")
+    demo.add_argument("--tile-size", type=int, default=1024, help=_tile_size_help())
+    _add_concurrency(demo)
     demo.add_argument("--workdir", help="where to put the input and the result")
+    demo.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     demo.set_defaults(func=_demo)
 
     serve = commands.add_parser("serve", help="serve the REST API locally on the embedded engine")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="(default: 8080)")
     serve.add_argument("--key", action="append", help="an API key to accept (repeatable)")
+    serve.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     serve.set_defaults(func=_serve)
 
-    submit = commands.add_parser("submit", help="run one job through a deployed or local API")
+    submit = commands.add_parser(
+        "submit", help="run one job through a deployed or local API", epilog=_epilog()
+    )
     submit.add_argument("input")
     submit.add_argument("-o", "--output", required=True)
     submit.add_argument("--api", required=True, help="the API's base URL")
     submit.add_argument("--key", help="the API key (x-api-key)")
-    submit.add_argument("--op", action="append", type=parse_op, metavar="NAME[:key=value,...]")
-    submit.add_argument("--ops-file")
-    submit.add_argument("--tile-size", type=int, default=None)
-    submit.add_argument("--format", choices=sorted(OUTPUT_FORMATS))
-    submit.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    submit.add_argument(
+        "--op", action="append", type=parse_op, metavar="NAME[:key=value,...]", help=_OP_HELP
+    )
+    submit.add_argument("--ops-file", help=_OPS_FILE_HELP)
+    submit.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="tile edge in pixels (default: the deployment's, 1024 unless configured)",
+    )
+    submit.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help=_FORMAT_HELP)
+    submit.add_argument(
+        "--poll", type=float, default=1.0, help="seconds between status polls (default: 1.0)"
+    )
+    submit.add_argument(
+        "-q", "--quiet", action="store_true", help="no summary line (output and job id)"
+    )
     submit.set_defaults(func=_submit)
 
     # Listed for --help; main() hands everything after "bench" to the harness untouched.
@@ -307,15 +434,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `tilefan` console script."""
+    """Entry point of the `tilefan` console script: every failure is one line with a code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["bench"]:
-        return _bench(arguments[1:])
+        return guarded(lambda: _bench(arguments[1:]))
+    return guarded(lambda: _dispatch(arguments))
+
+
+def _dispatch(arguments: list[str]) -> int:
     args = _parser().parse_args(arguments)
-    try:
-        return int(args.func(args))
-    except TilefanError as e:
-        return _fail(e.code, str(e))
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

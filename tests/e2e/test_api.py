@@ -110,11 +110,11 @@ def test_idempotency_key_returns_the_same_job(client: TilefanClient) -> None:
     ("body", "status", "code"),
     [
         (b"{not json", 400, "BAD_JSON"),
-        (b'{"operations": [{"op": "blur"}], "input": {"size_bytes": 5}}', 400, "INVALID_REQUEST"),
+        (b'{"operations": [{"op": "blur"}], "input": {"size_bytes": 5}}', 400, "INVALID_CHAIN"),
         (
             b'{"operations": [{"op": "gaussblur", "sigma": 0}], "input": {"size_bytes": 5}}',
             400,
-            "INVALID_REQUEST",
+            "INVALID_CHAIN",
         ),
         (
             b'{"operations": [], "input": {"size_bytes": 5}, "tile_size": 32}',

@@ -118,6 +118,11 @@ def with_token(url: str, token: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode({"token": token})))
 
 
+def absolute(api: LocalApi, link: str) -> str:
+    """The API's links are root-relative: the address a browser opens."""
+    return urllib.parse.urljoin(api.url + "/", link)
+
+
 def main_data(page: Any) -> dict[str, str]:
     values: dict[str, str] = page.eval_on_selector(
         "main",
@@ -142,7 +147,7 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
 ) -> None:
     monkeypatch.setattr(tilefan.stages.process, "execute_tile", SlowTiles(0.6))
     job = start_job(client, tmp_path)
-    view = job["links"]["view"]
+    view = absolute(api, job["links"]["view"])
     assert view.startswith(api.url + f"/jobs/{job['job_id']}/view?token=")
 
     page = browser.new_page(viewport={"width": 1000, "height": 900})
@@ -184,6 +189,7 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
 
 
 def test_failed_job_shows_its_code_and_the_failed_tile(
+    api: LocalApi,
     client: TilefanClient,
     browser: Any,
     tmp_path: Path,
@@ -193,7 +199,7 @@ def test_failed_job_shows_its_code_and_the_failed_tile(
     job = start_job(client, tmp_path)
     wait_until_ended(client, job["job_id"])
     page = browser.new_page(viewport={"width": 1000, "height": 900})
-    page.goto(job["links"]["view"])
+    page.goto(absolute(api, job["links"]["view"]))
     page.wait_for_selector('main[data-job-status="FAILED"]')
     assert page.locator("#error-code").inner_text() == "TILE_FAILED"
     assert "injected failure" in page.locator("#error-message").inner_text()
@@ -215,7 +221,7 @@ def test_forged_expired_and_other_jobs_links_get_404(
     second = start_job(client, tmp_path)
     for job in (first, second):
         wait_until_ended(client, job["job_id"])
-    view = first["links"]["view"]
+    view = absolute(api, first["links"]["view"])
     token = urllib.parse.parse_qs(urllib.parse.urlsplit(view).query)["token"][0]
     assert status_of(view) == 200
     assert status_of(with_token(view, token).replace("/view?", "/view/state?")) == 200
@@ -243,8 +249,8 @@ def test_page_link_needs_no_api_key_but_other_routes_still_do(
 ) -> None:
     job = start_job(client, tmp_path)
     wait_until_ended(client, job["job_id"])
-    assert status_of(job["links"]["view"]) == 200
-    assert status_of(job["links"]["self"]) == 403
+    assert status_of(absolute(api, job["links"]["view"])) == 200
+    assert status_of(absolute(api, job["links"]["self"])) == 403
     static = api.url + f"/jobs/{job['job_id']}/view/static/job.js"
     assert status_of(static) == 200
     assert status_of(api.url + f"/jobs/{job['job_id']}/view/static/../app.py") == 404
@@ -266,7 +272,7 @@ def test_concurrent_pages_do_not_slow_the_job_beyond_a_few_requests_a_second(
         lambda request: data_requests.append(request.url) if "/view/" in request.url else None,
     )
     started = time.monotonic()
-    page.goto(job["links"]["view"])
+    page.goto(absolute(api, job["links"]["view"]))
     page.wait_for_selector(
         'main[data-job-status="SUCCEEDED"], main[data-job-status="FAILED"]', timeout=120_000
     )

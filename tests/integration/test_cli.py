@@ -55,7 +55,7 @@ def test_run_writes_what_whole_image_libvips_gives(
     ops_file.write_text(json.dumps(OPS[:1]))
     output = tmp_path / "out.tif"
     argv = ["run", str(source), "-o", str(output), "--ops-file", str(ops_file)]
-    assert main([*argv, "--op", "flip:direction=vertical", "--tile-size", "64", "-v"]) == 0
+    assert main([*argv, "--op", "flip:direction=vertical", "--tile-size", "64"]) == 0
     expected = whole(pyvips.Image.new_from_file(str(source)), OPS)
     assert_identical(expected, pyvips.Image.new_from_file(str(output)))
     assert capsys.readouterr().out.startswith(f"{output} (210x150, ")
@@ -67,7 +67,10 @@ def test_run_writes_what_whole_image_libvips_gives(
         (["run", "{missing}", "-o", "{tmp}/out.tif", "--op", "invert"], "INPUT_MISSING"),
         (["run", "{source}", "-o", "{tmp}/out.xyz", "--op", "invert"], "UNKNOWN_FORMAT"),
         (["run", "{source}", "-o", "{tmp}/out.tif", "--op", "blur"], "INVALID_CHAIN"),
-        (["run", "{source}", "-o", "{tmp}/out.tif", "--tile-size", "7"], "INVALID_TILE_SIZE"),
+        (
+            ["run", "{source}", "-o", "{tmp}/out.tif", "--op", "invert", "--tile-size", "7"],
+            "INVALID_TILE_SIZE",
+        ),
         (["run", "{damaged}", "-o", "{tmp}/out.tif", "--op", "invert"], "DAMAGED_IMAGE"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,

@@ -629,6 +629,9 @@ def test_cancelling_mid_run_stops_the_job_and_removes_everything(
     view = service.view(LOCAL_OWNER, job.job_id)
     assert view.job.status is JobStatus.CANCELLED
     assert view.job.output is None and view.job.error is None
+    # Tiles whose input the cancellation removed say so, never where the input was.
+    errors = [tile.error for tile in service.jobs.tiles(job.job_id) if tile.error]
+    assert all(error.endswith("the job was cancelled") for error in errors), errors
     assert service.store.list_keys(keys.job_prefix(job.job_id)) == []
     assert service.store.list_keys(f"results/{job.job_id}/") == []
     with pytest.raises(AlreadyStarted):  # the API answers 409 ALREADY_STARTED

@@ -59,7 +59,17 @@ CHAINS = [
 
 @pytest.mark.parametrize("ops", CHAINS, ids=lambda ops: "+".join(s["op"] for s in ops))
 @pytest.mark.parametrize(
-    ("name", "tile_size"), [("sample.jpg", 64), ("sample.png", 100), ("rotation-6.jpg", 128)]
+    ("name", "tile_size"),
+    [
+        # Shipped in tests/images: these run in every clone.
+        ("camera.png", 128),
+        ("chelsea.png", 100),
+        ("rocket.jpg", 96),
+        # From ../shared/images, where it is present.
+        ("sample.jpg", 64),
+        ("sample.png", 100),
+        ("rotation-6.jpg", 128),
+    ],
 )
 def test_run_equals_whole_image_libvips(
     stack: LocalStack, tmp_path: Path, name: str, tile_size: int, ops: list[dict[str, Any]]

@@ -11,7 +11,13 @@ import pyvips
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.support import assert_identical, noise_image, shared_image, shared_image_names
+from tests.support import (
+    assert_identical,
+    noise_image,
+    repository_image_names,
+    shared_image,
+    shared_image_names,
+)
 from tilefan import ImageSpec, InvalidChain, check_chain, parse_chain, process_tiled
 from tilefan.imaging.operations import Conv, GaussBlur, Median, Sharpen, Sobel
 
@@ -131,12 +137,16 @@ def test_tiled_equals_whole_for_every_pixel_format(
     assert_identical(whole(image, ops), result)
 
 
-def _loadable_shared_images() -> list[str]:
-    return shared_image_names() or ["(none)"]
+def _real_images() -> list[Any]:
+    """The images shipped in tests/images (always), then those of ../shared/images."""
+    shared = [
+        pytest.param(name, marks=pytest.mark.shared_images)
+        for name in shared_image_names() or ["(none)"]
+    ]
+    return [*repository_image_names(), *shared]
 
 
-@pytest.mark.shared_images
-@pytest.mark.parametrize("name", _loadable_shared_images())
+@pytest.mark.parametrize("name", _real_images())
 @pytest.mark.parametrize("ops", CHAINS[:3], ids=lambda ops: "+".join(s["op"] for s in ops))
 def test_tiled_equals_whole_on_real_images(name: str, ops: list[dict[str, Any]]) -> None:
     path = shared_image(name)

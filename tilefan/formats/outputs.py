@@ -9,7 +9,16 @@ from typing import Any, Literal
 
 import pyvips
 
-__all__ = ["OUTPUT_FORMATS", "OutputFormat", "SavedOutput", "format_for_path", "save_output"]
+from tilefan.errors import TilefanError
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "OutputFormat",
+    "SavedOutput",
+    "UnsupportedOutput",
+    "format_for_path",
+    "save_output",
+]
 
 OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz"]
 
@@ -30,8 +39,20 @@ _EXTENSIONS = {
     ".png": "png",
     ".webp": "webp",
     ".zip": "dz",
-    ".dzi": "dz",
 }
+
+_NOT_WRITTEN = {
+    ".dzi": "a .dzi output (a DeepZoom tile set) is not written yet; name the output .zip "
+    "for the DeepZoom pyramid in one zip",
+}
+"""Extensions that name a format tilefan does not write, with what to use instead."""
+
+
+class UnsupportedOutput(TilefanError):
+    """The output's name asks for a format tilefan does not write."""
+
+    code = "UNSUPPORTED_OUTPUT"
+
 
 _BIGTIFF_ABOVE = 3 * 2**30
 """Classic TIFF addresses 4 GiB; past 3 GiB of pixels we write BigTIFF to be safe."""
@@ -47,8 +68,11 @@ class SavedOutput:
 
 
 def format_for_path(path: str | Path) -> str | None:
-    """The output format a file name asks for, or None."""
-    return _EXTENSIONS.get(Path(path).suffix.lower())
+    """The output format a file name asks for, or None; `UnsupportedOutput` if never written."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _NOT_WRITTEN:
+        raise UnsupportedOutput(_NOT_WRITTEN[suffix])
+    return _EXTENSIONS.get(suffix)
 
 
 def save_output(

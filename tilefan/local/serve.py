@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -108,6 +109,8 @@ def _request_handler(gateway: _Gateway) -> type[BaseHTTPRequestHandler]:
         def _answer(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > _MAX_BODY:
+                # The body is left unread, so the connection cannot carry another request.
+                self.close_connection = True
                 status, headers, data = (
                     413,
                     {"Content-Type": "application/json"},
@@ -122,9 +125,30 @@ def _request_handler(gateway: _Gateway) -> type[BaseHTTPRequestHandler]:
             for name, value in headers.items():
                 if name.lower() not in ("content-length", "connection"):
                     self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def send_error(
+            self, code: int, message: str | None = None, explain: str | None = None
+        ) -> None:
+            """What the HTTP layer refuses itself (a 100,000-character path: 414), in JSON."""
+            status = HTTPStatus(code)
+            body = json.dumps(
+                {
+                    "code": status.name,
+                    "message": f"{status.phrase.lower()}: {message or status.description}",
+                }
+            ).encode()
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def __getattr__(self, name: str) -> Any:
             # API Gateway's ANY method hands every verb to the handler; so does this server.

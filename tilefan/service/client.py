@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 from tilefan.errors import TilefanError
 
@@ -125,7 +126,11 @@ class TilefanClient:
                 chunk = stream.read(min(part_size, size - offset))
                 etag = _put(part["url"], chunk, len(chunk), {})
                 parts.append({"part_number": part["part_number"], "etag": etag})
-        self.request("POST", multipart["complete_url"], {"parts": parts})
+        self.request("POST", self.link(multipart["complete_url"]), {"parts": parts})
+
+    def link(self, href: str) -> str:
+        """A link from the API (root-relative, stage included) as a full URL."""
+        return urljoin(self.api_url + "/", href)
 
     def follow(
         self, job_id: str, *, on_progress: ProgressCallback | None, poll_seconds: float

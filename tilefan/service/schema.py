@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tilefan.formats.outputs import OutputFormat
 from tilefan.imaging.operations import Step
@@ -29,8 +30,15 @@ __all__ = [
 ]
 
 
+_HEADER_VALUE = re.compile(r"[!-~][ -~]*")
+"""A header value without control characters: visible ASCII, spaces inside."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request document: unknown fields refused, and no coercion (``"256"`` is not a number),
+    the same policy as the operations' own fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class OutputSpec(_Strict):
@@ -57,7 +65,20 @@ class InputSpec(_Strict):
     """What the client will upload."""
 
     size_bytes: int = Field(gt=0, description="exact size of the upload in bytes")
-    content_type: str = Field(default="application/octet-stream", max_length=200)
+    content_type: str = Field(
+        default="application/octet-stream",
+        max_length=200,
+        description="a media type on one line of printable ASCII, sent back as a header",
+        json_schema_extra={"pattern": f"^{_HEADER_VALUE.pattern}$"},
+    )
+
+    @field_validator("content_type")
+    @classmethod
+    def _one_header_line(cls, value: str) -> str:
+        # It becomes the upload's Content-Type header: a CR or LF would start another header.
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ValueError("must be a media type such as image/png, printable ASCII on one line")
+        return value
 
 
 class CreateJobRequest(_Strict):

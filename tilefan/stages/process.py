@@ -19,6 +19,7 @@ from tilefan.state.jobs import (
     TERMINAL,
     Job,
 )
+from tilefan.state.storage import ObjectMissing
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
@@ -82,10 +83,20 @@ def _process_tile(
         pipeline.jobs.tile_retrying(job_id, tile.index, f"tile {tile.index}: {e}")
         raise
     except (pyvips.Error, TilefanError) as e:
-        message = f"tile {tile.index}: {reason(e)}"
+        message = f"tile {tile.index}: {_failure_reason(pipeline, job_id, e)}"
         pipeline.jobs.tile_finished(job_id, tile.index, _ms_since(started), error=message)
         raise TileFailed(message) from e
     pipeline.jobs.tile_finished(job_id, tile.index, _ms_since(started))
+
+
+def _failure_reason(pipeline: Pipeline, job_id: str, error: Exception) -> str:
+    """Why a tile failed, in words for the job's owner."""
+    if isinstance(error, ObjectMissing):
+        # A cancellation removes the job's tiles under a running worker. Object keys are
+        # internal: the tile says why its input is gone, not where it was.
+        ended = pipeline.jobs.get(job_id).status
+        return f"the job was {ended.value.lower()}" if ended in TERMINAL else "its input is missing"
+    return reason(error)
 
 
 @functools.lru_cache(maxsize=64)
