@@ -10,10 +10,10 @@ import os
 import sys
 import tempfile
 import time
-from urllib.parse import urljoin
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urljoin
 
 from tilefan.cli_failures import (
     CannotListen,
