@@ -7,14 +7,18 @@ import importlib
 import json
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 from tilefan.errors import TilefanError
 from tilefan.formats.outputs import OUTPUT_FORMATS, format_for_path
+from tilefan.imaging.operations import operation_names
 from tilefan.service.job_service import JobView
+from tilefan.service.schema import OutputSpec
+from tilefan.settings import Settings
 from tilefan.state.jobs import JobStatus
 
 __all__ = ["main", "parse_op"]
@@ -127,7 +131,12 @@ def _job_files(args: argparse.Namespace) -> tuple[Path, Path, str]:
 
 
 def _run_locally(
-    source: Path, output: Path, chain: Any, output_format: str, args: argparse.Namespace
+    source: Path,
+    output: Path,
+    chain: Any,
+    output_format: str,
+    args: argparse.Namespace,
+    output_options: dict[str, Any] | None = None,
 ) -> JobView:
     """One job on a fresh embedded engine, with the progress bar on a terminal."""
     from tilefan.local.stack import local_stack, run_job
@@ -142,6 +151,7 @@ def _run_locally(
             output_format=output_format,
             tile_size=args.tile_size,
             concurrency=args.concurrency,
+            output_options=output_options,
             on_progress=progress.on_view if progress.enabled else None,
         )
     progress.close()
@@ -150,7 +160,8 @@ def _run_locally(
 
 def _run(args: argparse.Namespace) -> int:
     source, output, output_format = _job_files(args)
-    view = _run_locally(source, output, _chain(args), output_format, args)
+    options = _output_options(args, output_format)
+    view = _run_locally(source, output, _chain(args), output_format, args, options)
     return _report(view, output, quiet=not sys.stdout.isatty() and not args.verbose)
 
 
@@ -246,11 +257,55 @@ def _bench(argv: Sequence[str]) -> int:
     return int(harness.main(argv))
 
 
+_DEFAULT_TILE_SIZE = Settings.model_fields["tile_size"].default
+_DEFAULT_CONCURRENCY = 4
+# The API's choices: the field is `Literal[...] | None`.
+_COMPRESSIONS = get_args(get_args(OutputSpec.model_fields["compression"].annotation)[0])
+_RUN_EPILOG = "\n".join(
+    [
+        "operations (--op NAME[:key=value,...]; docs/operations.md has their fields):",
+        *textwrap.wrap(
+            ", ".join(operation_names()), 79, initial_indent="  ", subsequent_indent="  "
+        ),
+        "",
+        f"defaults: tile size {_DEFAULT_TILE_SIZE}, concurrency {_DEFAULT_CONCURRENCY}, "
+        "format from the output's extension,",
+        "  tiff with deflate compression, jpeg and webp quality 90.",
+        "A jpeg result is at most 65,535 px a side, a webp one 16,383; a jpeg, png or webp",
+        "result the merger could not encode within its timeout is refused (OUTPUT_TOO_LARGE).",
+    ]
+)
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"quality must be from 1 to 100, got {value}")
+    return value
+
+
+def _output_options(args: argparse.Namespace, output_format: str) -> dict[str, Any]:
+    """The output options of a run, checked as the API checks them."""
+    return OutputSpec(
+        format=output_format,  # type: ignore[arg-type]  # checked by _job_files
+        compression=args.compression,
+        pyramid=args.pyramid,
+        quality=args.quality,
+        lossless=args.lossless,
+    ).options()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilefan", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run one job on the embedded engine")
+    run = commands.add_parser(
+        "run",
+        help="run one job on the embedded engine",
+        description="Run one job on the embedded engine.",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("input")
     run.add_argument("-o", "--output", required=True)
     run.add_argument(
@@ -261,9 +316,27 @@ def _parser() -> argparse.ArgumentParser:
         help="a step, e.g. gaussblur:sigma=4 (repeat for a chain)",
     )
     run.add_argument("--ops-file", help="a JSON file with a list of steps (run before --op)")
-    run.add_argument("--tile-size", type=int, default=None)
-    run.add_argument("--concurrency", type=int, default=4)
+    run.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help=f"tile edge in source pixels (default {_DEFAULT_TILE_SIZE})",
+    )
+    run.add_argument(
+        "--concurrency",
+        type=int,
+        default=_DEFAULT_CONCURRENCY,
+        help=f"tiles processed at once (default {_DEFAULT_CONCURRENCY})",
+    )
     run.add_argument("--format", choices=sorted(OUTPUT_FORMATS))
+    run.add_argument(
+        "--compression",
+        choices=_COMPRESSIONS,
+        help="tiff only (default deflate, lossless)",
+    )
+    run.add_argument("--pyramid", action="store_true", help="tiff only: add reduced levels")
+    run.add_argument("--quality", type=_quality, help="jpeg and webp, 1 to 100 (default 90)")
+    run.add_argument("--lossless", action="store_true", help="webp only")
     run.add_argument("-v", "--verbose", action="store_true", help="print the summary always")
     run.set_defaults(func=_run)
 

@@ -566,9 +566,9 @@ def hold_tiles(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def hold_merge(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.stages.merge.save_output
+    real = tilefan.stages.merge.merge_streamed  # the jobs here make png results
     monkeypatch.setattr(
-        tilefan.stages.merge, "save_output", lambda *args: gate.wait() or real(*args)
+        tilefan.stages.merge, "merge_streamed", lambda *args: gate.wait() or real(*args)
     )
 
 

@@ -9,7 +9,15 @@ from typing import Any, Literal
 
 import pyvips
 
-__all__ = ["OUTPUT_FORMATS", "OutputFormat", "SavedOutput", "format_for_path", "save_output"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "STREAMED_FORMATS",
+    "OutputFormat",
+    "SavedOutput",
+    "encode_to_target",
+    "format_for_path",
+    "save_output",
+]
 
 OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz"]
 
@@ -21,6 +29,9 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "dz": ("zip", "application/zip"),
 }
 """Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip."""
+
+STREAMED_FORMATS = frozenset({"jpeg", "png", "webp"})
+"""Formats encoded in one pass over the whole image, fed a row of tiles at a time."""
 
 _EXTENSIONS = {
     ".tif": "tiff",
@@ -54,14 +65,12 @@ def format_for_path(path: str | Path) -> str | None:
 def save_output(
     image: pyvips.Image, directory: Path, output_format: str, options: Mapping[str, Any]
 ) -> SavedOutput:
-    """Save ``image`` in ``output_format`` under ``directory``, streaming top to bottom.
+    """Save ``image`` as tiff or dz under ``directory``, streaming top to bottom.
 
-    Options: tiff ``compression`` (default deflate, lossless), ``pyramid``; jpeg and webp
-    ``quality``; webp ``lossless``.
+    Options: tiff ``compression`` (default deflate, lossless), ``pyramid``.
     """
     extension, content_type = OUTPUT_FORMATS[output_format]
     path = directory / f"result.{extension}"
-    quality = int(options.get("quality", 90))
     if output_format == "tiff":
         raw_bytes = image.width * image.height * image.bands * _sample_bytes(image.format)
         image.tiffsave(
@@ -73,15 +82,27 @@ def save_output(
             pyramid=bool(options.get("pyramid", False)),
             bigtiff=raw_bytes > _BIGTIFF_ABOVE,
         )
-    elif output_format == "jpeg":
-        image.jpegsave(str(path), Q=quality)
-    elif output_format == "png":
-        image.pngsave(str(path))
-    elif output_format == "webp":
-        image.webpsave(str(path), Q=quality, lossless=bool(options.get("lossless", False)))
     else:
         image.dzsave(str(path))  # a .zip name makes libvips write the pyramid as one zip
     return SavedOutput(path, extension, content_type)
+
+
+def encode_to_target(
+    image: pyvips.Image, target: pyvips.Target, output_format: str, options: Mapping[str, Any]
+) -> None:
+    """Encode ``image`` as jpeg, png or webp into ``target`` (one of `STREAMED_FORMATS`).
+
+    Options: jpeg and webp ``quality`` (90 by default); webp ``lossless``.
+    """
+    quality = int(options.get("quality", 90))
+    if output_format == "jpeg":
+        image.jpegsave_target(target, Q=quality)
+    elif output_format == "png":
+        image.pngsave_target(target)
+    elif output_format == "webp":
+        image.webpsave_target(target, Q=quality, lossless=bool(options.get("lossless", False)))
+    else:
+        raise ValueError(f"{output_format} is not one of {', '.join(sorted(STREAMED_FORMATS))}")
 
 
 def _sample_bytes(pixel_format: str) -> int:

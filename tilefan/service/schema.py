@@ -53,6 +53,14 @@ class InputSpec(_Strict):
 
     size_bytes: int = Field(gt=0, description="exact size of the upload in bytes")
     content_type: str = Field(default="application/octet-stream", max_length=200)
+    width: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="the image's width in pixels, if known: with height, a result that "
+        "cannot be made is refused now (OUTPUT_TOO_LARGE), not after the upload",
+    )
+    height: int | None = Field(default=None, ge=1, le=10_000_000, description="with width")
 
 
 class CreateJobRequest(_Strict):

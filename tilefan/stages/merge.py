@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import TilefanError
-from tilefan.formats.outputs import save_output
+from tilefan.formats.outputs import STREAMED_FORMATS, save_output
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.stream_merge import merge_streamed
 from tilefan.state.jobs import (
     InvalidTransition,
+    Job,
     JobStatus,
 )
 from tilefan.state.storage import keys
@@ -63,20 +65,13 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             f"{progress.total - progress.done} of {progress.total} tiles are not done"
         )
     plan = plan_tiles(ImageSpec(**job.source), parse_chain(job.operations), job.tile_size)
-    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
-        image = _join_cells(pipeline, job_id, plan, Path(scratch), job.grid["interpretation"])
-        saved = save_output(image, Path(scratch), job.output_format, job.output_options)
-        key = keys.result(job_id, saved.extension)
-        pipeline.store.upload(saved.path, key, saved.content_type)
-        output = {
-            "key": key,
-            "format": job.output_format,
-            "size_bytes": saved.path.stat().st_size,
-            "width": plan.output_width,
-            "height": plan.output_height,
-            "bands": image.bands,
-            "pixel_format": image.format,
-        }
+    interpretation = job.grid["interpretation"]
+    if job.output_format in STREAMED_FORMATS:
+        output = merge_streamed(
+            pipeline, job_id, plan, interpretation, job.output_format, job.output_options
+        )
+    else:
+        output = _merge_on_scratch(pipeline, job, plan, interpretation)
     try:
         pipeline.jobs.transition(
             job_id,
@@ -89,7 +84,27 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         pipeline.discard_if_ended(job_id)
         raise
     pipeline.store.delete_prefix(keys.job_prefix(job_id))
-    return {"status": JobStatus.SUCCEEDED.value, "output_key": key}
+    return {"status": JobStatus.SUCCEEDED.value, "output_key": output["key"]}
+
+
+def _merge_on_scratch(
+    pipeline: Pipeline, job: Job, plan: TilePlan, interpretation: str
+) -> dict[str, Any]:
+    """Join the output tiles through cell files on scratch, save the result, upload it."""
+    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
+        image = _join_cells(pipeline, job.job_id, plan, Path(scratch), interpretation)
+        saved = save_output(image, Path(scratch), job.output_format, job.output_options)
+        key = keys.result(job.job_id, saved.extension)
+        pipeline.store.upload(saved.path, key, saved.content_type)
+        return {
+            "key": key,
+            "format": job.output_format,
+            "size_bytes": saved.path.stat().st_size,
+            "width": plan.output_width,
+            "height": plan.output_height,
+            "bands": image.bands,
+            "pixel_format": image.format,
+        }
 
 
 def _join_cells(
