@@ -271,8 +271,9 @@ _RUN_EPILOG = "\n".join(
         f"defaults: tile size {_DEFAULT_TILE_SIZE}, concurrency {_DEFAULT_CONCURRENCY}, "
         "format from the output's extension,",
         "  tiff with deflate compression, jpeg and webp quality 90.",
-        "A jpeg result is at most 65,535 px a side, a webp one 16,383; a jpeg, png or webp",
-        "result the merger could not encode within its timeout is refused (OUTPUT_TOO_LARGE).",
+        "A jpeg result is at most 65,535 px a side, a webp one 16,383; a webp result larger",
+        "than the merger's memory holds, or a jpeg, png or webp result it could not encode",
+        "within its timeout, is refused before the job starts (OUTPUT_TOO_LARGE).",
     ]
 )
 

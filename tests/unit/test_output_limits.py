@@ -17,6 +17,8 @@ from tilefan.imaging.operations import parse_chain
 pytestmark = pytest.mark.unit
 
 TIMEOUT = 900
+MEMORY = 10_240  # Lambda's largest, so that only what a test is about refuses
+MERGER: dict[str, int] = {"merger_timeout": TIMEOUT, "merger_memory_mb": MEMORY}
 
 
 @pytest.mark.parametrize(
@@ -25,7 +27,7 @@ TIMEOUT = 900
         ("jpeg", 65_535, 1_000, False),
         ("jpeg", 65_536, 1_000, True),
         ("jpeg", 1_000, 65_536, True),
-        ("webp", 16_383, 16_383, False),
+        ("webp", 16_383, 100, False),
         ("webp", 16_384, 100, True),
         ("png", 100_000, 100, False),  # PNG stores 2^31 - 1 a side
         ("tiff", 10**6, 10**6, False),  # not streamed: its merger has its own bounds
@@ -36,19 +38,19 @@ def test_sides_beyond_the_format_are_refused(
 ) -> None:
     if refused:
         with pytest.raises(OutputTooLarge, match="a side") as caught:
-            check_output(fmt, {}, width, height, merger_timeout=TIMEOUT)
+            check_output(fmt, {}, width, height, **MERGER)
         assert caught.value.code == "OUTPUT_TOO_LARGE"
     else:
-        check_output(fmt, {}, width, height, merger_timeout=TIMEOUT)
+        check_output(fmt, {}, width, height, **MERGER)
 
 
 def test_results_too_slow_to_encode_in_the_timeout_are_refused() -> None:
     # The largest png the model lets through, and one a little larger.
     limit = ENCODE_SHARE * TIMEOUT * ENCODE_MEGAPIXELS_PER_SECOND["png"] * 1e6
     side = int(limit**0.5)
-    check_output("png", {}, side, side, merger_timeout=TIMEOUT)
+    check_output("png", {}, side, side, **MERGER)
     with pytest.raises(OutputTooLarge, match="would take about"):
-        check_output("png", {}, side + 100, side + 100, merger_timeout=TIMEOUT)
+        check_output("png", {}, side + 100, side + 100, **MERGER)
 
 
 def test_lossless_webp_is_modelled_at_its_own_rate() -> None:
@@ -60,9 +62,9 @@ def test_lossless_webp_is_modelled_at_its_own_rate() -> None:
         * ENCODE_MEGAPIXELS_PER_SECOND["webp"]
         / (ENCODE_MEGAPIXELS_PER_SECOND["webp-lossless"])
     )
-    check_output("webp", {}, 10_000, 10_000, merger_timeout=TIMEOUT)
+    check_output("webp", {}, 10_000, 10_000, **MERGER)
     with pytest.raises(OutputTooLarge):
-        check_output("webp", {"lossless": True}, 10_000, 10_000, merger_timeout=TIMEOUT)
+        check_output("webp", {"lossless": True}, 10_000, 10_000, **MERGER)
 
 
 def test_sixteen_bit_png_takes_longer_than_eight_bit() -> None:
@@ -75,9 +77,22 @@ def test_sixteen_bit_png_takes_longer_than_eight_bit() -> None:
 
 def test_the_output_size_follows_the_chain() -> None:
     enlarge = parse_chain([{"op": "resize", "scale": 16}])
-    check_output_of_input(parse_chain([]), "webp", {}, 1000, 800, merger_timeout=TIMEOUT)
+    check_output_of_input(parse_chain([]), "webp", {}, 1000, 800, **MERGER)
     with pytest.raises(OutputTooLarge, match="17,600x12,800"):
-        check_output_of_input(enlarge, "webp", {}, 1100, 800, merger_timeout=TIMEOUT)
+        check_output_of_input(enlarge, "webp", {}, 1100, 800, **MERGER)
     rotate = parse_chain([{"op": "rot", "angle": "d90"}])
     with pytest.raises(OutputTooLarge, match="100x70,000"):
-        check_output_of_input(rotate, "jpeg", {}, 70_000, 100, merger_timeout=TIMEOUT)
+        check_output_of_input(rotate, "jpeg", {}, 70_000, 100, **MERGER)
+
+
+def test_webp_larger_than_the_merger_can_hold_is_refused() -> None:
+    # libwebp holds the whole picture: about 40 bytes a pixel.
+    check_output("webp", {}, 7_000, 7_000, merger_timeout=TIMEOUT, merger_memory_mb=3008)
+    with pytest.raises(OutputTooLarge, match="needs about"):
+        check_output("webp", {}, 9_000, 9_000, merger_timeout=TIMEOUT, merger_memory_mb=3008)
+    check_output("webp", {}, 9_000, 9_000, merger_timeout=TIMEOUT, merger_memory_mb=10_240)
+    # The largest webp is more than Lambda's largest function can hold.
+    with pytest.raises(OutputTooLarge, match="needs about"):
+        check_output("webp", {}, 16_383, 16_383, merger_timeout=TIMEOUT, merger_memory_mb=10_240)
+    # jpeg and png stream: their memory does not depend on the image's size.
+    check_output("jpeg", {}, 60_000, 60_000, merger_timeout=10**6, merger_memory_mb=512)

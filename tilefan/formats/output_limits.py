@@ -1,4 +1,4 @@
-"""What a streamed result (jpeg, png, webp) can be: format limits and the merger's time.
+"""What a streamed result (jpeg, png, webp) can be: format limits, the merger's time and memory.
 
 A job that cannot succeed is refused before any tile is processed: at creation when the
 request declares the input's dimensions (the API's ``input.width`` and ``input.height``;
@@ -20,6 +20,8 @@ __all__ = [
     "ENCODE_MEGAPIXELS_PER_SECOND",
     "ENCODE_SHARE",
     "MAX_SIDE",
+    "MERGER_BASE_MB",
+    "WEBP_BYTES_PER_PIXEL",
     "check_output",
     "check_output_of_input",
     "predicted_merge_seconds",
@@ -39,6 +41,13 @@ ENCODE_MEGAPIXELS_PER_SECOND = {
 libvips encodes these formats on one thread, so the rate is that of one core whatever the
 merger's memory size. PNG's rate is per 3 bytes of pixel: a 16-bit or 4-band PNG takes longer.
 """
+
+WEBP_BYTES_PER_PIXEL = 40
+"""Memory of a webp encoding per pixel of the result: libwebp encodes a whole picture
+(measured 39 bytes a pixel through libvips 8.18 at default settings; docs/design.md)."""
+
+MERGER_BASE_MB = 250
+"""The merger's memory before it encodes: Python, libvips, boto3 and the tile rows in hand."""
 
 ENCODE_SHARE = 0.75
 """Of the merger's timeout, the share encoding may take: the rest is for fetching the first
@@ -70,6 +79,7 @@ def check_output(
     height: int,
     *,
     merger_timeout: float,
+    merger_memory_mb: int,
     bands: int = 3,
     pixel_format: str = "uchar",
 ) -> None:
@@ -82,6 +92,14 @@ def check_output(
             f"the result would be {width:,}x{height:,} pixels; {output_format} stores at most "
             f"{limit:,} a side: choose tiff, or a chain that makes it smaller"
         )
+    if output_format == "webp":
+        needed_mb = MERGER_BASE_MB + width * height * WEBP_BYTES_PER_PIXEL / 2**20
+        if needed_mb > merger_memory_mb:
+            raise OutputTooLarge(
+                f"encoding a {width:,}x{height:,} webp needs about {needed_mb:,.0f} MB (libwebp "
+                f"holds the whole picture); the merger has {merger_memory_mb:,} MB: choose "
+                "jpeg, png or tiff, or a chain that makes it smaller"
+            )
     seconds = predicted_merge_seconds(
         output_format, options, width, height, bands=bands, pixel_format=pixel_format
     )
@@ -101,6 +119,7 @@ def check_output_of_input(
     height: int,
     *,
     merger_timeout: float,
+    merger_memory_mb: int,
     bands: int = 3,
     pixel_format: str = "uchar",
 ) -> None:
@@ -112,6 +131,7 @@ def check_output_of_input(
         out_width,
         out_height,
         merger_timeout=merger_timeout,
+        merger_memory_mb=merger_memory_mb,
         bands=bands,
         pixel_format=pixel_format,
     )

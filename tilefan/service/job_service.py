@@ -133,6 +133,7 @@ class JobService:
                 int(width),
                 int(height),
                 merger_timeout=self.settings.merger_timeout,
+                merger_memory_mb=self.settings.merger_memory_mb,
             )
         size = tile_size if tile_size is not None else self.settings.tile_size
         if not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:

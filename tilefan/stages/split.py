@@ -54,6 +54,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             upright_header.width,
             upright_header.height,
             merger_timeout=pipeline.settings.merger_timeout,
+            merger_memory_mb=pipeline.settings.merger_memory_mb,
             bands=header.bands,
             pixel_format=header.format,
         )

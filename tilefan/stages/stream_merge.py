@@ -50,9 +50,10 @@ _LAYOUT_FIELDS = frozenset(
         "xres",
         "yres",
         "filename",
+        "vips-sequential",  # the loader's mark that the image is read once, top to bottom
     }
 )
-"""Header fields the stream defines itself; every other field is metadata taken from tile 0."""
+"""Fields the stream defines itself; every other field is metadata taken from tile 0."""
 
 
 def merge_streamed(

@@ -46,8 +46,9 @@ class MultipartWriter:
         self.client = client
         self.bucket = bucket
         self.key = key
-        # Parts grow with the largest size the object could have, so 10,000 always suffice.
-        self.part_size = max(MIN_PART_SIZE, -(-expected_bytes // (_MAX_PARTS - 1)))
+        # Parts grow with the size the object is expected to have, with a tenth of the parts
+        # spare for an encoding larger than its pixels (a PNG of noise, by a few bytes a line).
+        self.part_size = max(MIN_PART_SIZE, -(-expected_bytes // (_MAX_PARTS * 9 // 10)))
         self.size = 0
         self._buffer = bytearray()
         self._parts: list[Future[CompletedPartTypeDef]] = []
