@@ -6,8 +6,9 @@ has one or two rows of tiles. libvips reads an image from a `pyvips.SourceCustom
 order. So the merger writes a TIFF header whose strip offsets are known in advance (the pixels
 are uncompressed) and produces each strip's bytes, when libvips asks for them, from the row of
 tiles in hand. libvips 8.18 loads no other uncompressed format from a source for every layout
-tilefan's tiles carry: ``.v`` loads only from a file, PPM/PFM has one or three bands and no
-signed formats, raw loads only from a file. TIFF carries 1 to N bands of ``uchar`` to
+tilefan's tiles carry: ``.v`` and raw load only from a file, pyvips-binary's libvips has no
+PPM/PFM loader, PNG (even uncompressed) stops at 4 bands of 8 or 16 bits, matrix and CSV are
+text. TIFF carries 1 to N bands of ``uchar`` to
 ``float``; ``double`` is refused by libvips' TIFF reader ("samples out of range"), which is why
 tiles, stored as TIFF, cannot carry it either.
 """
