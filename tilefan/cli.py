@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 from urllib.parse import urljoin
 
 from tilefan.cli_failures import (
@@ -33,6 +33,7 @@ from tilefan.formats.outputs import OUTPUT_FORMATS, format_for_path
 from tilefan.imaging.operations import operation_names, parse_chain
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 from tilefan.service.job_service import JobView
+from tilefan.service.schema import OutputSpec
 from tilefan.settings import Settings
 from tilefan.state.jobs import JobStatus
 
@@ -206,7 +207,12 @@ def _service_name() -> str:
 
 
 def _run_locally(
-    source: Path, output: Path, chain: Any, output_format: str, args: argparse.Namespace
+    source: Path,
+    output: Path,
+    chain: Any,
+    output_format: str,
+    args: argparse.Namespace,
+    output_options: dict[str, Any] | None = None,
 ) -> JobView:
     """One job on a fresh embedded engine, with the progress bar on a terminal."""
     from tilefan.local.stack import local_stack, run_job
@@ -222,6 +228,7 @@ def _run_locally(
             output_format=output_format,
             tile_size=args.tile_size,
             concurrency=args.concurrency,
+            output_options=output_options,
             on_progress=progress.on_view if progress.enabled else None,
         )
     progress.close()
@@ -230,7 +237,8 @@ def _run_locally(
 
 def _run(args: argparse.Namespace) -> int:
     source, output, output_format = _job_files(args)
-    view = _run_locally(source, output, _chain(args), output_format, args)
+    options = _output_options(args, output_format)
+    view = _run_locally(source, output, _chain(args), output_format, args, options)
     return _report(view, output, quiet=args.quiet)
 
 
@@ -343,7 +351,9 @@ def _epilog() -> str:
         f"operations: {', '.join(operation_names())} (docs/operations.md). "
         "Without --op or --ops-file the command refuses (NO_OPERATIONS). "
         "On failure: exit status 1 (2 for a wrong command line) and one line on stderr, "
-        "'error: CODE: sentence'."
+        "'error: CODE: sentence'. A jpeg result is at most 65,535 px a side, a webp one "
+        "16,383; a result the merger could not encode within its memory or timeout is refused "
+        "before the job starts (OUTPUT_TOO_LARGE)."
     )
 
 
@@ -359,6 +369,28 @@ def _add_concurrency(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONCURRENCY,
         help=f"tile workers at once, 1 to {MAX_LOCAL_CONCURRENCY} (default: {DEFAULT_CONCURRENCY})",
     )
+
+
+# The API's choices: the field is `Literal[...] | None`.
+_COMPRESSIONS = get_args(get_args(OutputSpec.model_fields["compression"].annotation)[0])
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"quality must be from 1 to 100, got {value}")
+    return value
+
+
+def _output_options(args: argparse.Namespace, output_format: str) -> dict[str, Any]:
+    """The output options of a run, checked as the API checks them."""
+    return OutputSpec(
+        format=output_format,  # type: ignore[arg-type]  # checked by _job_files
+        compression=args.compression,
+        pyramid=args.pyramid,
+        quality=args.quality,
+        lossless=args.lossless,
+    ).options()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -383,6 +415,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-q", "--quiet", action="store_true", help="no summary line (output and stage timings)"
     )
+    run.add_argument(
+        "--compression", choices=_COMPRESSIONS, help="tiff only (default: deflate, lossless)"
+    )
+    run.add_argument("--pyramid", action="store_true", help="tiff only: add reduced levels")
+    run.add_argument("--quality", type=_quality, help="jpeg and webp, 1 to 100 (default: 90)")
+    run.add_argument("--lossless", action="store_true", help="webp only")
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="make a synthetic image and run a chain on it")

@@ -7,6 +7,7 @@ __all__ = [
     "InvalidChain",
     "InvalidTileSize",
     "JobNotFound",
+    "OutputTooLarge",
     "TileFailed",
     "TilefanError",
     "TooManyPixels",
@@ -50,6 +51,12 @@ class TooManyPixels(TilefanError):
     """The header declares more pixels than the configured limit (a decompression bomb guard)."""
 
     code = "TOO_MANY_PIXELS"
+
+
+class OutputTooLarge(TilefanError):
+    """The result cannot be made in the requested format: too wide for it, or too slow to encode."""
+
+    code = "OUTPUT_TOO_LARGE"
 
 
 class TileFailed(TilefanError):

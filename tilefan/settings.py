@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     """TIFF compression of intermediate tiles: bytes moved against CPU spent."""
     scratch_dir: str = "/tmp"
     """Local scratch space for the splitter's decoded source and the merger's strips."""
+    merger_timeout: int = Field(default=900, ge=1, le=900)
+    """The merger function's timeout in seconds (template.yaml): results too slow to encode
+    in it are refused before the job runs (`tilefan.formats.output_limits`)."""
+    merger_memory_mb: int = Field(default=3008, ge=128, le=10_240)
+    """The merger function's memory (template.yaml): webp results it cannot hold are refused."""
     job_ttl_days: int = Field(default=30, ge=1)
     """Jobs and their records expire this many days after creation."""
     max_input_bytes: int = Field(default=50 * 2**30, ge=1)

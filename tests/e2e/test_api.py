@@ -123,6 +123,18 @@ def test_idempotency_key_returns_the_same_job(client: TilefanClient) -> None:
         ),
         (b'{"operations": []}', 400, "INVALID_REQUEST"),
         (b'{"operations": [], "input": {"size_bytes": 999999999999999}}', 413, "INPUT_TOO_LARGE"),
+        (
+            b'{"operations": [], "output": {"format": "jpeg"},'
+            b' "input": {"size_bytes": 5, "width": 70000, "height": 100}}',
+            400,
+            "OUTPUT_TOO_LARGE",
+        ),
+        (
+            b'{"operations": [{"op": "resize", "scale": 2}], "output": {"format": "webp"},'
+            b' "input": {"size_bytes": 5, "width": 9000, "height": 100}}',
+            400,
+            "OUTPUT_TOO_LARGE",
+        ),
     ],
 )
 def test_bad_create_requests_answer_with_a_code_and_a_sentence(

@@ -14,6 +14,7 @@ import pyvips
 from tests.support import assert_identical, noise_image
 from tilefan import parse_chain
 from tilefan.cli import main, parse_op
+from tilefan.imaging.operations import operation_names
 from tilefan.local.serve import LocalApi, serve_api
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,7 @@ def test_run_writes_what_whole_image_libvips_gives(
             "INVALID_TILE_SIZE",
         ),
         (["run", "{damaged}", "-o", "{tmp}/out.tif", "--op", "invert"], "DAMAGED_IMAGE"),
+        (["run", "{wide}", "-o", "{tmp}/out.webp", "--op", "resize:scale=16"], "OUTPUT_TOO_LARGE"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -80,9 +82,12 @@ def test_run_refuses_with_the_code_and_writes_nothing(
 ) -> None:
     damaged = tmp_path / "damaged.png"
     damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    wide = tmp_path / "wide.png"
+    pyvips.Image.black(1100, 20).pngsave(str(wide))
     names = {
         "source": source,
         "damaged": damaged,
+        "wide": wide,
         "missing": tmp_path / "missing.png",
         "tmp": tmp_path,
     }
@@ -90,6 +95,54 @@ def test_run_refuses_with_the_code_and_writes_nothing(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: {code}: "), error
     assert not list(tmp_path.glob("out.*"))
+
+
+def test_run_help_lists_the_operations_and_the_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = capsys.readouterr().out
+    for name in operation_names():
+        assert name in shown
+    assert "tile size 1024" in shown
+    assert "concurrency 4" in shown
+    for option in ("--compression", "--pyramid", "--quality", "--lossless"):
+        assert option in shown
+
+
+@pytest.mark.parametrize(
+    ("suffix", "options", "saver"),
+    [
+        ("jpg", ["--quality", "40"], {"Q": 40}),
+        ("webp", ["--lossless"], {"lossless": True}),
+        # Large enough for a level below the full size (pyramid levels stop at one 256 px tile).
+        ("tif", ["--compression", "none", "--pyramid", "--op", "resize:scale=4"], None),
+    ],
+)
+def test_run_passes_the_output_options(
+    source: Path, tmp_path: Path, suffix: str, options: list[str], saver: dict[str, Any] | None
+) -> None:
+    output = tmp_path / f"out.{suffix}"
+    argv = ["run", str(source), "-o", str(output), "--op", "invert", "--tile-size", "64"]
+    assert main([*argv, *options]) == 0
+    if saver is None:
+        result = pyvips.Image.new_from_file(str(output))
+        assert result.get("n-pages") > 1
+        assert output.stat().st_size > result.width * result.height * result.bands
+        return
+    expected = whole(pyvips.Image.new_from_file(str(source)), [{"op": "invert"}])
+    # The result is what libvips' saver makes of the whole image with those options.
+    reference = expected.write_to_buffer(f".{suffix}", **saver)
+    assert_identical(
+        pyvips.Image.new_from_buffer(reference, ""), pyvips.Image.new_from_file(str(output))
+    )
+
+
+def test_run_refuses_a_quality_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "in.png", "-o", "out.jpg", "--quality", "101"])
+    assert "quality must be from 1 to 100" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

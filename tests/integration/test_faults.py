@@ -352,7 +352,8 @@ MATRIX = {
     "s3-errors-in-split-and-merge": Row(
         _aws(
             ("PutObject", s3_key("/manifest.json"), "InternalError", 500, 1),
-            ("PutObject", s3_key("results/"), "ServiceUnavailable", 503, 1),
+            # The png result goes up as a multipart upload while it is encoded.
+            ("UploadPart", s3_key("results/"), "ServiceUnavailable", 503, 1),
         ),
         JobStatus.SUCCEEDED,
         backoff=[SPLIT, MERGE],
@@ -392,7 +393,7 @@ MATRIX = {
         condition_failures=[f"TILE#{index:06d}" for index in range(TILES)],
     ),
     "merger-fails-while-writing-the-result": Row(
-        _aws(("PutObject", s3_key("results/"), "AccessDenied", 403, ALWAYS, write_partial)),
+        _aws(("UploadPart", s3_key("results/"), "AccessDenied", 403, ALWAYS, write_partial)),
         JobStatus.FAILED,
         code="INTERNAL_ERROR",
         message="storage refused results/",
@@ -566,9 +567,9 @@ def hold_tiles(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def hold_merge(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.stages.merge.save_output
+    real = tilefan.stages.merge.merge_streamed  # the jobs here make png results
     monkeypatch.setattr(
-        tilefan.stages.merge, "save_output", lambda *args: gate.wait() or real(*args)
+        tilefan.stages.merge, "merge_streamed", lambda *args: gate.wait() or real(*args)
     )
 
 

@@ -191,6 +191,12 @@ def test_memory_timeout_and_storage_are_set_per_function(
         storage = properties["EphemeralStorage"]["Size"]
         assert storage == ref(serial.removesuffix("Function") + "EphemeralStorage")
         assert parameters[storage["Ref"]]["Default"] == 10240
+    # The API and the splitter refuse results the merger could not encode in its time.
+    merger_timeout = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert (
+        int(merger_timeout["TILEFAN_MERGER_TIMEOUT"])
+        == (resources["MergerFunction"]["Properties"]["Timeout"])
+    )
 
 
 def test_engine_reads_memory_sizes_from_the_parameters() -> None:

@@ -13,9 +13,11 @@ from tilefan.errors import TilefanError
 
 __all__ = [
     "OUTPUT_FORMATS",
+    "STREAMED_FORMATS",
     "OutputFormat",
     "SavedOutput",
     "UnsupportedOutput",
+    "encode_to_target",
     "format_for_path",
     "save_output",
 ]
@@ -30,6 +32,9 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "dz": ("zip", "application/zip"),
 }
 """Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip."""
+
+STREAMED_FORMATS = frozenset({"jpeg", "png", "webp"})
+"""Formats encoded in one pass over the whole image, fed a row of tiles at a time."""
 
 _EXTENSIONS = {
     ".tif": "tiff",
@@ -54,10 +59,6 @@ class UnsupportedOutput(TilefanError):
     code = "UNSUPPORTED_OUTPUT"
 
 
-_BIGTIFF_ABOVE = 3 * 2**30
-"""Classic TIFF addresses 4 GiB; past 3 GiB of pixels we write BigTIFF to be safe."""
-
-
 @dataclass(frozen=True)
 class SavedOutput:
     """A saved result on local disk."""
@@ -78,36 +79,32 @@ def format_for_path(path: str | Path) -> str | None:
 def save_output(
     image: pyvips.Image, directory: Path, output_format: str, options: Mapping[str, Any]
 ) -> SavedOutput:
-    """Save ``image`` in ``output_format`` under ``directory``, streaming top to bottom.
+    """Save ``image`` as a DeepZoom zip under ``directory``: the one format still saved whole.
 
-    Options: tiff ``compression`` (default deflate, lossless), ``pyramid``; jpeg and webp
-    ``quality``; webp ``lossless``.
+    TIFF results are assembled around the workers' tiles (`tilefan.stages.tiff_output`), and
+    JPEG, PNG and WebP are streamed (`encode_to_target`).
     """
+    if output_format != "dz":
+        raise ValueError(f"{output_format} results are not saved whole")
     extension, content_type = OUTPUT_FORMATS[output_format]
     path = directory / f"result.{extension}"
-    quality = int(options.get("quality", 90))
-    if output_format == "tiff":
-        raw_bytes = image.width * image.height * image.bands * _sample_bytes(image.format)
-        image.tiffsave(
-            str(path),
-            tile=True,
-            tile_width=256,
-            tile_height=256,
-            compression=options.get("compression", "deflate"),
-            pyramid=bool(options.get("pyramid", False)),
-            bigtiff=raw_bytes > _BIGTIFF_ABOVE,
-        )
-    elif output_format == "jpeg":
-        image.jpegsave(str(path), Q=quality)
-    elif output_format == "png":
-        image.pngsave(str(path))
-    elif output_format == "webp":
-        image.webpsave(str(path), Q=quality, lossless=bool(options.get("lossless", False)))
-    else:
-        image.dzsave(str(path))  # a .zip name makes libvips write the pyramid as one zip
+    image.dzsave(str(path))  # a .zip name makes libvips write the pyramid as one zip
     return SavedOutput(path, extension, content_type)
 
 
-def _sample_bytes(pixel_format: str) -> int:
-    sizes = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
-    return sizes.get(pixel_format, 4)
+def encode_to_target(
+    image: pyvips.Image, target: pyvips.Target, output_format: str, options: Mapping[str, Any]
+) -> None:
+    """Encode ``image`` as jpeg, png or webp into ``target`` (one of `STREAMED_FORMATS`).
+
+    Options: jpeg and webp ``quality`` (90 by default); webp ``lossless``.
+    """
+    quality = int(options.get("quality", 90))
+    if output_format == "jpeg":
+        image.jpegsave_target(target, Q=quality)
+    elif output_format == "png":
+        image.pngsave_target(target)
+    elif output_format == "webp":
+        image.webpsave_target(target, Q=quality, lossless=bool(options.get("lossless", False)))
+    else:
+        raise ValueError(f"{output_format} is not one of {', '.join(sorted(STREAMED_FORMATS))}")

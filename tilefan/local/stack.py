@@ -12,6 +12,8 @@ from typing import Any
 
 import boto3
 
+from tilefan.errors import TilefanError
+from tilefan.formats.source import open_checked, upright
 from tilefan.local.engine import REGION, EmbeddedEngine, LambdaHandler
 from tilefan.service.job_service import JobService, JobView
 from tilefan.settings import Settings
@@ -68,6 +70,16 @@ def local_stack(
         yield LocalStack(engine, service)
 
 
+def _dimensions(source: Path) -> dict[str, int]:
+    """The input's upright width and height from its header, so that creation can refuse a
+    result that cannot be made; nothing when the header does not read (the splitter says why)."""
+    try:
+        image = upright(open_checked(source))
+    except TilefanError:
+        return {}
+    return {"width": image.width, "height": image.height}
+
+
 def run_job(
     stack: LocalStack,
     source: Path,
@@ -91,7 +103,7 @@ def run_job(
         output_format,
         tile_size=tile_size,
         output_options=output_options,
-        input_info={"size_bytes": source.stat().st_size},
+        input_info={"size_bytes": source.stat().st_size, **_dimensions(source)},
     )
     service.store.upload(source, keys.upload(job.job_id), "application/octet-stream")
     service.start(LOCAL_OWNER, job.job_id, max_concurrency=concurrency)

@@ -12,6 +12,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tilefan.errors import InvalidTileSize, TilefanError
+from tilefan.formats.output_limits import check_output_of_input
 from tilefan.formats.outputs import OUTPUT_FORMATS
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
@@ -122,6 +123,17 @@ class JobService:
             raise InputTooLarge(
                 f"input.size_bytes: {declared:,} bytes is more than the "
                 f"{self.settings.max_input_bytes:,} this deployment accepts"
+            )
+        width, height = (input_info or {}).get("width"), (input_info or {}).get("height")
+        if width is not None and height is not None:
+            check_output_of_input(
+                chain,
+                output_format,
+                output_options or {},
+                int(width),
+                int(height),
+                merger_timeout=self.settings.merger_timeout,
+                merger_memory_mb=self.settings.merger_memory_mb,
             )
         size = tile_size if tile_size is not None else self.settings.tile_size
         if not MIN_TILE_SIZE <= size <= MAX_TILE_SIZE:

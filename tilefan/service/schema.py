@@ -71,6 +71,14 @@ class InputSpec(_Strict):
         description="a media type on one line of printable ASCII, sent back as a header",
         json_schema_extra={"pattern": f"^{_HEADER_VALUE.pattern}$"},
     )
+    width: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="the image's width in pixels, if known: with height, a result that "
+        "cannot be made is refused now (OUTPUT_TOO_LARGE), not after the upload",
+    )
+    height: int | None = Field(default=None, ge=1, le=10_000_000, description="with width")
 
     @field_validator("content_type")
     @classmethod

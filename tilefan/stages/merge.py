@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import TilefanError
-from tilefan.formats.outputs import save_output
+from tilefan.formats.outputs import STREAMED_FORMATS, save_output
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.stream_merge import merge_streamed
 from tilefan.stages.tiff_output import assemble_tiff, output_tile_rule
 from tilefan.state.jobs import (
     InvalidTransition,
@@ -88,8 +89,25 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
 
 
 def _assembler(output_format: str) -> Callable[[Pipeline, Job, TilePlan], dict[str, Any]]:
-    """How a format's result is made: TIFF around the workers' encoded tiles, others whole."""
-    return assemble_tiff if output_format == "tiff" else _save_whole
+    """How a format's result is made: TIFF around the workers' encoded tiles, JPEG, PNG and
+    WebP streamed from the tiles, a DeepZoom zip saved whole."""
+    if output_format == "tiff":
+        return assemble_tiff
+    if output_format in STREAMED_FORMATS:
+        return _stream
+    return _save_whole
+
+
+def _stream(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
+    assert job.grid is not None  # merge() checked it
+    return merge_streamed(
+        pipeline,
+        job.job_id,
+        plan,
+        job.grid["interpretation"],
+        job.output_format,
+        job.output_options,
+    )
 
 
 def _save_whole(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tilefan.errors import InvalidTileSize
-from tilefan.formats.source import decode_to_scratch, open_checked
+from tilefan.formats.output_limits import check_output_of_input
+from tilefan.formats.source import decode_to_scratch, open_checked, upright
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
@@ -45,6 +46,19 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             max_pixels=pipeline.settings.max_pixels,
             max_pixels_per_byte=pipeline.settings.max_pixels_per_byte,
             access="sequential",
+        )
+        # Before any pixel is decoded: a result that cannot be made fails the job now.
+        upright_header = upright(header)
+        check_output_of_input(
+            chain,
+            job.output_format,
+            job.output_options,
+            upright_header.width,
+            upright_header.height,
+            merger_timeout=pipeline.settings.merger_timeout,
+            merger_memory_mb=pipeline.settings.merger_memory_mb,
+            bands=header.bands,
+            pixel_format=header.format,
         )
         source = decode_to_scratch(header, Path(scratch) / "source.v")
         spec = ImageSpec.of(source)

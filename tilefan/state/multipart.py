@@ -1,15 +1,19 @@
-"""An object assembled on S3 from bytes and byte ranges of other objects, by multipart upload.
+"""Objects written to S3 by multipart upload, never staged on disk.
 
-Ranges of at least 5 MiB are copied server-side (``UploadPartCopy``); smaller pieces are read
-and gathered into plain parts, so every part but the last passes S3's 5 MiB minimum and the
-assembler never holds more than one part of bytes.
+`MultipartWriter` takes an encoder's bytes as they come and uploads them part by part;
+`assemble_object` lays an object out of bytes and byte ranges of other objects, copying ranges
+of at least 5 MiB server-side (``UploadPartCopy``) and gathering smaller pieces into plain
+parts, so every part but the last passes S3's 5 MiB minimum.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
@@ -19,13 +23,23 @@ from tilefan.state.storage import TileStore
 from tilefan.state.storage import _translate as translate_error
 
 if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-__all__ = ["MAX_PARTS", "MIN_PART", "Range", "TooManyParts", "assemble_object"]
+__all__ = [
+    "MAX_PARTS",
+    "MIN_PART",
+    "MIN_PART_SIZE",
+    "MultipartWriter",
+    "Range",
+    "TooManyParts",
+    "assemble_object",
+]
 
 MIN_PART = 5 * 2**20
 """S3's smallest part, except the last."""
 MAX_PARTS = 10_000
+
 _PLAIN_PART = 8 * 2**20
 """A plain part is sent once this many bytes are gathered."""
 
@@ -124,3 +138,127 @@ def _check_count(parts: list[CompletedPartTypeDef]) -> None:
         raise TooManyParts(
             f"the result needs more than {MAX_PARTS:,} upload parts; use larger tiles"
         )
+
+
+MIN_PART_SIZE = 8 * 2**20
+"""S3 takes parts from 5 MiB (the last may be smaller); 8 MiB keeps 10,000 parts at 78 GiB."""
+
+_PARTS_IN_FLIGHT = 2
+"""Parts uploading while the encoder fills the next: memory is at most this many plus one."""
+
+
+class MultipartWriter:
+    """A file-like sink: bytes written fill parts that upload in the background.
+
+    `close` uploads the last part and completes the upload; leaving the ``with`` block on an
+    exception aborts it, so no half-written object or orphaned parts stay behind. Nothing
+    touches local disk; memory is `part_size` times `_PARTS_IN_FLIGHT` + 1.
+    """
+
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        key: str,
+        *,
+        content_type: str,
+        expected_bytes: int = 0,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        # Parts grow with the size the object is expected to have, with a tenth of the parts
+        # spare for an encoding larger than its pixels (a PNG of noise, by a few bytes a line).
+        self.part_size = max(MIN_PART_SIZE, -(-expected_bytes // (MAX_PARTS * 9 // 10)))
+        self.size = 0
+        self._buffer = bytearray()
+        self._parts: list[Future[CompletedPartTypeDef]] = []
+        self._failure: BaseException | None = None
+        self._slots = threading.BoundedSemaphore(_PARTS_IN_FLIGHT)
+        self._pool = ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix="part")
+        try:
+            created = client.create_multipart_upload(
+                Bucket=bucket, Key=key, ContentType=content_type
+            )
+        except ClientError as e:
+            self._pool.shutdown()
+            raise translate_error(e, key) from e
+        self.upload_id = created["UploadId"]
+
+    def __enter__(self) -> MultipartWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is not None:
+            self.abort()
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Take ``data``; a full part starts uploading (waiting while two are in flight)."""
+        self._buffer += data
+        self.size += len(data)
+        while len(self._buffer) >= self.part_size:
+            part = bytes(self._buffer[: self.part_size])
+            del self._buffer[: self.part_size]
+            self._send(part)
+        return len(data)
+
+    def close(self) -> None:
+        """Upload what is left as the last part and complete the object."""
+        if self._buffer or not self._parts:
+            self._send(bytes(self._buffer))
+        self._buffer = bytearray()
+        parts = [part.result() for part in self._parts]
+        self._pool.shutdown()
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except ClientError as e:
+            raise translate_error(e, self.key) from e
+
+    def abort(self) -> None:
+        """Stop: drop the parts, so S3 keeps (and bills) nothing of this upload."""
+        self._pool.shutdown(cancel_futures=True)
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+            )
+        except ClientError as e:
+            raise translate_error(e, self.key) from e
+
+    def _send(self, body: bytes) -> None:
+        if len(self._parts) >= MAX_PARTS:
+            raise TooManyParts(f"{self.key} needs more than {MAX_PARTS:,} parts")
+        if self._failure is not None:
+            raise self._failure  # a part that failed stops the writer now, not at the end
+        self._slots.acquire()
+        number = len(self._parts) + 1
+        future = self._pool.submit(self._upload_part, number, body)
+        future.add_done_callback(self._part_done)
+        self._parts.append(future)
+
+    def _part_done(self, part: Future[CompletedPartTypeDef]) -> None:
+        self._slots.release()
+        if not part.cancelled() and part.exception() is not None and self._failure is None:
+            self._failure = part.exception()
+
+    def _upload_part(self, number: int, body: bytes) -> CompletedPartTypeDef:
+        try:
+            answer = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=body,
+            )
+        except ClientError as e:
+            raise translate_error(e, self.key) from e
+        return {"PartNumber": number, "ETag": answer["ETag"]}
