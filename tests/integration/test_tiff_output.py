@@ -217,13 +217,14 @@ def test_the_merger_decodes_no_pixels_and_writes_no_scratch_for_tiff(
     output = run_tiff(stack, image, tmp_path, BLUR, 512, compression="deflate")
     assert seen == []
     assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
-    # The spy does see the merger: a format merged from decoded tiles on scratch trips it.
+    # The spy does see the merger: a format merged from decoded tiles on scratch (DeepZoom)
+    # trips it.
     run_job(
         stack,
         tmp_path / "source.png",
-        tmp_path / "out.png",
+        tmp_path / "out.zip",
         BLUR,
-        output_format="png",
+        output_format="dz",
         tile_size=512,
         poll_seconds=0.05,
     )
