@@ -243,7 +243,7 @@ def list_tiles(
     job = service.jobs.get(job_id, owner=_owner())
     if not job.grid:
         return TilePage(tiles=[])
-    records = sorted(service.jobs.tiles(job_id), key=lambda record: record.index)
+    records = service.jobs.tiles(job_id, int(job.grid["tile_count"]))
     if state is not None:
         records = [record for record in records if record.state is state]
     start = int(cursor or 0)

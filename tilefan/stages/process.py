@@ -16,6 +16,8 @@ from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
 from tilefan.state.jobs import (
     TERMINAL,
+    TileOutcome,
+    TileState,
 )
 
 if TYPE_CHECKING:
@@ -31,23 +33,39 @@ def process_batch(
         return {"processed": 0, "skipped": len(tiles)}
     chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
     spec = ImageSpec(**job.source)
-    processed = 0
+    batch = [Tile.from_compact(compact) for compact in tiles]
+    # One write per band for the batch's starts and one for its outcomes, not two per tile.
+    started = set(pipeline.jobs.tiles_started(job_id, [tile.index for tile in batch]))
+    outcomes: list[TileOutcome] = []
+    reached: set[int] = set()
     try:
-        for compact in tiles:
-            tile = Tile.from_compact(compact)
-            if not pipeline.jobs.tile_started(job_id, tile.index):
-                continue
-            _process_tile(pipeline, job_id, tile, chain, spec, job.grid["interpretation"])
-            processed += 1
+        for tile in batch:
+            if tile.index in started:
+                reached.add(tile.index)
+                _process_tile(
+                    pipeline, job_id, tile, chain, spec, job.grid["interpretation"], outcomes
+                )
     finally:
-        # Also when a tile failed: a cancellation removes the source tiles under us.
-        pipeline.discard_if_ended(job_id)
-    return {"processed": processed, "skipped": len(tiles) - processed}
+        # Tiles after one that raised were never reached: PENDING again, no attempt counted.
+        unreached = [TileOutcome(i, TileState.PENDING, 0) for i in started - reached]
+        try:
+            pipeline.jobs.tiles_finished(job_id, outcomes + unreached)
+        finally:
+            # Also when a tile failed: a cancellation removes the source tiles under us.
+            pipeline.discard_if_ended(job_id)
+    return {"processed": len(outcomes), "skipped": len(tiles) - len(started)}
 
 
 def _process_tile(
-    pipeline: Pipeline, job_id: str, tile: Tile, chain: Any, spec: ImageSpec, interpretation: str
+    pipeline: Pipeline,
+    job_id: str,
+    tile: Tile,
+    chain: Any,
+    spec: ImageSpec,
+    interpretation: str,
+    outcomes: list[TileOutcome],
 ) -> None:
+    """Run the chain on one tile and add its outcome to ``outcomes``, also when it raises."""
     started = time.monotonic()
     try:
         block = pipeline.store.get_tile(job_id, "src", tile.index, spec.interpretation)
@@ -61,13 +79,17 @@ def _process_tile(
         )
     except TransientError as e:
         # Retried by the state machine; kept on the tile in case the retries run out.
-        pipeline.jobs.tile_retrying(job_id, tile.index, f"tile {tile.index}: {e}")
+        outcomes.append(
+            TileOutcome(
+                tile.index, TileState.RUNNING, _ms_since(started), f"tile {tile.index}: {e}"
+            )
+        )
         raise
     except (pyvips.Error, TilefanError) as e:
         message = f"tile {tile.index}: {reason(e)}"
-        pipeline.jobs.tile_finished(job_id, tile.index, _ms_since(started), error=message)
+        outcomes.append(TileOutcome(tile.index, TileState.FAILED, _ms_since(started), message))
         raise TileFailed(message) from e
-    pipeline.jobs.tile_finished(job_id, tile.index, _ms_since(started))
+    outcomes.append(TileOutcome(tile.index, TileState.DONE, _ms_since(started)))
 
 
 @functools.lru_cache(maxsize=64)
