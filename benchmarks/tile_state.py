@@ -126,13 +126,24 @@ def status_reads(reads: int = READS) -> dict[str, Any]:
     return result
 
 
+_IN_BATCH = threading.local()
+"""Set while a thread runs a worker's batch: the splitter and merger store and fetch tiles too."""
+
+
 def _timed(seconds: Counter[str], name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, adding its time to ``seconds[name]`` when a worker's batch calls it."""
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        outermost = name == "batch"
+        if not (outermost or getattr(_IN_BATCH, "on", False)):
+            return method(*args, **kwargs)
+        _IN_BATCH.on = True
         started = time.perf_counter()
         try:
             return method(*args, **kwargs)
         finally:
             seconds[name] += time.perf_counter() - started
+            _IN_BATCH.on = not outermost
 
     return wrapper
 
