@@ -276,7 +276,7 @@ def list_tiles(
 def _tile_page(job: Job, state: TileState | None, limit: int, cursor: str | None) -> TilePage:
     if not job.grid:
         return TilePage(tiles=[])
-    records = sorted(service.jobs.tiles(job.job_id), key=lambda record: record.index)
+    records = service.jobs.tiles(job.job_id, int(job.grid["tile_count"]))
     if state is not None:
         records = [record for record in records if record.state is state]
     start = int(cursor or 0)

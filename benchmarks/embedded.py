@@ -190,7 +190,14 @@ def _instrument(
 
         return wrapper
 
-    for name in ("get", "transition", "create_tiles", "tile_started", "tile_finished", "progress"):
+    for name in (
+        "get",
+        "transition",
+        "create_tiles",
+        "tiles_started",
+        "tiles_finished",
+        "progress",
+    ):
         setattr(JobRepository, name, counted(name, getattr(JobRepository, name)))
 
 
@@ -253,7 +260,7 @@ def _run(case: Mapping[str, Any], source: Path) -> dict[str, Any]:
                 service.store.download(current.output["key"], output)
             downloaded = time.monotonic()
         cpu_after = os.times()
-        tiles = list(service.jobs.tiles(job.job_id))
+        tiles = service.jobs.tiles(job.job_id, int((current.grid or {}).get("tile_count", 0)))
     if current.status is not JobStatus.SUCCEEDED:
         raise RuntimeError(f"job ended {current.status.value}: {current.error}")
     durations = [tile.duration_ms for tile in tiles if tile.duration_ms is not None]

@@ -22,6 +22,7 @@ __all__ = [
     "predict",
     "recommend",
     "sweep",
+    "tile_state_units",
 ]
 
 ASSUMPTIONS: dict[str, dict[str, Any]] = {
@@ -181,6 +182,35 @@ class Measured:
         )
 
 
+def tile_state_units(tiles: int, tiles_per_item: int = TILES_PER_ITEM) -> dict[str, float]:
+    """DynamoDB requests and capacity units of a job's tile state, per job and per status poll.
+
+    The layout of `tilefan.state.jobs`: at most 100 band items, tiles dealt to them four at a
+    time; per tile 2 bytes of state letter, about 3 of attempts and 4 of duration, plus about
+    80 bytes of keys and TTL per band. A write costs a unit per started KB of the item, a
+    strongly consistent read one per started 4 KB, an eventually consistent read half that.
+    """
+    from tilefan.state.jobs import BANDS, STRIPE_TILES
+
+    bands = min(BANDS, math.ceil(tiles / STRIPE_TILES))
+    band_bytes = 80 + 9 * math.ceil(tiles / bands)
+    write_units = math.ceil(band_bytes / 1024)
+    read_units = math.ceil(band_bytes / 4096)
+    items = math.ceil(tiles / tiles_per_item)
+    touched = math.ceil(tiles_per_item / STRIPE_TILES)  # bands one (aligned) batch writes
+    return {
+        "band_items": bands,
+        "band_bytes": band_bytes,
+        "split_write_units": bands * write_units,
+        "worker_write_requests": 2 * items * touched,
+        "worker_write_units": 2 * items * touched * write_units,
+        "worker_job_reads": 2 * items,
+        "merge_check_read_units": bands * read_units,
+        "poll_requests": 2,
+        "poll_read_units": 1 + bands * read_units / 2,
+    }
+
+
 def _vcpu(memory_mb: int) -> float:
     return memory_mb / _a("mb_per_vcpu")
 
@@ -215,18 +245,18 @@ def predict(
             tiles * bytes_in / net,
             tiles * s3 / IO_THREADS,
         ),
-        "tile_items": math.ceil(tiles / 25) * ddb,
+        "tile_items": math.ceil(tile_state_units(tiles)["band_items"] / 25) * ddb,
         "cold_start": cold,
     }
-    # A tile: fetch, compute, store, with its two bookkeeping writes.
+    # A tile: fetch, compute, store. An item: its dispatch, two job reads and two tile-state
+    # writes (the batch's start and end).
     worker_vcpu = _vcpu(WORKER_MB)
     tile_s = (
         2 * s3
         + (bytes_in + bytes_out) / net
         + measured.tile_cpu_s_per_mp[tile_size] * tile_px / 1e6 / min(worker_vcpu, 2.0)
-        + 2 * ddb
     )
-    item_s = _a("item_dispatch_s") + 2 * ddb + TILES_PER_ITEM * tile_s
+    item_s = _a("item_dispatch_s") + 4 * ddb + TILES_PER_ITEM * tile_s
     lanes = max(1, min(concurrency, items))
     # Above 1,000 environments, each further thousand arrives 10 s later.
     ramp = max(0, math.ceil(lanes / _a("scaling_envs_per_10s")) - 1) * 10.0
@@ -240,12 +270,13 @@ def predict(
         "assemble": mp * measured.merge_decode_cpu_s_per_mp / merge_vcpu,
         "encode": mp / measured.merge_encode_mp_per_cpu_s / min(1.0, merge_vcpu),
         "upload": output_bytes / net + s3,
-        "progress_read": math.ceil(tiles * 40 / 1e6) * ddb + ddb,
+        "progress_read": 2 * ddb,
         "cold_start": cold,
     }
     split_s, merge_s = sum(split.values()), sum(merge.values())
     wall = split_s + map_s + merge_s
 
+    units = tile_state_units(tiles)
     gb_s = (
         SPLITTER_MB / 1024 * split_s
         + WORKER_MB / 1024 * (items * item_s + lanes * cold)
@@ -257,8 +288,9 @@ def predict(
         "step_functions": (6 + 2 * items) * _a("price_per_transition"),
         "s3_requests": (2 * tiles + 2 + math.ceil(output_bytes / PART_BYTES)) * _a("price_s3_put")
         + (2 * tiles + 2) * _a("price_s3_get"),
-        "dynamodb": (3 * tiles + 10) * _a("price_ddb_write")
-        + (2 * items + tiles / 100 + 5) * _a("price_ddb_read"),
+        "dynamodb": (units["split_write_units"] + units["worker_write_units"] + 10)
+        * _a("price_ddb_write")
+        + (units["worker_job_reads"] + units["merge_check_read_units"] + 5) * _a("price_ddb_read"),
     }
     tmp_mb = _a("tmp_mb")
     limits = {

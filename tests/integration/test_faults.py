@@ -153,8 +153,11 @@ class AwsFaults:
         monkeypatch.setattr(BaseClient, "_make_api_call", make_api_call)
 
     def _note_condition_failure(self, params: dict[str, Any]) -> None:
+        """Notes which item refused: a band by its number (``B001``), another item by its sk."""
+        key = params.get("Key", {})
+        name = str(key.get("pk")).rsplit("#", 1)[-1] if key.get("sk") == "BAND" else key.get("sk")
         with self.lock:
-            self.condition_failures.append(str(params.get("Key", {}).get("sk")))
+            self.condition_failures.append(str(name))
 
     def _take(self, operation: str, params: dict[str, Any]) -> Rule | None:
         with self.lock:
@@ -169,12 +172,13 @@ def s3_key(fragment: str) -> Callable[[dict[str, Any]], bool]:
     return lambda params: fragment in str(params.get("Key", ""))
 
 
-def tile_update(index: int, marker: str) -> Callable[[dict[str, Any]], bool]:
-    """The UpdateItem of one tile item whose values include ``marker`` (":running", ":ms")."""
+def band_update(band: str, marker: str) -> Callable[[dict[str, Any]], bool]:
+    """The UpdateItem of one band item (``B001``) whose values include ``marker``: ``:one`` for
+    a batch's start, ``:ms0`` for its outcomes."""
 
     def matches(params: dict[str, Any]) -> bool:
         key = params.get("Key", {})
-        return key.get("sk") == f"TILE#{index:06d}" and marker in params.get(
+        return str(key.get("pk")).endswith(f"#{band}") and marker in params.get(
             "ExpressionAttributeValues", {}
         )
 
@@ -236,7 +240,8 @@ def deliver_twice(monkeypatch: pytest.MonkeyPatch, skipped: list[int]) -> None:
 
 
 ALWAYS = 1_000
-TILES_4_TO_6 = ["TILE#000004", "TILE#000005", "TILE#000006"]
+BATCH_4_TO_7 = "B001"
+"""The band of the manifest item of tiles 4-7 (tiles are dealt to bands four at a time)."""
 
 
 # --- the matrix -----------------------------------------------------------------------------
@@ -303,8 +308,9 @@ MATRIX = {
         JobStatus.SUCCEEDED,
         attempts={7: 2},
         backoff=[WORKER],
-        # The batch is delivered again: its tiles already DONE are refused by the condition.
-        condition_failures=TILES_4_TO_6,
+        # The batch is delivered again: its start is refused for the tiles already DONE, once,
+        # and made again for tile 7 alone.
+        condition_failures=[BATCH_4_TO_7],
     ),
     "worker-raises-always": Row(
         _worker(7, lambda: libvips_error("injected: libvips ran out of memory"), times=ALWAYS),
@@ -322,7 +328,7 @@ MATRIX = {
         attempts={7: 6},  # the first attempt and MaxAttempts 5
         tile_states={7: TileState.RUNNING},
         backoff=[WORKER, 2 * WORKER, 4 * WORKER, 8 * WORKER, 16 * WORKER],
-        condition_failures=sorted(TILES_4_TO_6 * 5),
+        condition_failures=[BATCH_4_TO_7] * 5,
     ),
     "worker-times-out": Row(
         _worker(7, lambda: SandboxTimedout("Task timed out after 300.00 seconds"), ALWAYS),
@@ -347,7 +353,8 @@ MATRIX = {
         JobStatus.SUCCEEDED,
         attempts={7: 3, 12: 2},
         backoff=[WORKER, WORKER, 2 * WORKER],
-        condition_failures=sorted(TILES_4_TO_6 * 2),  # tile 12 is its batch's first
+        # Tile 12 is its batch's first: 13-15 were never reached and are started again.
+        condition_failures=[BATCH_4_TO_7] * 2,
     ),
     "s3-errors-in-split-and-merge": Row(
         _aws(
@@ -361,36 +368,36 @@ MATRIX = {
     "dynamodb-throttles-split-and-tile-records": Row(
         _aws(
             ("BatchWriteItem", lambda p: True, "ProvisionedThroughputExceededException", 400, 1),
-            ("UpdateItem", tile_update(3, ":ms"), "ThrottlingException", 400, 1),
+            ("UpdateItem", band_update("B000", ":ms0"), "ThrottlingException", 400, 1),
         ),
         JobStatus.SUCCEEDED,
-        attempts={3: 2},
+        # The outcomes of tiles 0-3 were never recorded: the whole batch runs again.
+        attempts={0: 2, 1: 2, 2: 2, 3: 2},
         backoff=[WORKER, SPLIT],
-        condition_failures=["TILE#000000", "TILE#000001", "TILE#000002"],
     ),
     "dynamodb-condition-fails-for-tiles-already-done": Row(
-        # Tiles 4 and 5 are DONE when tile 6, in the same batch, fails; the batch is delivered
-        # again and DynamoDB's condition (not DONE) refuses to start 4 and 5 a second time.
+        # Tiles 4 and 5 are DONE when tile 6, in the same batch, fails (7 is never reached and
+        # goes back to PENDING); the batch is delivered again and DynamoDB's per-tile condition
+        # (not DONE) refuses the start, which is made again for 6 and 7 only.
         _worker(6, lambda: TransientError("injected: storage hiccup"), times=1),
         JobStatus.SUCCEEDED,
-        attempts={6: 2},
+        attempts={6: 2, 7: 1},
         backoff=[WORKER],
-        condition_failures=["TILE#000004", "TILE#000005"],
+        condition_failures=[BATCH_4_TO_7],
     ),
     "dynamodb-condition-fails-spuriously": Row(
-        # A tile wrongly reported as done is never processed: the merger refuses the hole.
-        _aws(("UpdateItem", tile_update(9, ":running"), "ConditionalCheckFailedException", 400)),
-        JobStatus.FAILED,
-        code="INTERNAL_ERROR",
-        message="1 of 20 tiles are not done",
-        attempts={9: 0},
-        tile_states={9: TileState.PENDING},
-        condition_failures=["TILE#000009"],
+        # A refusal that carries no item: the worker reads the band again (strongly
+        # consistent), sees no tile of its batch DONE, and starts them: nothing is lost.
+        _aws(("UpdateItem", band_update("B002", ":one"), "ConditionalCheckFailedException", 400)),
+        JobStatus.SUCCEEDED,
+        attempts={9: 1},
+        condition_failures=["B002"],
     ),
     "tiles-delivered-twice": Row(
         _duplicates,
         JobStatus.SUCCEEDED,
-        condition_failures=[f"TILE#{index:06d}" for index in range(TILES)],
+        # Every second delivery's start is refused, once per batch, and starts nothing.
+        condition_failures=sorted(f"B{band:03d}" for band in range(TILES // 4)),
     ),
     "merger-fails-while-writing-the-result": Row(
         _aws(("UploadPart", s3_key("results/"), "AccessDenied", 403, ALWAYS, write_partial)),
@@ -480,7 +487,7 @@ def test_fault_ends_the_job_cleanly(
         assert not output.exists()
 
     # Counts: the grid, each tile's state and attempts, the retries and their backoff.
-    records = {record.index: record for record in stack.service.jobs.tiles(job.job_id)}
+    records = {record.index: record for record in stack.service.jobs.tiles(job.job_id, TILES)}
     if row.split:
         assert job.grid is not None and job.grid["tile_count"] == TILES
         assert sorted(records) == list(range(TILES))
@@ -631,7 +638,8 @@ def test_cancelling_mid_run_stops_the_job_and_removes_everything(
     assert view.job.status is JobStatus.CANCELLED
     assert view.job.output is None and view.job.error is None
     # Tiles whose input the cancellation removed say so, never where the input was.
-    errors = [tile.error for tile in service.jobs.tiles(job.job_id) if tile.error]
+    total = int((view.job.grid or {}).get("tile_count", 0))
+    errors = [tile.error for tile in service.jobs.tiles(job.job_id, total) if tile.error]
     assert all(error.endswith("the job was cancelled") for error in errors), errors
     assert service.store.list_keys(keys.job_prefix(job.job_id)) == []
     assert service.store.list_keys(f"results/{job.job_id}/") == []

@@ -209,7 +209,8 @@ def test_worker_failing_once_is_retried_and_the_job_succeeds(
     view, _ = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64, ext="png")
     assert view.job.status is JobStatus.SUCCEEDED, view.job.error
     assert failed == [1]
-    attempts = {t.index: t.attempts for t in stack.service.jobs.tiles(view.job.job_id)}
+    tiles = stack.service.jobs.tiles(view.job.job_id, view.job.grid["tile_count"])
+    attempts = {t.index: t.attempts for t in tiles}
     assert attempts[2] == 2
     assert sum(attempts.values()) == view.job.grid["tile_count"] + 1
 
@@ -226,7 +227,7 @@ def test_duplicated_tile_delivery_counts_once(
     monkeypatch.setattr(tilefan.stages.pipeline.Pipeline, "process_batch", twice)
     view, _ = run(stack, small_source, tmp_path, [{"op": "invert"}], tile_size=64, ext="png")
     assert view.job.status is JobStatus.SUCCEEDED, view.job.error
-    records = list(stack.service.jobs.tiles(view.job.job_id))
+    records = stack.service.jobs.tiles(view.job.job_id, view.job.grid["tile_count"])
     assert len(records) == view.job.grid["tile_count"] == 4 * 5
     assert all(r.state is TileState.DONE and r.attempts == 1 for r in records)
     assert view.progress is not None and view.progress.done == 20

@@ -47,7 +47,8 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:UpdateItem": {TABLE},
         "dynamodb:DeleteItem": {TABLE},
         "dynamodb:BatchWriteItem": {TABLE},
-        "dynamodb:Query": {TABLE, OWNER_INDEX},
+        "dynamodb:BatchGetItem": {TABLE},
+        "dynamodb:Query": {OWNER_INDEX},
         "s3:PutObject": {UPLOADS},
         "s3:AbortMultipartUpload": {UPLOADS},
         "s3:GetObject": {UPLOADS, RESULTS},
@@ -81,7 +82,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         **LAMBDA_XRAY,
         "dynamodb:GetItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
-        "dynamodb:Query": {TABLE},
+        "dynamodb:BatchGetItem": {TABLE},
         # A tiff result is assembled by multipart upload: UploadPartCopy reads its source
         # (GetObject on jobs/*) and, like CreateMultipartUpload, UploadPart and
         # CompleteMultipartUpload, is PutObject on the destination.

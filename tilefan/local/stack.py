@@ -110,9 +110,9 @@ def run_job(
     deadline = time.monotonic() + timeout
     shown = -math.inf
     while True:
-        # The job item says when the job ends. Tile progress reads every tile item, which
-        # competes with the job for the machine (docs/benchmarks.md), so it is read at most
-        # once every progress_seconds, and once more at the end.
+        # The job item says when the job ends. Tile progress reads the band items too (a
+        # second request that competes with the job for moto), so it is read at most once
+        # every progress_seconds, and once more at the end.
         status = service.jobs.get(job.job_id).status
         if on_progress is not None and (
             status in TERMINAL or time.monotonic() - shown >= progress_seconds

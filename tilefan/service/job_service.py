@@ -312,7 +312,7 @@ class JobService:
                 )
         for prefix in (keys.job_prefix(job_id), f"results/{job_id}/", f"uploads/{job_id}/"):
             self.store.delete_prefix(prefix)
-        self.jobs.delete(job_id)
+        self.jobs.delete(job_id, int((job.grid or {}).get("tile_count", 0)))
         return None
 
     def _expires_at(self) -> str:

@@ -56,7 +56,10 @@ def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> d
 
 def _tile_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
     """The code and sentence of the tile that failed the Map, from the tile records."""
-    records = sorted(pipeline.jobs.tiles(job_id), key=lambda record: record.index)
+    grid = pipeline.jobs.get(job_id).grid
+    if grid is None:  # never split: no tile records
+        return None
+    records = pipeline.jobs.tiles(job_id, int(grid["tile_count"]), consistent=True)
     failed = next((r for r in records if r.state is TileState.FAILED), None)
     if failed is not None:
         return TileFailed.code, failed.error or f"tile {failed.index} failed"

@@ -60,7 +60,7 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         allowed_from={JobStatus.PROCESSING, JobStatus.MERGING},
         **timing,
     )
-    progress = pipeline.jobs.progress(job_id, job.grid["tile_count"])
+    progress = pipeline.jobs.progress(job_id, job.grid["tile_count"], consistent=True)
     if progress.done != progress.total:
         raise TilefanError(
             f"{progress.total - progress.done} of {progress.total} tiles are not done"

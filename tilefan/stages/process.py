@@ -18,6 +18,8 @@ from tilefan.stages.tiff_output import TiffBatchWriter
 from tilefan.state.jobs import (
     TERMINAL,
     Job,
+    TileOutcome,
+    TileState,
 )
 from tilefan.state.storage import ObjectMissing
 
@@ -35,21 +37,37 @@ def process_batch(
     chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
     spec = ImageSpec(**job.source)
     output = _encoded_output(pipeline, job, tiles)
-    processed = 0
+    batch = [Tile.from_compact(compact) for compact in tiles]
+    # One write per band for the batch's starts and one for its outcomes, not two per tile.
+    started = set(pipeline.jobs.tiles_started(job_id, [tile.index for tile in batch]))
+    outcomes: list[TileOutcome] = []
+    reached: set[int] = set()
     try:
-        for compact in tiles:
-            tile = Tile.from_compact(compact)
+        for tile in batch:
             # An encoded batch is one object, written whole: a retry redoes its done tiles.
-            if not pipeline.jobs.tile_started(job_id, tile.index) and output is None:
-                continue
-            _process_tile(pipeline, job_id, tile, chain, spec, job.grid["interpretation"], output)
-            processed += 1
+            if tile.index in started or output is not None:
+                reached.add(tile.index)
+                _process_tile(
+                    pipeline,
+                    job_id,
+                    tile,
+                    chain,
+                    spec,
+                    job.grid["interpretation"],
+                    outcomes,
+                    output,
+                )
         if output is not None:
             output.finish()
     finally:
-        # Also when a tile failed: a cancellation removes the source tiles under us.
-        pipeline.discard_if_ended(job_id)
-    return {"processed": processed, "skipped": len(tiles) - processed}
+        # Tiles after one that raised were never reached: PENDING again, no attempt counted.
+        unreached = [TileOutcome(i, TileState.PENDING, 0) for i in started - reached]
+        try:
+            pipeline.jobs.tiles_finished(job_id, outcomes + unreached)
+        finally:
+            # Also when a tile failed: a cancellation removes the source tiles under us.
+            pipeline.discard_if_ended(job_id)
+    return {"processed": len(outcomes), "skipped": len(tiles) - len(started)}
 
 
 def _encoded_output(
@@ -68,8 +86,10 @@ def _process_tile(
     chain: Any,
     spec: ImageSpec,
     interpretation: str,
+    outcomes: list[TileOutcome],
     output: TiffBatchWriter | None,
 ) -> None:
+    """Run the chain on one tile and add its outcome to ``outcomes``, also when it raises."""
     started = time.monotonic()
     try:
         block = pipeline.store.get_tile(job_id, "src", tile.index, spec.interpretation)
@@ -80,13 +100,17 @@ def _process_tile(
             output.add(tile, result)
     except TransientError as e:
         # Retried by the state machine; kept on the tile in case the retries run out.
-        pipeline.jobs.tile_retrying(job_id, tile.index, f"tile {tile.index}: {e}")
+        outcomes.append(
+            TileOutcome(
+                tile.index, TileState.RUNNING, _ms_since(started), f"tile {tile.index}: {e}"
+            )
+        )
         raise
     except (pyvips.Error, TilefanError) as e:
         message = f"tile {tile.index}: {_failure_reason(pipeline, job_id, e)}"
-        pipeline.jobs.tile_finished(job_id, tile.index, _ms_since(started), error=message)
+        outcomes.append(TileOutcome(tile.index, TileState.FAILED, _ms_since(started), message))
         raise TileFailed(message) from e
-    pipeline.jobs.tile_finished(job_id, tile.index, _ms_since(started))
+    outcomes.append(TileOutcome(tile.index, TileState.DONE, _ms_since(started)))
 
 
 def _failure_reason(pipeline: Pipeline, job_id: str, error: Exception) -> str:

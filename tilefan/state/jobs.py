@@ -1,9 +1,14 @@
 """Job and tile state in DynamoDB, behind a narrow repository.
 
-One job item holds the job; one small item per tile holds that tile's state. Counts and the tile
-grid are derived from the tile items, so there is no shared counter to make a hot key, and a
-duplicated delivery that writes DONE twice cannot count twice. Tile items are spread over
-``TILE_SHARDS`` partition keys so thousands of workers do not write one partition.
+One job item holds the job. The tiles' states live in at most `BANDS` band items, each its own
+partition key, holding per tile a state letter, an attempt count, a duration and (for a failed
+or retried tile) an error. Tiles are dealt to the bands in stripes of `STRIPE_TILES` consecutive
+tiles, so a default batch falls in one band and the batches running at once are spread over all
+of them. A status read fetches every band in one BatchGetItem whatever the job's size; a worker
+writes each band its batch touches twice (started, finished), setting list elements by position,
+so concurrent workers in one band never overwrite each other. Counts are derived from the
+letters, so a duplicated delivery that writes DONE twice cannot count twice, and no counter item
+becomes a hot key.
 """
 
 from __future__ import annotations
@@ -15,30 +20,33 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import boto3
 from boto3.dynamodb.conditions import Attr, Key
+from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
 from tilefan.errors import JobNotFound, TilefanError, TransientError
 
 if TYPE_CHECKING:
-    from mypy_boto3_dynamodb.service_resource import Table
+    from mypy_boto3_dynamodb.service_resource import DynamoDBServiceResource, Table
 
 __all__ = [
+    "BANDS",
     "MAX_TILES",
+    "STRIPE_TILES",
     "TERMINAL",
-    "TILE_SHARDS",
     "InvalidCursor",
     "InvalidTransition",
     "Job",
     "JobRepository",
     "JobStatus",
+    "TileOutcome",
     "TileProgress",
     "TileRecord",
     "TileState",
@@ -46,11 +54,30 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-TILE_SHARDS = 8
+BANDS = 100
+"""Band items per job at most: DynamoDB's most keys in one BatchGetItem, so a status read is
+one GetItem of the job and one BatchGetItem of its bands, for every job size."""
+
+STRIPE_TILES = 4
+"""Consecutive tiles dealt to one band: the default batch (``TILEFAN_TILES_PER_ITEM``) writes
+one band, and the ~1,000 batches running at once are spread over all `BANDS` (docs/design.md,
+Job state, has the arithmetic)."""
+
 MAX_TILES = 20_000
-"""The most tiles one job may have: the status endpoint reads every tile item on a poll
-(20,000 items of about 40 bytes is 800 KB, a few paginated queries), and the progress grid
-stays under 20 KB."""
+"""The most tiles one job may have: 200 tiles per band item (about 2 KB, two write units per
+write, one read unit per strongly consistent read) and a progress grid of 20 KB in the status
+document."""
+
+_BATCH_GET_ROUNDS = 5
+"""Rounds of a BatchGetItem's unprocessed keys before the read counts as throttled."""
+
+_TILES_PER_WRITE = 40
+"""Tiles in one band update, so its expressions stay inside DynamoDB's 4 KB."""
+
+_CONDITION_ROUNDS = 4
+"""Writes of one band update whose per-tile condition failed before giving up."""
+
+_DESERIALIZER = TypeDeserializer()
 
 
 class JobStatus(enum.StrEnum):
@@ -129,6 +156,17 @@ class TileRecord:
 
 
 @dataclass(frozen=True)
+class TileOutcome:
+    """What one attempt at a tile came to: DONE, FAILED, RUNNING with a retryable error, or
+    PENDING for a tile its batch started but never reached (its attempt is taken back)."""
+
+    index: int
+    state: TileState
+    duration_ms: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class TileProgress:
     """Counts by state and the state of every tile as a row-major string of letters."""
 
@@ -155,8 +193,138 @@ def _job_key(job_id: str) -> dict[str, str]:
     return {"pk": f"JOB#{job_id}", "sk": "JOB"}
 
 
-def _tile_key(job_id: str, index: int) -> dict[str, str]:
-    return {"pk": f"JOB#{job_id}#S{index % TILE_SHARDS}", "sk": f"TILE#{index:06d}"}
+def _band_key(job_id: str, band: int) -> dict[str, str]:
+    return {"pk": f"JOB#{job_id}#B{band:03d}", "sk": "BAND"}
+
+
+def _band_count(total: int) -> int:
+    return min(BANDS, -(-total // STRIPE_TILES))
+
+
+def _band(index: int) -> int:
+    return (index // STRIPE_TILES) % BANDS
+
+
+def _offset(index: int) -> int:
+    """The tile's position in its band's lists."""
+    return (index // STRIPE_TILES // BANDS) * STRIPE_TILES + index % STRIPE_TILES
+
+
+def _index(band: int, offset: int) -> int:
+    """The tile at ``offset`` in ``band``: the inverse of `_band` and `_offset`."""
+    return ((offset // STRIPE_TILES) * BANDS + band) * STRIPE_TILES + offset % STRIPE_TILES
+
+
+def _by_band(indices: Iterable[int]) -> dict[int, list[int]]:
+    bands: dict[int, list[int]] = {}
+    for index in indices:
+        bands.setdefault(_band(index), []).append(index)
+    return bands
+
+
+_Entry = Any
+"""A tile index (a started write) or a `TileOutcome` (a finished write)."""
+
+_BY_LETTER = {state.letter: state for state in TileState}
+
+
+@dataclass(frozen=True)
+class _BandWrite:
+    """One UpdateItem of a band item, and which entries its per-tile condition lets through."""
+
+    expression: str
+    condition: str
+    names: dict[str, str]
+    values: dict[str, Any]
+    allows: Callable[[_Entry, Mapping[str, Any]], bool]
+
+
+def _letter(item: Mapping[str, Any], index: int) -> str:
+    return str(item["g"][_offset(index)])
+
+
+def _start_write(indices: Sequence[int]) -> _BandWrite:
+    """Every tile RUNNING with one more attempt, unless one is DONE already."""
+    offsets = [_offset(index) for index in indices]
+    return _BandWrite(
+        expression="SET "
+        + ", ".join(f"g[{o}] = :running, a[{o}] = a[{o}] + :one" for o in offsets),
+        condition=" AND ".join(["attribute_exists(g)"] + [f"g[{o}] <> :done" for o in offsets]),
+        names={},
+        values={
+            ":running": TileState.RUNNING.letter,
+            ":one": 1,
+            ":done": TileState.DONE.letter,
+        },
+        allows=lambda index, item: _letter(item, index) != TileState.DONE.letter,
+    )
+
+
+def _finish_write(outcomes: Sequence[TileOutcome]) -> _BandWrite:
+    """Each tile's outcome, its duration, and its error (or no error once DONE)."""
+    sets: list[str] = []
+    removes: list[str] = []
+    conditions = ["attribute_exists(g)"]
+    names: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for number, outcome in enumerate(outcomes):
+        offset, error = _offset(outcome.index), f"#e{number}"
+        if outcome.state is TileState.PENDING:
+            conditions.append(f"g[{offset}] = :running")
+            sets += [f"g[{offset}] = :pending", f"a[{offset}] = a[{offset}] - :one"]
+            values[":one"] = 1
+            continue
+        names[error] = str(outcome.index)
+        if outcome.state is TileState.RUNNING:
+            conditions.append(f"g[{offset}] = :running")
+        else:
+            values[f":ms{number}"] = outcome.duration_ms
+            sets += [f"g[{offset}] = :{outcome.state.value.lower()}", f"ms[{offset}] = :ms{number}"]
+        if outcome.state is TileState.FAILED:
+            conditions.append(f"g[{offset}] <> :done")
+        if outcome.state is TileState.DONE:
+            removes.append(f"e.{error}")  # an error an earlier, retried attempt left
+        else:
+            values[f":er{number}"] = (outcome.error or "")[:500]
+            sets.append(f"e.{error} = :er{number}")
+    for state in TileState:
+        placeholder = f":{state.value.lower()}"
+        if any(placeholder in text for text in (*sets, *conditions)):
+            values[placeholder] = state.letter
+    expression = "SET " + ", ".join(sets)
+    if removes:
+        expression += " REMOVE " + ", ".join(removes)
+    return _BandWrite(
+        expression=expression,
+        condition=" AND ".join(conditions),
+        names=names,
+        values=values,
+        allows=_finish_allows,
+    )
+
+
+def _finish_allows(outcome: TileOutcome, item: Mapping[str, Any]) -> bool:
+    letter = _letter(item, outcome.index)
+    if outcome.state is TileState.FAILED:
+        return letter != TileState.DONE.letter
+    if outcome.state in (TileState.RUNNING, TileState.PENDING):
+        return letter == TileState.RUNNING.letter
+    return True
+
+
+def _band_records(band: int, item: Mapping[str, Any]) -> list[TileRecord]:
+    errors: Mapping[str, Any] = item.get("e", {})
+    return [
+        TileRecord(
+            index=index,
+            state=_BY_LETTER[str(letter)],
+            attempts=int(item["a"][offset]),
+            duration_ms=None if item["ms"][offset] is None else int(item["ms"][offset]),
+            error=str(errors[str(index)]) if str(index) in errors else None,
+        )
+        for offset, letter in enumerate(item["g"])
+        for index in (_index(band, offset),)
+    ]
 
 
 _JSON_FIELDS = ("operations", "input", "output_options", "source", "grid", "output", "error")
@@ -248,7 +416,8 @@ class JobRepository:
     """Reads and writes jobs and tiles in one DynamoDB table keyed by ``pk`` and ``sk``."""
 
     def __init__(self, table_name: str, *, resource: Any = None, ttl_days: int = 30) -> None:
-        self.table: Table = (resource or boto3.resource("dynamodb")).Table(table_name)
+        self.resource: DynamoDBServiceResource = resource or boto3.resource("dynamodb")
+        self.table: Table = self.resource.Table(table_name)
         self.ttl_days = ttl_days
 
     # --- jobs ---------------------------------------------------------------------------------
@@ -379,113 +548,157 @@ class JobRepository:
             return False
         return True
 
-    def delete(self, job_id: str) -> None:
-        """Remove the job item and its tile items."""
+    def delete(self, job_id: str, tile_count: int) -> None:
+        """Remove the job item and its band items."""
         with self.table.batch_writer() as batch:
-            for record in self.tiles(job_id):
-                batch.delete_item(Key=_tile_key(job_id, record.index))
+            for band in range(_band_count(tile_count)):
+                batch.delete_item(Key=_band_key(job_id, band))
             batch.delete_item(Key=_job_key(job_id))
 
     # --- tiles --------------------------------------------------------------------------------
 
     def create_tiles(self, job_id: str, count: int) -> None:
-        """One PENDING item per tile (rewritten as PENDING if the splitter runs again)."""
+        """Every tile PENDING, in the band items (reset if the splitter runs again)."""
+        expires_at = int(time.time()) + self.ttl_days * 86_400
+        sizes = Counter(_band(index) for index in range(count))
         try:
             with self.table.batch_writer() as batch:
-                for index in range(count):
+                for band, size in sizes.items():
                     batch.put_item(
                         Item={
-                            **_tile_key(job_id, index),
-                            "st": TileState.PENDING.value,
-                            "at": 0,
-                            "expires_at": int(time.time()) + self.ttl_days * 86_400,
+                            **_band_key(job_id, band),
+                            "g": [TileState.PENDING.letter] * size,
+                            "a": [0] * size,
+                            "ms": [None] * size,
+                            "e": {},
+                            "expires_at": expires_at,
                         }
                     )
         except ClientError as e:
             raise _translate(e) from e
 
-    def tile_started(self, job_id: str, index: int) -> bool:
-        """Count an attempt and mark RUNNING; False if the tile is already DONE (a duplicate)."""
-        try:
-            self.table.update_item(
-                Key=_tile_key(job_id, index),
-                UpdateExpression="SET st = :running ADD #at :one",
-                ConditionExpression=Attr("st").ne(TileState.DONE.value),
-                ExpressionAttributeNames={"#at": "at"},
-                ExpressionAttributeValues={":running": TileState.RUNNING.value, ":one": 1},
-            )
-        except ClientError as e:
-            if _is_condition_failure(e):
-                return False
-            raise _translate(e) from e
-        return True
+    def tiles_started(self, job_id: str, indices: Iterable[int]) -> list[int]:
+        """Mark the tiles RUNNING and count an attempt on each, one write per band touched.
 
-    def tile_finished(
-        self, job_id: str, index: int, duration_ms: int, error: str | None = None
-    ) -> None:
-        """Mark the tile DONE, or FAILED with ``error``."""
-        state = TileState.FAILED if error else TileState.DONE
-        values: dict[str, Any] = {":st": state.value, ":ms": duration_ms}
-        update = "SET st = :st, ms = :ms"
-        if error:
-            update += ", er = :er"
-            values[":er"] = error[:500]
-        else:
-            update += " REMOVE er"  # an error an earlier, retried attempt left
-        try:
-            self.table.update_item(
-                Key=_tile_key(job_id, index),
-                UpdateExpression=update,
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as e:
-            raise _translate(e) from e
-
-    def tile_retrying(self, job_id: str, index: int, error: str) -> None:
-        """Note a retryable error on a RUNNING tile, leaving it RUNNING.
-
-        Best effort: the error being retried may be this table's own throttling.
+        Returns the tiles to process: a tile already DONE (a retried or duplicated delivery)
+        is left as it is and left out.
         """
-        try:
-            self.table.update_item(
-                Key=_tile_key(job_id, index),
-                UpdateExpression="SET er = :er",
-                ConditionExpression=Attr("st").eq(TileState.RUNNING.value),
-                ExpressionAttributeValues={":er": error[:500]},
-            )
-        except ClientError:
-            LOG.warning("could not note the retried error of tile %s of job %s", index, job_id)
+        started: list[int] = []
+        for band, tiles in _by_band(sorted(set(indices))).items():
+            started += self._update_band(job_id, band, tiles, _start_write)
+        return started
 
-    def tiles(self, job_id: str) -> Iterator[TileRecord]:
-        """Every tile record of the job, in no particular order."""
-        for shard in range(TILE_SHARDS):
-            query: dict[str, Any] = {
-                "KeyConditionExpression": Key("pk").eq(f"JOB#{job_id}#S{shard}"),
-            }
-            while True:
-                try:
-                    page = self.table.query(**query)
-                except ClientError as e:
-                    raise _translate(e) from e
-                for item in page.get("Items", []):
-                    yield TileRecord(
-                        index=int(str(item["sk"]).removeprefix("TILE#")),
-                        state=TileState(str(item["st"])),
-                        attempts=int(str(item.get("at", 0))),
-                        duration_ms=int(str(item["ms"])) if "ms" in item else None,
-                        error=str(item["er"]) if "er" in item else None,
-                    )
-                if "LastEvaluatedKey" not in page:
+    def tiles_finished(self, job_id: str, outcomes: Iterable[TileOutcome]) -> None:
+        """Record what a batch's tiles came to, one write per band touched.
+
+        DONE always holds; FAILED never replaces a DONE a duplicate delivery recorded; an
+        outcome still RUNNING notes a retryable error, and PENDING puts back a tile the batch
+        never reached, both only on a tile still RUNNING.
+        """
+        by_index = {outcome.index: outcome for outcome in outcomes}
+        for band, tiles in _by_band(sorted(by_index)).items():
+            self._update_band(job_id, band, [by_index[index] for index in tiles], _finish_write)
+
+    def tiles(self, job_id: str, total: int, *, consistent: bool = False) -> list[TileRecord]:
+        """Every tile record of the job, by index, read from its band items."""
+        bands = self._read_bands(job_id, total, consistent=consistent)
+        records = [record for band, item in bands.items() for record in _band_records(band, item)]
+        return sorted(records, key=lambda record: record.index)
+
+    def progress(self, job_id: str, total: int, *, consistent: bool = False) -> TileProgress:
+        """Counts by state and the row-major grid of every tile's state letter.
+
+        Two requests whatever the job's size or state (the job's, then its bands');
+        ``consistent`` for a read that decides something, such as the merger's.
+        """
+        letters = [TileState.PENDING.letter] * total  # as are bands not written yet
+        bands = self._read_bands(job_id, total, consistent=consistent, attributes="g")
+        for band, item in bands.items():
+            for offset, letter in enumerate(item["g"]):
+                letters[_index(band, offset)] = str(letter)
+        grid = "".join(letters)
+        counts = {state: grid.count(state.letter) for state in TileState}
+        return TileProgress(
+            total=total, counts={state: n for state, n in counts.items() if n}, grid=grid
+        )
+
+    def _read_bands(
+        self, job_id: str, total: int, *, consistent: bool, attributes: str | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """The job's band items by band (missing ones left out), in one BatchGetItem."""
+        bands = {_band_key(job_id, band)["pk"]: band for band in range(_band_count(total))}
+        request: Any = {
+            "Keys": [{"pk": pk, "sk": "BAND"} for pk in bands],
+            "ConsistentRead": consistent,
+        }
+        if attributes:
+            request["ProjectionExpression"] = f"pk, {attributes}"
+        found: dict[int, dict[str, Any]] = {}
+        for _ in range(_BATCH_GET_ROUNDS):
+            if not bands:
+                return found
+            try:
+                answer = self.resource.batch_get_item(RequestItems={self.table.name: request})
+            except ClientError as e:
+                raise _translate(e) from e
+            for item in answer.get("Responses", {}).get(self.table.name, []):
+                found[bands[str(item["pk"])]] = item
+            request = answer.get("UnprocessedKeys", {}).get(self.table.name)
+            if not request:
+                return found
+            time.sleep(0.05)  # DynamoDB left some keys unread (throttled): read them again
+        raise TransientError("the job table was busy (band reads left unprocessed)")
+
+    def _update_band(
+        self,
+        job_id: str,
+        band: int,
+        entries: Sequence[_Entry],
+        write: Callable[[Sequence[_Entry]], _BandWrite],
+    ) -> list[_Entry]:
+        """Apply ``write`` to one band item; the entries its condition allowed.
+
+        The condition is per tile (``g[3] <> :done``), so when it fails the band as it now is
+        says which entries to drop, and the write is made again with the rest. Every update
+        sets list elements by position in one request, which DynamoDB applies atomically to
+        the item as it is, so workers writing different tiles of one band lose nothing.
+        """
+        written: list[_Entry] = []
+        for start in range(0, len(entries), _TILES_PER_WRITE):
+            pending = list(entries[start : start + _TILES_PER_WRITE])
+            for _ in range(_CONDITION_ROUNDS):
+                if not pending:
                     break
-                query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+                update = write(pending)
+                try:
+                    self.table.update_item(
+                        Key=_band_key(job_id, band),
+                        UpdateExpression=update.expression,
+                        ConditionExpression=update.condition,
+                        ExpressionAttributeNames=update.names,
+                        ExpressionAttributeValues=update.values,
+                        ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                    )
+                except ClientError as e:
+                    if not _is_condition_failure(e):
+                        raise _translate(e) from e
+                    item = self._band_as_it_is(job_id, band, e)
+                    if item is None:  # the job's records were deleted
+                        return written
+                    pending = [entry for entry in pending if update.allows(entry, item)]
+                    continue
+                written += pending
+                break
+            else:
+                raise TransientError(f"the tile records of job {job_id} kept changing")
+        return written
 
-    def progress(self, job_id: str, total: int) -> TileProgress:
-        """Counts by state and the row-major grid of every tile's state letter."""
-        letters = [TileState.PENDING.letter] * total
-        counts: Counter[TileState] = Counter()
-        for record in self.tiles(job_id):
-            if record.index < total:
-                letters[record.index] = record.state.letter
-                counts[record.state] += 1
-        counts[TileState.PENDING] += total - sum(counts.values())
-        return TileProgress(total=total, counts=dict(counts), grid="".join(letters))
+    def _band_as_it_is(self, job_id: str, band: int, error: ClientError) -> dict[str, Any] | None:
+        """The band item a failed condition saw: in the error, or read again if it is not."""
+        old = cast("Mapping[str, Any] | None", error.response.get("Item"))
+        if old is not None:
+            return {name: _DESERIALIZER.deserialize(value) for name, value in old.items()}
+        try:
+            return self.table.get_item(Key=_band_key(job_id, band), ConsistentRead=True).get("Item")
+        except ClientError as e:
+            raise _translate(e) from e
