@@ -286,10 +286,10 @@ def _both(*injections: Any) -> Any:
 def _splitter_times_out(
     aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]
 ) -> None:
-    def decode(image: Any, path: Any) -> Any:
+    def transcode(image: Any, *args: Any) -> Any:
         raise SandboxTimedout("Task timed out after 900.00 seconds")
 
-    monkeypatch.setattr(tilefan.stages.split, "decode_to_scratch", decode)
+    monkeypatch.setattr(tilefan.stages.split, "transcode", transcode)
 
 
 def _duplicates(aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
@@ -546,11 +546,11 @@ class Gate:
 
 
 def hold_split(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.stages.split.decode_to_scratch
+    real = tilefan.stages.split.transcode
     monkeypatch.setattr(
         tilefan.stages.split,
-        "decode_to_scratch",
-        lambda image, path: gate.wait() or real(image, path),
+        "transcode",
+        lambda image, *args: gate.wait() or real(image, *args),
     )
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import TileFailed, TilefanError, TransientError, reason
+from tilefan.formats.tiled import source_block
 from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
@@ -37,26 +38,29 @@ def process_batch(
             tile = Tile.from_compact(compact)
             if not pipeline.jobs.tile_started(job_id, tile.index):
                 continue
-            _process_tile(pipeline, job_id, tile, chain, spec, job.grid["interpretation"])
+            _process_tile(pipeline, job_id, tile, chain, spec, job.grid)
             processed += 1
     finally:
-        # Also when a tile failed: a cancellation removes the source tiles under us.
+        # Also when a tile failed: a cancellation removes the transcoded source under us.
         pipeline.discard_if_ended(job_id)
     return {"processed": processed, "skipped": len(tiles) - processed}
 
 
 def _process_tile(
-    pipeline: Pipeline, job_id: str, tile: Tile, chain: Any, spec: ImageSpec, interpretation: str
+    pipeline: Pipeline, job_id: str, tile: Tile, chain: Any, spec: ImageSpec, grid: dict[str, Any]
 ) -> None:
     started = time.monotonic()
     try:
-        block = pipeline.store.get_tile(job_id, "src", tile.index, spec.interpretation)
+        read = grid["read"]
+        block = source_block(
+            pipeline.store, read["key"], read["page"], tile.source, spec.interpretation
+        )
         result = execute_tile(chain, spec, block, tile.output)
         pipeline.store.put_tile(
             job_id,
             "out",
             tile.index,
-            result.copy(interpretation=interpretation),
+            result.copy(interpretation=grid["interpretation"]),
             metadata=tile.index == 0,
         )
     except TransientError as e:
