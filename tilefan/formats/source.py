@@ -62,6 +62,8 @@ def open_checked(
                 "or cut short"
             ) from e
         raise UnsupportedImage(f"{name} is not an image format tilefan reads") from e
+    if isinstance(source, ObjectSource) and source.failure is not None:
+        raise source.failure  # a failed read that the loader took as a warning
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
         raise TooManyPixels(

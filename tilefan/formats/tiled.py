@@ -74,6 +74,10 @@ def transcode(
     target = ObjectTarget(upload)
     try:
         image.tiffsave_target(target.target, tile_width=edge, tile_height=edge, **TRANSCODE_OPTIONS)
+        # A failed read that libvips took as a warning must not pass as a decoded image.
+        failure = origin.failure or target.failure
+        if failure is not None:
+            raise failure
         return upload.complete()
     except pyvips.Error as e:
         upload.abort()
@@ -93,14 +97,18 @@ def source_block(
     """A tile's source rectangle, read by range from the tiled object at ``key``, in memory."""
     image, source = _opened(store, key, page)
     try:
-        return image.crop(*rect).copy(interpretation=interpretation).copy_memory()
-    except pyvips.Error as e:
+        block = image.crop(*rect).copy(interpretation=interpretation).copy_memory()
+    except pyvips.Error:
         if source.failure is None:
             raise
+    # libtiff can report a failed read of a tile as a warning and go on with the tile blank,
+    # so a storage failure is checked for whether libvips raised or not.
+    if source.failure is not None:
         failure, source.failure = source.failure, None
         # libvips may remember the failed read; the next attempt opens the object afresh.
         _opened.cache_clear()
-        raise failure from e
+        raise failure
+    return block
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,8 +29,12 @@ libtiff reads a directory a few bytes at a time and libvips re-reads it several 
 (../shared/DESIGN-NOTES.md): each block is fetched once however often it is read.
 """
 
-CACHED_BLOCKS = 128
-"""Blocks an open object keeps (8 MiB): every directory of a slide scan, and the tile offsets."""
+CACHED_BYTES = 32 * 2**20
+"""What an open object keeps of what it fetched, least recently read dropped first.
+
+Blocks, and whole longer reads: libtiff reads a TIFF tile in one read, and the tiles of a
+batch share the TIFF tiles of their halo, which are then fetched once per batch, not per tile.
+"""
 
 PART_SIZE = 8 * 2**20
 """Multipart parts: S3 wants at least 5 MiB but the last; 10,000 parts then hold 78 GiB."""
@@ -53,7 +57,7 @@ def storage_errors(key: str) -> Iterator[None]:
 
 
 class RangedObject:
-    """An S3 object read by ranged GetObject, small reads served from cached aligned blocks.
+    """An S3 object read by ranged GetObject: small reads as aligned blocks, all of it cached.
 
     ``requests`` and ``bytes_fetched`` count what was asked of S3.
     """
@@ -66,7 +70,8 @@ class RangedObject:
             self.size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
         self.requests = 0
         self.bytes_fetched = 0
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._kept_bytes = 0
         self._lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -75,24 +80,27 @@ class RangedObject:
         if offset >= end:
             return b""
         if end - offset >= BLOCK_SIZE:
-            return self._fetch(offset, end)
+            return self._cached(offset, end)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        data = b"".join(self._block(number) for number in range(first, last + 1))
+        data = b"".join(
+            self._cached(number * BLOCK_SIZE, min((number + 1) * BLOCK_SIZE, self.size))
+            for number in range(first, last + 1)
+        )
         start = offset - first * BLOCK_SIZE
         return data[start : start + end - offset]
 
-    def _block(self, number: int) -> bytes:
+    def _cached(self, start: int, end: int) -> bytes:
         with self._lock:
-            if number in self._blocks:
-                self._blocks.move_to_end(number)
-                return self._blocks[number]
-        start = number * BLOCK_SIZE
-        block = self._fetch(start, min(start + BLOCK_SIZE, self.size))
+            if (start, end) in self._kept:
+                self._kept.move_to_end((start, end))
+                return self._kept[start, end]
+        data = self._fetch(start, end)
         with self._lock:
-            self._blocks[number] = block
-            if len(self._blocks) > CACHED_BLOCKS:
-                self._blocks.popitem(last=False)
-        return block
+            self._kept[start, end] = data
+            self._kept_bytes += len(data)
+            while self._kept_bytes > CACHED_BYTES and len(self._kept) > 1:
+                self._kept_bytes -= len(self._kept.popitem(last=False)[1])
+        return data
 
     def _fetch(self, start: int, end: int) -> bytes:
         with storage_errors(self.key):
