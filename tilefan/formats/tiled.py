@@ -56,9 +56,14 @@ def transcode_tile_edge(tile_size: int) -> int:
     return next((edge for edge in (256, 128, 64, 32, 16) if tile_size % edge == 0), 256)
 
 
-def open_object(store: TileStore, key: str, **checks: Any) -> tuple[pyvips.Image, ObjectSource]:
-    """Open an object by range requests, with the checks of `open_checked`, reading its header."""
-    source = ObjectSource(RangedObject(store.client, store.bucket, key), name=checks.pop("name"))
+def open_object(
+    store: TileStore, key: str, *, name: str, **checks: Any
+) -> tuple[pyvips.Image, ObjectSource]:
+    """Open an object by range requests, with the checks of `open_checked`, reading its header.
+
+    ``name`` is what messages call the object.
+    """
+    source = ObjectSource(RangedObject(store.client, store.bucket, key), name=name)
     return open_checked(source, **checks), source
 
 
