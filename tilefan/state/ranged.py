@@ -36,6 +36,11 @@ Blocks, and whole longer reads: libtiff reads a TIFF tile in one read, and the t
 batch share the TIFF tiles of their halo, which are then fetched once per batch, not per tile.
 """
 
+READAHEAD = 8 * 2**20
+"""A reader going through the object in order (a JPEG or PNG decoding from the top, a few KB
+per read) gets windows that double from a block to this: a request per 8 MiB, not per 64 KiB.
+"""
+
 PART_SIZE = 8 * 2**20
 """Multipart parts: S3 wants at least 5 MiB but the last; 10,000 parts then hold 78 GiB."""
 
@@ -57,7 +62,8 @@ def storage_errors(key: str) -> Iterator[None]:
 
 
 class RangedObject:
-    """An S3 object read by ranged GetObject: small reads as aligned blocks, all of it cached.
+    """An S3 object read by ranged GetObject: small reads as aligned blocks, or as growing
+    windows when they come in order; what was fetched is kept.
 
     ``requests`` and ``bytes_fetched`` count what was asked of S3.
     """
@@ -72,6 +78,9 @@ class RangedObject:
         self.bytes_fetched = 0
         self._kept: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._kept_bytes = 0
+        self._window: tuple[int, bytes] = (0, b"")
+        self._next = -1
+        self._readahead = BLOCK_SIZE
         self._lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -81,6 +90,20 @@ class RangedObject:
             return b""
         if end - offset >= BLOCK_SIZE:
             return self._cached(offset, end)
+        with self._lock:
+            start, window = self._window
+            if start <= offset and end <= start + len(window):
+                self._next = end
+                return window[offset - start : end - start]
+            in_order = offset == self._next
+            self._next = end
+            self._readahead = min(2 * self._readahead, READAHEAD) if in_order else BLOCK_SIZE
+            readahead = self._readahead
+        if in_order:
+            window = self._fetch(offset, min(offset + readahead, self.size))
+            with self._lock:
+                self._window = (offset, window)
+            return window[: end - offset]
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         data = b"".join(
             self._cached(number * BLOCK_SIZE, min((number + 1) * BLOCK_SIZE, self.size))
