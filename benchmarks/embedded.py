@@ -125,13 +125,15 @@ class _StorageMeter:
 
 def _category(operation: str, key: str) -> str:
     if key.startswith("uploads/"):
+        if operation == "range":  # the splitter's header and a tiled upload's tiles, by range
+            return "range_read_upload"
         return "client_upload" if operation == "upload" else "split_read_source"
     if key.startswith("results/"):
         return "merge_write_result" if operation == "upload" else "client_download"
     if key.endswith("manifest.json"):
         return "split_write_manifest" if operation == "put" else "manifest_read"
-    if "/src/" in key:
-        return "split_write_tiles" if operation == "put" else "map_read_tiles"
+    if key.endswith("/source.tif"):
+        return "split_write_transcode" if operation == "put" else "map_read_source"
     if "/out/" in key or "/encoded/" in key:
         return "map_write_tiles" if operation == "put" else "merge_read_tiles"
     return f"other_{operation}"
@@ -142,6 +144,7 @@ def _instrument(
 ) -> None:
     from tilefan.stages.pipeline import Pipeline
     from tilefan.state.jobs import JobRepository
+    from tilefan.state.ranged import MultipartObject, RangedObject
     from tilefan.state.storage import TileStore
 
     original_batch = Pipeline.process_batch
@@ -182,6 +185,24 @@ def _instrument(
     # Measurement hooks around the storage calls every stage makes, in this process only.
     for name, hook in (("_put", _put), ("_get", _get), ("upload", upload), ("download", download)):
         setattr(TileStore, name, hook)
+
+    original_fetch, original_part = RangedObject._fetch, MultipartObject._upload_part
+
+    def fetch(remote: RangedObject, start: int, end: int) -> bytes:
+        started = time.monotonic()
+        body = original_fetch(remote, start, end)
+        operation = "range" if remote.key.startswith("uploads/") else "get"
+        meter.record(_category(operation, remote.key), len(body), time.monotonic() - started)
+        return body
+
+    def upload_part(upload: MultipartObject, number: int, body: bytes) -> Any:
+        started = time.monotonic()
+        part = original_part(upload, number, body)
+        meter.record(_category("put", upload.key), len(body), time.monotonic() - started)
+        return part
+
+    setattr(RangedObject, "_fetch", fetch)  # noqa: B010 - a measurement hook
+    setattr(MultipartObject, "_upload_part", upload_part)  # noqa: B010 - a measurement hook
 
     def counted(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:

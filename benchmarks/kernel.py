@@ -3,7 +3,8 @@
 With ``VIPS_CONCURRENCY=1`` and no storage in the way, this measures for each tile size and tile
 encoding the CPU seconds a tile worker spends on one interior tile (decode its source tile, run
 the chain, encode the result) and the bytes it reads and writes; and the single-thread rates of
-the serial stages' own work: decoding the JPEG (splitter) and encoding the output TIFF (merger).
+the serial stages' own work: transcoding the JPEG into the tiled intermediate (splitter) and
+encoding the output TIFF (merger).
 Run as ``python -m benchmarks.kernel`` in a child process, because libvips reads its
 concurrency once.
 """
@@ -65,7 +66,8 @@ def _measure(
 
     from benchmarks.chains import CHAINS
     from tilefan.formats.outputs import save_output
-    from tilefan.formats.source import decode_to_scratch, open_checked
+    from tilefan.formats.source import open_checked, upright
+    from tilefan.formats.tiled import TRANSCODE_OPTIONS
     from tilefan.imaging.execute import execute_tile
     from tilefan.imaging.operations import parse_chain
     from tilefan.imaging.plan import ImageSpec, plan_tiles
@@ -75,9 +77,13 @@ def _measure(
     result: dict[str, Any] = {"chain": chain_name, "tiles": []}
     with tempfile.TemporaryDirectory(prefix="tilefan-kernel-") as scratch:
         header = open_checked(source_path, access="sequential")
-        source, cpu, wall = _cpu_and_wall(
-            lambda: decode_to_scratch(header, Path(scratch) / "source.v")
+        transcoded = Path(scratch) / "source.tif"
+        _, cpu, wall = _cpu_and_wall(
+            lambda: header.tiffsave(
+                str(transcoded), tile_width=256, tile_height=256, **TRANSCODE_OPTIONS
+            )
         )
+        source = upright(open_checked(transcoded))
         pixels = source.width * source.height
         result["split_decode"] = {
             "megapixels": pixels / 1e6,

@@ -9,6 +9,7 @@ __all__ = [
     "JobNotFound",
     "OutputTooLarge",
     "TileFailed",
+    "TileTooLarge",
     "TilefanError",
     "TooManyPixels",
     "TransientError",
@@ -33,6 +34,12 @@ class InvalidTileSize(TilefanError):
     """The tile size is outside the supported range."""
 
     code = "INVALID_TILE_SIZE"
+
+
+class TileTooLarge(InvalidTileSize):
+    """A tile's source block would not fit the tile worker's memory, for this pixel format."""
+
+    code = "TILE_TOO_LARGE"
 
 
 class UnsupportedImage(TilefanError):

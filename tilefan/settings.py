@@ -31,12 +31,14 @@ class Settings(BaseSettings):
     """Refuse inputs that declare this many pixels per byte of file: a decompression bomb."""
     tile_size: int = Field(default=1024, ge=MIN_TILE_SIZE, le=MAX_TILE_SIZE)
     """Default tile edge in source pixels."""
+    worker_memory_mb: int = Field(default=2048, ge=128, le=10240)
+    """The tile worker's memory (`TileWorkerMemorySize`): bounds the tile size per pixel format."""
     tiles_per_item: int = Field(default=4, ge=1, le=1000)
     """Tiles per Distributed Map item: fewer items, less orchestration per tile."""
     tile_encoding: TileEncoding = "none"
     """TIFF compression of intermediate tiles: bytes moved against CPU spent."""
     scratch_dir: str = "/tmp"
-    """Local scratch space for the splitter's decoded source and the merger's strips."""
+    """Local scratch space for the merger's DeepZoom cells."""
     merger_timeout: int = Field(default=900, ge=1, le=900)
     """The merger function's timeout in seconds (template.yaml): results too slow to encode
     in it are refused before the job runs (`tilefan.formats.output_limits`)."""

@@ -4,7 +4,7 @@ Every file in ../shared/images and a set of generated ones (empty, random, misla
 short, bombs, a huge ICC profile, several pages) is uploaded and run through split, tiles and
 merge. Each ends SUCCEEDED with a result equal to whole-image libvips (first page, EXIF
 orientation applied), or FAILED with its own code; a bomb is refused from its header, before
-any decode (`tilefan.stages.split.decode_to_scratch` is watched). No job leaves intermediates.
+any decode (`tilefan.stages.split.transcode` is watched). No job leaves intermediates.
 
 The table in docs/bad-inputs.md is this module's output: `TILEFAN_WRITE_DOCS=1` rewrites it, and
 every other run fails if the committed table differs from what the run produced.
@@ -338,14 +338,14 @@ def _describe_success(
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     decoded: list[str] = []
-    real = tilefan.stages.split.decode_to_scratch
+    real = tilefan.stages.split.transcode
 
-    def watched(image: pyvips.Image, path: Path) -> pyvips.Image:
-        decoded.append(str(path))
-        return real(image, path)
+    def watched(image: pyvips.Image, *args: Any) -> int:
+        decoded.append(str(args[2]))
+        return real(image, *args)
 
     with pytest.MonkeyPatch.context() as patch, local_stack() as stack:
-        patch.setattr(tilefan.stages.split, "decode_to_scratch", watched)
+        patch.setattr(tilefan.stages.split, "transcode", watched)
         yield Corpus(stack, tmp_path_factory.mktemp("bad-inputs"), decoded)
 
 
@@ -383,7 +383,7 @@ def test_shared_image_ends_as_expected(corpus: Corpus, name: str) -> None:
 def test_huge_icc_profile_travels_once_not_once_per_tile(corpus: Corpus) -> None:
     outcome = corpus.outcome("huge-icc.png")
     assert outcome.status is JobStatus.SUCCEEDED
-    # The splitter's tiles hold the profile once (tile 0, which gives the result its
+    # The transcoded source holds the profile once (its tile 0 gives the result its
     # metadata), not once per tile: 20 copies would be 200 MiB for a 200 KB upload.
     assert outcome.bytes_split is not None
     assert ICC_BYTES < outcome.bytes_split < 2 * ICC_BYTES

@@ -36,11 +36,12 @@ import tilefan.stages.process
 import tilefan.stages.split
 from tests.support import assert_identical, libvips_error, noise_image
 from tilefan import TransientError, parse_chain
+from tilefan.formats.tiled import source_block as process_source_block
 from tilefan.imaging.geometry import Rect
 from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
 from tilefan.service.job_service import AlreadyStarted
 from tilefan.state.jobs import TERMINAL, JobStatus, TileState
-from tilefan.state.storage import keys
+from tilefan.state.storage import TileStore, keys
 
 pytestmark = pytest.mark.integration
 
@@ -288,13 +289,56 @@ def _both(*injections: Any) -> Any:
     return inject
 
 
+class _Throttled:
+    """An S3 client whose ranged reads are answered SlowDown (503), as a busy prefix would."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def head_object(self, **params: Any) -> Any:
+        return self.client.head_object(**params)
+
+    def get_object(self, **params: Any) -> Any:
+        error = {"Code": "SlowDown", "Message": "injected"}
+        raise ClientError(
+            {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject"
+        )
+
+
+def _throttle_reads_of_tile(index: int, times: int) -> Any:
+    """S3 throttles the range reads of tile ``index``'s source block, ``times`` times.
+
+    libvips reads from its own threads, so the reads are told apart by the store the worker
+    reads through, not by an AWS rule.
+    """
+
+    def inject(aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
+        current, left = threading.local(), [times]
+        real_tile, real_block = tilefan.stages.process._process_tile, process_source_block
+
+        def process_tile(pipeline: Any, job_id: str, tile: Any, *args: Any) -> None:
+            current.index = tile.index
+            real_tile(pipeline, job_id, tile, *args)
+
+        def source_block(store: TileStore, *args: Any) -> Any:
+            if getattr(current, "index", None) == index and left[0] > 0:
+                left[0] -= 1
+                store = TileStore(store.bucket, client=_Throttled(store.client))  # type: ignore[arg-type]
+            return real_block(store, *args)
+
+        monkeypatch.setattr(tilefan.stages.process, "_process_tile", process_tile)
+        monkeypatch.setattr(tilefan.stages.process, "source_block", source_block)
+
+    return inject
+
+
 def _splitter_times_out(
     aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]
 ) -> None:
-    def decode(image: Any, path: Any) -> Any:
+    def transcode(image: Any, *args: Any) -> Any:
         raise SandboxTimedout("Task timed out after 900.00 seconds")
 
-    monkeypatch.setattr(tilefan.stages.split, "decode_to_scratch", decode)
+    monkeypatch.setattr(tilefan.stages.split, "transcode", transcode)
 
 
 def _duplicates(aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
@@ -346,9 +390,9 @@ MATRIX = {
         split=False,
     ),
     "s3-throttles-the-workers": Row(
-        _aws(
-            ("GetObject", s3_key("/src/000007.tif"), "SlowDown", 503, 2),
-            ("PutObject", s3_key("/out/000012.tif"), "SlowDown", 503, 1),
+        _both(
+            _throttle_reads_of_tile(7, 2),
+            _aws(("PutObject", s3_key("/out/000012.tif"), "SlowDown", 503, 1)),
         ),
         JobStatus.SUCCEEDED,
         attempts={7: 3, 12: 2},
@@ -554,11 +598,11 @@ class Gate:
 
 
 def hold_split(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tilefan.stages.split.decode_to_scratch
+    real = tilefan.stages.split.transcode
     monkeypatch.setattr(
         tilefan.stages.split,
-        "decode_to_scratch",
-        lambda image, path: gate.wait() or real(image, path),
+        "transcode",
+        lambda image, *args: gate.wait() or real(image, *args),
     )
 
 

@@ -68,11 +68,11 @@ def test_the_splitter_refuses_before_decoding_when_no_size_was_declared(
     source = tmp_path / "wide.png"
     pyvips.Image.black(1100, 20, bands=3).pngsave(str(source))
     decoded: list[str] = []
-    real = tilefan.stages.split.decode_to_scratch
+    real = tilefan.stages.split.transcode
     monkeypatch.setattr(
         tilefan.stages.split,
-        "decode_to_scratch",
-        lambda image, path: decoded.append(str(path)) or real(image, path),
+        "transcode",
+        lambda image, *args: decoded.append(str(args[2])) or real(image, *args),
     )
     service = stack.service
     # What the API creates when the request does not declare the input's dimensions.

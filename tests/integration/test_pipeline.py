@@ -246,11 +246,11 @@ def test_bad_input_fails_the_job_with_its_own_code(
 ) -> None:
     source = shared_image(name)
     decoded: list[str] = []
-    real = tilefan.stages.split.decode_to_scratch
+    real = tilefan.stages.split.transcode
     monkeypatch.setattr(
         tilefan.stages.split,
-        "decode_to_scratch",
-        lambda image, path: decoded.append(str(path)) or real(image, path),
+        "transcode",
+        lambda image, *args: decoded.append(str(args[2])) or real(image, *args),
     )
     view, _ = run(stack, source, tmp_path, [{"op": "invert"}])
     assert view.job.status is JobStatus.FAILED

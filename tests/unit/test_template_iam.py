@@ -65,6 +65,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:BatchWriteItem": {TABLE},
         "s3:GetObject": {UPLOADS},
         "s3:PutObject": {JOBS},
+        "s3:AbortMultipartUpload": {JOBS},
         "s3:ListBucket": {BUCKET},
     },
     "TileWorkerFunctionRole": {
@@ -72,7 +73,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         **LAMBDA_XRAY,
         "dynamodb:GetItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
-        "s3:GetObject": {JOBS},
+        "s3:GetObject": {JOBS, UPLOADS},
         "s3:PutObject": {JOBS},
         "s3:DeleteObject": {JOBS},
         "s3:ListBucket": {BUCKET},

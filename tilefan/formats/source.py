@@ -2,40 +2,58 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import pyvips
 
 from tilefan.errors import DamagedImage, TooManyPixels, UnsupportedImage, reason
+from tilefan.formats.remote import ObjectSource
 
-__all__ = ["decode_to_scratch", "open_checked", "upright"]
+__all__ = ["open_checked", "upright"]
 
 
 def open_checked(
-    path: str | Path,
+    source: str | Path | ObjectSource,
     *,
     max_pixels: int | None = None,
     max_pixels_per_byte: float | None = None,
     access: str = "random",
+    page: int = 0,
 ) -> pyvips.Image:
-    """Open the first page of an image, reading only its header.
+    """Open one page of an image, a file or an object read by range, reading its header.
 
     Refuses, before any pixel is decoded, a header that declares more than ``max_pixels`` or
     more than ``max_pixels_per_byte`` pixels per byte of file (a decompression bomb).
     """
-    path = Path(path)
-    name = path.name
-    size = path.stat().st_size
+    if isinstance(source, ObjectSource):
+        name, size, head = source.name, source.remote.size, source.head
+    else:
+        path = Path(source)
+        name, size = path.name, path.stat().st_size
+        head = functools.partial(_file_head, path)
     if size == 0:
         raise UnsupportedImage(f"{name} is empty")
+    # Only multi-page loaders take a page; the first needs no option.
+    options: dict[str, Any] = {
+        "access": access,
+        "fail_on": "error",
+        **({"page": page} if page else {}),
+    }
     try:
         # "error", not "truncated": a TIFF whose strips are cut short is a read error to
         # libtiff, not a truncation to libvips, and would decode with the missing rows black.
-        image = pyvips.Image.new_from_file(str(path), access=access, fail_on="error")
+        if isinstance(source, ObjectSource):
+            image = pyvips.Image.new_from_source(source.source, "", **options)
+        else:
+            image = pyvips.Image.new_from_file(str(source), **options)
     except pyvips.Error as e:
-        if "is not a known file format" not in str(e):
+        if isinstance(source, ObjectSource) and source.failure is not None:
+            raise source.failure from e
+        if "not in a known format" not in str(e) and "is not a known" not in str(e):
             raise DamagedImage(f"{name} could not be read: {reason(e)}") from e
-        claimed = _claimed_format(path)
+        claimed = _claimed_format(head(16))
         if claimed is not None:
             # libvips says "not a known format" when a loader's own check reads past the
             # signature and fails, as for a TIFF cut before its directory: damaged, not foreign.
@@ -44,6 +62,8 @@ def open_checked(
                 "or cut short"
             ) from e
         raise UnsupportedImage(f"{name} is not an image format tilefan reads") from e
+    if isinstance(source, ObjectSource) and source.failure is not None:
+        raise source.failure  # a failed read that the loader took as a warning
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
         raise TooManyPixels(
@@ -63,19 +83,6 @@ def upright(image: pyvips.Image) -> pyvips.Image:
     return image.autorot() if image.get_typeof("orientation") else image
 
 
-def decode_to_scratch(image: pyvips.Image, path: Path) -> pyvips.Image:
-    """Decode the whole image once, top to bottom, into an uncompressed file that maps.
-
-    Formats such as JPEG and PNG only decode from the top; cutting tiles straight from them
-    would decode again per tile. The scratch copy gives every tile random access at no cost.
-    """
-    try:
-        image.write_to_file(str(path))
-    except pyvips.Error as e:
-        raise DamagedImage(f"the image could not be decoded: {reason(e)}") from e
-    return upright(pyvips.Image.new_from_file(str(path)))
-
-
 _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"II*\x00", 0, "TIFF"),
     (b"MM\x00*", 0, "TIFF"),
@@ -90,10 +97,13 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
 """Signatures of formats every libvips build reads (bytes, offset, name)."""
 
 
-def _claimed_format(path: Path) -> str | None:
-    """The format whose signature the file starts with, if it is one libvips always reads."""
+def _file_head(path: Path, length: int) -> bytes:
     with path.open("rb") as stream:
-        head = stream.read(16)
+        return stream.read(length)
+
+
+def _claimed_format(head: bytes) -> str | None:
+    """The format whose signature ``head`` starts with, if it is one libvips always reads."""
     for signature, offset, format_name in _SIGNATURES:
         if head[offset : offset + len(signature)] == signature:
             return format_name

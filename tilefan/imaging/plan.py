@@ -9,7 +9,7 @@ from typing import Any
 
 import pyvips
 
-from tilefan.errors import InvalidChain, InvalidTileSize, UnsupportedImage, reason
+from tilefan.errors import InvalidChain, InvalidTileSize, TileTooLarge, UnsupportedImage, reason
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.operations import Chain, Operation
 
@@ -22,6 +22,7 @@ __all__ = [
     "Tile",
     "TilePlan",
     "check_chain",
+    "check_worker_memory",
     "plan_tiles",
     "stage_regions",
     "stage_sizes",
@@ -219,4 +220,41 @@ def plan_tiles(
         rows=math.ceil(out_h / output_tile),
         columns=math.ceil(out_w / output_tile),
         output_interpretation=layout.interpretation,
+    )
+
+
+WORKER_RUNTIME_MB = 160
+"""A tile worker's memory before its first tile: Python, boto3, pyvips (133 MB measured)."""
+
+WORKER_BLOCK_COPIES = 8
+"""A worker's peak above its runtime, in source blocks (7.5 measured at 2048 px, uchar RGB).
+
+The block itself, libvips' intermediates of the chain, the output tile and its encoding.
+"""
+
+_SAMPLE_BYTES = {
+    "uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4, "double": 8,
+}  # fmt: skip
+
+
+def check_worker_memory(plan: TilePlan, memory_mb: int) -> None:
+    """Raise `TileTooLarge` when a tile's source block would outgrow a worker of ``memory_mb``."""
+    spec = plan.spec
+    pixel_bytes = spec.bands * _SAMPLE_BYTES[spec.format]
+    # An interior tile: it has the halo on every side.
+    row, column = min(1, plan.rows - 1), min(1, plan.columns - 1)
+    block = plan.tile(row * plan.columns + column).source
+    budget = (memory_mb - WORKER_RUNTIME_MB) * 2**20 / WORKER_BLOCK_COPIES
+    if block.w * block.h * pixel_bytes <= budget:
+        return
+    largest = int(math.sqrt(max(0.0, budget) / pixel_bytes)) - (block.w - plan.tile_size)
+    advice = (
+        f"use tile_size {largest} or less"
+        if largest >= MIN_TILE_SIZE
+        else "no tile size fits: give the tile worker more memory"
+    )
+    raise TileTooLarge(
+        f"tile_size {plan.tile_size} gives each tile worker a {block.w}x{block.h} block of "
+        f"{spec.bands}-band {spec.format} pixels ({block.w * block.h * pixel_bytes / 2**20:,.0f} "
+        f"MiB), more than a {memory_mb:,} MB worker can process; {advice}"
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import TileFailed, TilefanError, TransientError, reason
+from tilefan.formats.tiled import source_block
 from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
@@ -53,7 +54,7 @@ def process_batch(
                     tile,
                     chain,
                     spec,
-                    job.grid["interpretation"],
+                    job.grid,
                     outcomes,
                     output,
                 )
@@ -65,7 +66,7 @@ def process_batch(
         try:
             pipeline.jobs.tiles_finished(job_id, outcomes + unreached)
         finally:
-            # Also when a tile failed: a cancellation removes the source tiles under us.
+            # Also when a tile failed: a cancellation removes the transcoded source under us.
             pipeline.discard_if_ended(job_id)
     return {"processed": len(outcomes), "skipped": len(tiles) - len(started)}
 
@@ -85,15 +86,19 @@ def _process_tile(
     tile: Tile,
     chain: Any,
     spec: ImageSpec,
-    interpretation: str,
+    grid: dict[str, Any],
     outcomes: list[TileOutcome],
     output: TiffBatchWriter | None,
 ) -> None:
     """Run the chain on one tile and add its outcome to ``outcomes``, also when it raises."""
     started = time.monotonic()
     try:
-        block = pipeline.store.get_tile(job_id, "src", tile.index, spec.interpretation)
-        result = execute_tile(chain, spec, block, tile.output).copy(interpretation=interpretation)
+        read = grid["read"]
+        block = source_block(
+            pipeline.store, read["key"], read["page"], tile.source, spec.interpretation
+        )
+        result = execute_tile(chain, spec, block, tile.output)
+        result = result.copy(interpretation=grid["interpretation"])
         if output is None:
             pipeline.store.put_tile(job_id, "out", tile.index, result, metadata=tile.index == 0)
         else:

@@ -1,19 +1,21 @@
-"""Split: open the upload, check it, plan the tiles, cut the source tiles, write the manifest."""
+"""Split: open the upload by range, check it, plan the tiles, write the manifest.
+
+A tiled TIFF is planned from its header, and workers read it where it is; anything else is
+transcoded once into a tiled TIFF that they read instead.
+"""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tilefan.errors import InvalidTileSize
 from tilefan.formats.output_limits import check_output_of_input
-from tilefan.formats.source import decode_to_scratch, open_checked, upright
+from tilefan.formats.source import upright
+from tilefan.formats.tiled import open_object, range_readable, transcode, transcode_tile_edge
 from tilefan.imaging.operations import parse_chain
-from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.imaging.plan import ImageSpec, TilePlan, check_worker_memory, plan_tiles
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
     MAX_TILES,
@@ -26,66 +28,50 @@ from tilefan.state.storage import keys
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
 
-_IO_THREADS = 16
-"""Concurrent S3 transfers in the splitter and merger: latency-bound, not CPU-bound."""
-
 
 def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
-    """Decode the upload once, cut the source tiles, write the manifest and the tile items."""
+    """Plan the tiles from the upload's header, transcode it unless tiled, write the manifest."""
     started = time.monotonic()
     job = pipeline.jobs.get(job_id)
     pipeline.jobs.transition(
         job_id, JobStatus.SPLITTING, allowed_from={JobStatus.QUEUED, JobStatus.SPLITTING}
     )
     chain = parse_chain(job.operations)
-    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
-        upload = Path(scratch) / "upload"
-        pipeline.store.download(keys.upload(job_id), upload)
-        header = open_checked(
-            upload,
-            max_pixels=pipeline.settings.max_pixels,
-            max_pixels_per_byte=pipeline.settings.max_pixels_per_byte,
-            access="sequential",
+    header, origin = open_object(
+        pipeline.store,
+        keys.upload(job_id),
+        name="upload",
+        max_pixels=pipeline.settings.max_pixels,
+        max_pixels_per_byte=pipeline.settings.max_pixels_per_byte,
+        access="sequential",
+    )
+    spec = ImageSpec.of(upright(header))
+    # Before any pixel is decoded: a result that cannot be made fails the job now.
+    check_output_of_input(
+        chain,
+        job.output_format,
+        job.output_options,
+        spec.width,
+        spec.height,
+        merger_timeout=pipeline.settings.merger_timeout,
+        merger_memory_mb=pipeline.settings.merger_memory_mb,
+        bands=header.bands,
+        pixel_format=header.format,
+    )
+    plan = plan_tiles(
+        spec, chain, job.tile_size, output_tile_rule=output_tile_rule(job.output_format)
+    )
+    if plan.tile_count > MAX_TILES:
+        raise InvalidTileSize(
+            f"tile_size {job.tile_size} cuts this image into {plan.tile_count:,} tiles; "
+            f"at most {MAX_TILES:,} are supported, so use a larger tile size"
         )
-        # Before any pixel is decoded: a result that cannot be made fails the job now.
-        upright_header = upright(header)
-        check_output_of_input(
-            chain,
-            job.output_format,
-            job.output_options,
-            upright_header.width,
-            upright_header.height,
-            merger_timeout=pipeline.settings.merger_timeout,
-            merger_memory_mb=pipeline.settings.merger_memory_mb,
-            bands=header.bands,
-            pixel_format=header.format,
-        )
-        source = decode_to_scratch(header, Path(scratch) / "source.v")
-        spec = ImageSpec.of(source)
-        plan = plan_tiles(
-            spec, chain, job.tile_size, output_tile_rule=output_tile_rule(job.output_format)
-        )
-        if plan.tile_count > MAX_TILES:
-            raise InvalidTileSize(
-                f"tile_size {job.tile_size} cuts this image into {plan.tile_count:,} tiles; "
-                f"at most {MAX_TILES:,} are supported, so use a larger tile size"
-            )
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            sizes = list(
-                pool.map(
-                    lambda tile: pipeline.store.put_tile(
-                        job_id,
-                        "src",
-                        tile.index,
-                        source.crop(*tile.source),
-                        # The output takes its metadata from tile 0 (libvips' joins keep
-                        # the first image's); an ICC profile or XMP of megabytes copied
-                        # into every tile would multiply the bytes moved by the tile count.
-                        metadata=tile.index == 0,
-                    ),
-                    plan.tiles(),
-                )
-            )
+    check_worker_memory(plan, pipeline.settings.worker_memory_mb)
+    read_key, written = keys.upload(job_id), 0
+    if not range_readable(header):
+        read_key = keys.source(job_id)
+        edge = transcode_tile_edge(job.tile_size)
+        written = transcode(header, origin, pipeline.store, read_key, edge)
     manifest = plan.manifest(_tiles_per_item(plan, job, pipeline.settings.tiles_per_item))
     for item in manifest:
         item["job_id"] = job_id
@@ -97,7 +83,12 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             JobStatus.PROCESSING,
             allowed_from={JobStatus.SPLITTING},
             source=asdict(spec),
-            grid=_grid(plan, bytes_split=sum(sizes)),
+            grid={
+                **_grid(plan, bytes_split=written),
+                # What the workers open by range: the upload itself, or its transcode.
+                "read": {"key": read_key, "page": 0},
+                "bytes_read": origin.remote.bytes_fetched,
+            },
             t_split=time.monotonic() - started,
         )
     except InvalidTransition:

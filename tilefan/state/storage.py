@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ObjectMissing", "TileStore", "keys"]
 
-TileStage = Literal["src", "out"]
+TileStage = Literal["out"]
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -65,8 +65,13 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/manifest.json"
 
     @staticmethod
+    def source(job_id: str) -> str:
+        """The tiled TIFF the splitter transcodes an upload into, when the upload is not one."""
+        return f"jobs/{job_id}/source.tif"
+
+    @staticmethod
     def tile(job_id: str, stage: TileStage, index: int) -> str:
-        """A source tile (cut by the splitter) or an output tile (made by a worker)."""
+        """An output tile (made by a worker)."""
         return f"jobs/{job_id}/{stage}/{index:06d}.tif"
 
     @staticmethod

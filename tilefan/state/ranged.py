@@ -1,0 +1,261 @@
+"""One object read by range requests, or written by a multipart upload, a block at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tilefan.errors import TilefanError, TransientError
+
+# The same codes as every other storage call: one table of which errors retry.
+from tilefan.state.storage import _translate
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+__all__ = ["MultipartObject", "RangedObject", "storage_errors"]
+
+BLOCK_SIZE = 64 * 2**10
+"""Reads shorter than this fetch the aligned block around them, kept for the next read.
+
+libtiff reads a directory a few bytes at a time and libvips re-reads it several times per open
+(../shared/DESIGN-NOTES.md): each block is fetched once however often it is read.
+"""
+
+CACHED_BYTES = 32 * 2**20
+"""What an open object keeps of what it fetched, least recently read dropped first.
+
+Blocks, and whole longer reads: libtiff reads a TIFF tile in one read, and the tiles of a
+batch share the TIFF tiles of their halo, which are then fetched once per batch, not per tile.
+"""
+
+READAHEAD = 8 * 2**20
+"""A reader going through the object in order (a JPEG or PNG decoding from the top, a few KB
+per read) gets windows that double from a block to this: a request per 8 MiB, not per 64 KiB.
+"""
+
+PART_SIZE = 8 * 2**20
+"""Multipart parts: S3 wants at least 5 MiB but the last; 10,000 parts then hold 78 GiB."""
+
+PARTS_IN_FLIGHT = 4
+"""Parts uploaded while the writer goes on; what the writer holds is bounded by them."""
+
+
+@contextlib.contextmanager
+def storage_errors(key: str) -> Iterator[None]:
+    """Turn boto's errors into the project's: throttling, 5xx and network failures retry."""
+    try:
+        yield
+    except ClientError as e:
+        raise _translate(e, key) from e
+    except BotoCoreError as e:
+        # Timeouts, dropped connections and bodies cut short (ReadTimeoutError,
+        # ResponseStreamingError, IncompleteReadError) are all worth another attempt.
+        raise TransientError(f"storage did not answer for {key}: {type(e).__name__}") from e
+
+
+class RangedObject:
+    """An S3 object read by ranged GetObject: small reads as aligned blocks, or as growing
+    windows when they come in order; what was fetched is kept.
+
+    ``requests`` and ``bytes_fetched`` count what was asked of S3.
+    """
+
+    def __init__(self, client: S3Client, bucket: str, key: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        with storage_errors(key):
+            self.size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        self.requests = 0
+        self.bytes_fetched = 0
+        self._kept: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._kept_bytes = 0
+        self._window: tuple[int, bytes] = (0, b"")
+        self._next = -1
+        self._readahead = BLOCK_SIZE
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``offset``; fewer only at the end of the object."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        if end - offset >= BLOCK_SIZE:
+            return self._cached(offset, end)
+        with self._lock:
+            start, window = self._window
+            if start <= offset and end <= start + len(window):
+                self._next = end
+                return window[offset - start : end - start]
+            in_order = offset == self._next
+            self._next = end
+            self._readahead = min(2 * self._readahead, READAHEAD) if in_order else BLOCK_SIZE
+            readahead = self._readahead
+        if in_order:
+            window = self._fetch(offset, min(offset + readahead, self.size))
+            with self._lock:
+                self._window = (offset, window)
+            return window[: end - offset]
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        data = b"".join(
+            self._cached(number * BLOCK_SIZE, min((number + 1) * BLOCK_SIZE, self.size))
+            for number in range(first, last + 1)
+        )
+        start = offset - first * BLOCK_SIZE
+        return data[start : start + end - offset]
+
+    def _cached(self, start: int, end: int) -> bytes:
+        with self._lock:
+            if (start, end) in self._kept:
+                self._kept.move_to_end((start, end))
+                return self._kept[start, end]
+        data = self._fetch(start, end)
+        with self._lock:
+            self._kept[start, end] = data
+            self._kept_bytes += len(data)
+            while self._kept_bytes > CACHED_BYTES and len(self._kept) > 1:
+                self._kept_bytes -= len(self._kept.popitem(last=False)[1])
+        return data
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        with storage_errors(self.key):
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end - 1}"
+            )
+            body = response["Body"].read()
+        if len(body) != end - start:
+            raise TransientError(
+                f"storage sent {len(body):,} of {end - start:,} bytes for {self.key}"
+            )
+        with self._lock:
+            self.requests += 1
+            self.bytes_fetched += len(body)
+        return body
+
+
+class MultipartObject:
+    """A write-once S3 object that a seeking writer (libtiff) fills by multipart upload.
+
+    Bytes are uploaded in parts as they fill, while the writer goes on. The first part stays in
+    memory to the end, because a TIFF writer goes back to the header to say where its
+    directory is. A writer may also skip ahead and fill the gap later (libtiff reserves its
+    directory's place, and pads to even offsets, leaving zeros): bytes within a part of a gap
+    are held until it is filled. A writer that goes back further fails, never silently.
+    """
+
+    def __init__(self, client: S3Client, bucket: str, key: str, content_type: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        with storage_errors(key):
+            self.upload_id = client.create_multipart_upload(
+                Bucket=bucket, Key=key, ContentType=content_type
+            )["UploadId"]
+        self.position = 0
+        self.size = 0
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._tail_start = PART_SIZE
+        self._gaps: list[tuple[int, int]] = []
+        self._parts: list[Future[CompletedPartTypeDef]] = []
+        self._pool = ThreadPoolExecutor(PARTS_IN_FLIGHT)
+
+    def write(self, data: bytes) -> int:
+        """Write at the current position; returns the bytes written."""
+        start, end = self.position, self.position + len(data)
+        if start > self.size:
+            self._gaps.append((self.size, start))
+        self._gaps = [piece for gap in self._gaps for piece in _minus(gap, start, end)]
+        if start < PART_SIZE:
+            head_end = min(end, PART_SIZE)
+            if head_end > len(self._head):
+                self._head.extend(bytes(head_end - len(self._head)))
+            self._head[start:head_end] = data[: head_end - start]
+        if end > PART_SIZE:
+            begin = max(start, PART_SIZE)
+            if begin < self._tail_start:
+                raise TilefanError(
+                    f"the writer of {self.key} went back to byte {begin:,}, already uploaded"
+                )
+            at = begin - self._tail_start
+            if end - self._tail_start > len(self._tail):
+                self._tail.extend(bytes(end - self._tail_start - len(self._tail)))
+            self._tail[at : at + end - begin] = data[begin - start :]
+        self.position = end
+        self.size = max(self.size, end)
+        self._upload_full_parts()
+        return len(data)
+
+    def seek(self, offset: int) -> int:
+        """Move the write position; returns it."""
+        self.position = offset
+        return offset
+
+    def complete(self) -> int:
+        """Upload what is held and make the object; returns its size in bytes."""
+        if self._tail:
+            self._submit(len(self._parts) + 2, bytes(self._tail))
+        with storage_errors(self.key):
+            parts = [self._upload_part(1, bytes(self._head))]
+            parts += [part.result() for part in self._parts]
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        self._pool.shutdown()
+        return self.size
+
+    def abort(self) -> None:
+        """Drop the upload and its parts (the lifecycle rule catches an abort that fails)."""
+        self._pool.shutdown(cancel_futures=True)
+        with contextlib.suppress(ClientError, BotoCoreError):
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+            )
+
+    def _upload_full_parts(self) -> None:
+        # A gap more than a part behind the end is padding that will stay zeros.
+        pending = [start for start, _ in self._gaps if start > self.size - PART_SIZE]
+        settled = min(pending, default=self.size)
+        while settled - self._tail_start >= PART_SIZE and len(self._tail) >= PART_SIZE:
+            self._submit(len(self._parts) + 2, bytes(self._tail[:PART_SIZE]))
+            del self._tail[:PART_SIZE]
+            self._tail_start += PART_SIZE
+
+    def _submit(self, number: int, body: bytes) -> None:
+        in_flight = [part for part in self._parts if not part.done()]
+        if len(in_flight) >= PARTS_IN_FLIGHT:
+            in_flight[0].result()
+        for part in self._parts:
+            if part.done() and part.exception() is not None:
+                part.result()
+        self._parts.append(self._pool.submit(self._upload_part, number, body))
+
+    def _upload_part(self, number: int, body: bytes) -> CompletedPartTypeDef:
+        with storage_errors(self.key):
+            answer = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=body,
+            )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+
+def _minus(gap: tuple[int, int], start: int, end: int) -> list[tuple[int, int]]:
+    """What of ``gap`` a write of ``start`` to ``end`` leaves unwritten."""
+    low, high = gap
+    return [
+        piece for piece in ((low, min(high, start)), (max(low, end), high)) if piece[0] < piece[1]
+    ]
