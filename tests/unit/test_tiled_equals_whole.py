@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.support import assert_identical, noise_image, shared_image, shared_image_names
 from tilefan import ImageSpec, InvalidChain, check_chain, parse_chain, process_tiled
-from tilefan.imaging.operations import Conv, GaussBlur, Median, Sharpen, Sobel
+from tilefan.imaging.operations import Conv, GaussBlur, HistLocal, Median, Sharpen, Sobel
 
 pytestmark = pytest.mark.unit
 
@@ -162,6 +162,8 @@ HALO_CASES: list[tuple[type, dict[str, Any]]] = [
     (Median, {"op": "median", "size": 6}),
     (Sobel, {"op": "sobel"}),
     (Conv, {"op": "conv", "mask": [[1.0] * 9] * 9, "scale": 81.0}),
+    (HistLocal, {"op": "hist_local", "width": 9, "height": 9}),
+    (HistLocal, {"op": "hist_local", "width": 5, "height": 12, "max_slope": 2}),
 ]
 
 

@@ -11,7 +11,7 @@ import pyvips
 
 __all__ = ["OUTPUT_FORMATS", "OutputFormat", "SavedOutput", "format_for_path", "save_output"]
 
-OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz"]
+OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz", "stats"]
 
 OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "tiff": ("tif", "image/tiff"),
@@ -19,8 +19,10 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "png": ("png", "image/png"),
     "webp": ("webp", "image/webp"),
     "dz": ("zip", "application/zip"),
+    "stats": ("json", "application/json"),
 }
-"""Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip."""
+"""Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip;
+`stats` is libvips' statistics of the result as JSON (written by the statistics pass)."""
 
 _EXTENSIONS = {
     ".tif": "tiff",
@@ -31,6 +33,7 @@ _EXTENSIONS = {
     ".webp": "webp",
     ".zip": "dz",
     ".dzi": "dz",
+    ".json": "stats",
 }
 
 _BIGTIFF_ABOVE = 3 * 2**30
@@ -79,8 +82,10 @@ def save_output(
         image.pngsave(str(path))
     elif output_format == "webp":
         image.webpsave(str(path), Q=quality, lossless=bool(options.get("lossless", False)))
-    else:
+    elif output_format == "dz":
         image.dzsave(str(path))  # a .zip name makes libvips write the pyramid as one zip
+    else:
+        raise ValueError(f"{output_format!r} is not an image format")
     return SavedOutput(path, extension, content_type)
 
 

@@ -14,6 +14,7 @@ from tilefan.errors import TileFailed, TilefanError, TransientError, reason
 from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
+from tilefan.stages.statistics import stored_statistics
 from tilefan.state.jobs import (
     TERMINAL,
 )
@@ -30,6 +31,8 @@ def process_batch(
     if job.status in TERMINAL or job.source is None or job.grid is None:
         return {"processed": 0, "skipped": len(tiles)}
     chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
+    if chain.has_global():
+        chain = chain.bind(stored_statistics(pipeline, job_id, len(chain)))
     spec = ImageSpec(**job.source)
     processed = 0
     try:

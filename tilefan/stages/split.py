@@ -13,6 +13,7 @@ from tilefan.errors import InvalidTileSize
 from tilefan.formats.source import decode_to_scratch, open_checked
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages import statistics
 from tilefan.state.jobs import (
     MAX_TILES,
     InvalidTransition,
@@ -68,6 +69,9 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
                     plan.tiles(),
                 )
             )
+        passes = statistics.passes_for(chain, spec, job.output_format)
+        if passes:
+            sizes.append(statistics.prepare(pipeline, job_id, source, chain, job.tile_size, passes))
     manifest = plan.manifest(pipeline.settings.tiles_per_item)
     for item in manifest:
         item["job_id"] = job_id
@@ -76,7 +80,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     try:
         pipeline.jobs.transition(
             job_id,
-            JobStatus.PROCESSING,
+            JobStatus.STATISTICS if passes else JobStatus.PROCESSING,
             allowed_from={JobStatus.SPLITTING},
             source=asdict(spec),
             grid=_grid(plan, bytes_split=sum(sizes)),
@@ -89,6 +93,9 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         "manifest_key": keys.manifest(job_id),
         "tile_count": plan.tile_count,
         "batch_count": len(manifest),
+        "statistics_manifest_key": (
+            keys.statistics_manifest(job_id, passes[0].upto) if passes else None
+        ),
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pyvips
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ObjectMissing", "TileStore", "keys"]
 
-TileStage = Literal["src", "out"]
+TileStage = str
+"""A tile's folder: ``src`` (cut by the splitter), ``out`` (made by a worker), or
+``pass-<n>`` (cut by the splitter for the statistics pass before step n)."""
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -68,6 +70,21 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
     def tile(job_id: str, stage: TileStage, index: int) -> str:
         """A source tile (cut by the splitter) or an output tile (made by a worker)."""
         return f"jobs/{job_id}/{stage}/{index:06d}.tif"
+
+    @staticmethod
+    def statistics_manifest(job_id: str, upto: int) -> str:
+        """The item list of the statistics pass over the image before step ``upto``."""
+        return f"jobs/{job_id}/statistics/{upto:02d}/manifest.json"
+
+    @staticmethod
+    def statistics_part(job_id: str, upto: int, batch: int) -> str:
+        """One batch's partial statistics in that pass."""
+        return f"jobs/{job_id}/statistics/{upto:02d}/parts/{batch:06d}.npz"
+
+    @staticmethod
+    def statistics(job_id: str, upto: int) -> str:
+        """The combined statistics of the image before step ``upto``."""
+        return f"jobs/{job_id}/statistics/{upto:02d}/combined.npz"
 
     @staticmethod
     def result(job_id: str, extension: str) -> str:
@@ -125,6 +142,14 @@ class TileStore:
         body = self._get(keys.tile(job_id, stage, index))
         tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
         return tile.copy(interpretation=interpretation).copy_memory()
+
+    def put_bytes(self, key: str, body: bytes) -> None:
+        """Store an object as it is."""
+        self._put(key, body)
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read an object as it is."""
+        return self._get(key)
 
     def put_json(self, key: str, document: Any) -> None:
         """Store a JSON document."""
