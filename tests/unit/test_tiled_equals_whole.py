@@ -44,6 +44,12 @@ NEIGHBOURHOOD = st.one_of(
     st.builds(lambda n: {"op": "median", "size": n}, st.integers(1, 7)),
     st.just({"op": "sobel"}),
     st.builds(
+        lambda w, h, m: {"op": "hist_local", "width": w, "height": h, "max_slope": m},
+        st.integers(1, 15),
+        st.integers(1, 15),
+        st.integers(0, 4),
+    ),
+    st.builds(
         lambda rows: {"op": "conv", "mask": rows, "scale": max(1.0, sum(map(sum, rows)))},
         st.integers(1, 7).flatmap(
             lambda w: st.lists(
@@ -53,6 +59,10 @@ NEIGHBOURHOOD = st.one_of(
             )
         ),
     ),
+)
+GLOBAL = st.one_of(
+    st.just({"op": "hist_equal"}),
+    st.builds(lambda log: {"op": "scale", "log": log}, st.booleans()),
 )
 GEOMETRIC = st.one_of(
     st.builds(lambda a: {"op": "rot", "angle": a}, st.sampled_from(["d90", "d180", "d270"])),
@@ -84,7 +94,9 @@ def _compatible(image: pyvips.Image, ops: list[dict[str, Any]]) -> bool:
     bands=st.integers(1, 4),
     fmt=st.sampled_from(["uchar", "char", "ushort", "short", "float"]),
     tile_size=st.integers(64, 300),
-    ops=st.lists(st.one_of(POINT, NEIGHBOURHOOD, NEIGHBOURHOOD, GEOMETRIC), min_size=1, max_size=4),
+    ops=st.lists(
+        st.one_of(POINT, NEIGHBOURHOOD, NEIGHBOURHOOD, GEOMETRIC, GLOBAL), min_size=1, max_size=4
+    ),
     seed=st.integers(0, 2**16),
 )
 def test_tiled_equals_whole_for_any_size_tile_size_and_chain(

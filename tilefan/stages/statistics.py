@@ -122,13 +122,17 @@ def statistics_batch(
     (step,) = [p for p in passes_for(chain, spec, job.output_format) if p.upto == upto]
     plan = pass_plan(chain, spec, job.tile_size, stored_statistics(pipeline, job_id, upto), upto)
     stage = pass_stage(chain, upto)
-    parts = [
-        _tile_part(pipeline, job_id, plan, stage, Tile.from_compact(compact), step.histogram)
-        for compact in tiles
-    ]
-    pipeline.store.put_bytes(
-        keys.statistics_part(job_id, upto, batch), Statistics.combine(parts).to_bytes()
-    )
+    try:
+        parts = [
+            _tile_part(pipeline, job_id, plan, stage, Tile.from_compact(compact), step.histogram)
+            for compact in tiles
+        ]
+        pipeline.store.put_bytes(
+            keys.statistics_part(job_id, upto, batch), Statistics.combine(parts).to_bytes()
+        )
+    finally:
+        # Also when a tile failed: a cancellation removes the pass's tiles under us.
+        pipeline.discard_if_ended(job_id)
     return {"processed": len(parts), "skipped": 0}
 
 
@@ -201,7 +205,7 @@ def _save_document(pipeline: Pipeline, job_id: str, statistics: Statistics) -> d
     """Upload the statistics as the job's JSON result; returns the job's output record."""
     body = json.dumps(statistics.document(), separators=(",", ":")).encode()
     key = keys.result(job_id, "json")
-    pipeline.store.put_bytes(key, body)
+    pipeline.store.put_bytes(key, body, "application/json")
     return {
         "key": key,
         "format": STATS_FORMAT,

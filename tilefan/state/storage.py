@@ -143,9 +143,11 @@ class TileStore:
         tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
         return tile.copy(interpretation=interpretation).copy_memory()
 
-    def put_bytes(self, key: str, body: bytes) -> None:
+    def put_bytes(
+        self, key: str, body: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         """Store an object as it is."""
-        self._put(key, body)
+        self._put(key, body, content_type)
 
     def get_bytes(self, key: str) -> bytes:
         """Read an object as it is."""
@@ -221,9 +223,9 @@ class TileStore:
             for item in page.get("Contents", [])
         ]
 
-    def _put(self, key: str, body: bytes) -> None:
+    def _put(self, key: str, body: bytes, content_type: str = "binary/octet-stream") -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         except ClientError as e:
             raise _translate(e, key) from e
 
