@@ -181,7 +181,7 @@ def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dic
             )
             answer["statistics_manifest_key"] = keys.statistics_manifest(job_id, later[0].upto)
         elif job.output_format == STATS_FORMAT:
-            output = _save_document(pipeline, job_id, combined)
+            output = _save_document(pipeline, job_id, combined, job.grid)
             pipeline.jobs.transition(
                 job_id,
                 JobStatus.SUCCEEDED,
@@ -201,7 +201,9 @@ def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dic
     return answer
 
 
-def _save_document(pipeline: Pipeline, job_id: str, statistics: Statistics) -> dict[str, Any]:
+def _save_document(
+    pipeline: Pipeline, job_id: str, statistics: Statistics, grid: dict[str, Any]
+) -> dict[str, Any]:
     """Upload the statistics as the job's JSON result; returns the job's output record."""
     body = json.dumps(statistics.document(), separators=(",", ":")).encode()
     key = keys.result(job_id, "json")
@@ -210,6 +212,8 @@ def _save_document(pipeline: Pipeline, job_id: str, statistics: Statistics) -> d
         "key": key,
         "format": STATS_FORMAT,
         "size_bytes": len(body),
+        "width": grid["output_width"],
+        "height": grid["output_height"],
         "bands": statistics.bands,
         "pixel_format": statistics.pixel_format,
     }
