@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import pyvips
 
-from tests.support import assert_identical, noise_image
+import tilefan.stages.statistics
+from tests.support import assert_identical, libvips_error, noise_image
 from tilefan import parse_chain
 from tilefan.local.stack import LocalStack, local_stack, run_job
 from tilefan.state.jobs import JobStatus
@@ -122,3 +123,31 @@ def test_a_small_noise_image_with_hist_equal_in_the_map(stack: LocalStack, tmp_p
     assert_identical(
         whole(pyvips.Image.new_from_file(str(source)), ops), pyvips.Image.new_from_file(str(output))
     )
+
+
+def test_a_failing_statistics_tile_fails_the_job_and_removes_intermediates(
+    stack: LocalStack, skewed_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tilefan.stages.statistics.tile_statistics
+
+    def broken(plan: Any, block: Any, tile: Any, *, histogram: bool) -> Any:
+        if tile.index == 3:
+            raise libvips_error("injected: libvips ran out of memory")
+        return real(plan, block, tile, histogram=histogram)
+
+    monkeypatch.setattr(tilefan.stages.statistics, "tile_statistics", broken)
+    output = tmp_path / "out.tif"
+    view = run_job(
+        stack,
+        skewed_source,
+        output,
+        [{"op": "hist_equal"}],
+        output_format="tiff",
+        tile_size=64,
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.FAILED
+    assert view.job.error is not None and "injected" in view.job.error["message"]
+    assert view.job.error["code"] == "TILE_FAILED"
+    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
+    assert not output.exists()

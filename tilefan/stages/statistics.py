@@ -24,7 +24,7 @@ from tilefan.imaging.plan import ImageSpec, Tile, TilePlan
 from tilefan.imaging.statistics import Statistics
 from tilefan.stages.merge import _seconds_since_iso
 from tilefan.state.jobs import MAX_TILES, TERMINAL, InvalidTransition, JobStatus
-from tilefan.state.storage import keys
+from tilefan.state.storage import ObjectMissing, keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
@@ -35,6 +35,7 @@ __all__ = [
     "prepare",
     "reduce_statistics",
     "statistics_batch",
+    "stored_failure",
     "stored_statistics",
 ]
 
@@ -130,6 +131,11 @@ def statistics_batch(
         pipeline.store.put_bytes(
             keys.statistics_part(job_id, upto, batch), Statistics.combine(parts).to_bytes()
         )
+    except TileFailed as e:
+        pipeline.store.put_json(
+            keys.statistics_failure(job_id), {"code": e.code, "message": str(e)}
+        )
+        raise
     finally:
         # Also when a tile failed: a cancellation removes the pass's tiles under us.
         pipeline.discard_if_ended(job_id)
@@ -144,6 +150,15 @@ def _tile_part(
         return tile_statistics(plan, block, tile, histogram=histogram)
     except pyvips.Error as e:
         raise TileFailed(f"statistics of tile {tile.index}: {reason(e)}") from e
+
+
+def stored_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
+    """The code and sentence of the statistics tile that failed its pass, if one did."""
+    try:
+        failure = pipeline.store.get_json(keys.statistics_failure(job_id))
+    except ObjectMissing:
+        return None
+    return str(failure["code"]), str(failure["message"])
 
 
 def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dict[str, Any]:

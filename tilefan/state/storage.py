@@ -82,6 +82,11 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/statistics/{upto:02d}/parts/{batch:06d}.npz"
 
     @staticmethod
+    def statistics_failure(job_id: str) -> str:
+        """Why a statistics pass's tile failed, for the abort (a pass has no tile records)."""
+        return f"jobs/{job_id}/statistics/failure.json"
+
+    @staticmethod
     def statistics(job_id: str, upto: int) -> str:
         """The combined statistics of the image before step ``upto``."""
         return f"jobs/{job_id}/statistics/{upto:02d}/combined.npz"
