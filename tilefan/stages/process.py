@@ -32,7 +32,7 @@ def process_batch(
         return {"processed": 0, "skipped": len(tiles)}
     chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
     if chain.has_global():
-        chain = chain.bind(stored_statistics(pipeline, job_id, len(chain)))
+        chain = chain.bind(stored_statistics(pipeline, job_id, chain, len(chain)))
     spec = ImageSpec(**job.source)
     processed = 0
     try:

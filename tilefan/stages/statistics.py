@@ -101,9 +101,10 @@ def _cut(pipeline: Pipeline, job_id: str, source: pyvips.Image, plan: TilePlan, 
         )
 
 
-def stored_statistics(pipeline: Pipeline, job_id: str, upto: int) -> dict[int, Statistics]:
+def stored_statistics(
+    pipeline: Pipeline, job_id: str, chain: Chain, upto: int
+) -> dict[int, Statistics]:
     """The combined statistics of every global step before ``upto``, from earlier passes."""
-    chain = parse_chain(pipeline.jobs.get(job_id).operations)
     return {
         index: Statistics.from_bytes(pipeline.store.get_bytes(keys.statistics(job_id, index)))
         for index, _ in chain.global_steps()
@@ -121,7 +122,8 @@ def statistics_batch(
     chain = parse_chain(job.operations)
     spec = ImageSpec(**job.source)
     (step,) = [p for p in passes_for(chain, spec, job.output_format) if p.upto == upto]
-    plan = pass_plan(chain, spec, job.tile_size, stored_statistics(pipeline, job_id, upto), upto)
+    earlier = stored_statistics(pipeline, job_id, chain, upto)
+    plan = pass_plan(chain, spec, job.tile_size, earlier, upto)
     stage = pass_stage(chain, upto)
     try:
         parts = [
