@@ -19,10 +19,15 @@ pyvips.cache_set_max(0)
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Event: ``{"action": "merge" | "abort", "job_id": ..., "error": ...}``."""
+    """Event: ``{"action": "merge" | "abort" | "reduce_statistics", "job_id": ..., ...}``.
+
+    ``abort`` takes the ``error``; ``reduce_statistics`` the pass's ``manifest_key``.
+    """
     # This invocation's keys only: the embedded engine runs invocations as threads of one process.
     logger.thread_safe_clear_keys()
     logger.thread_safe_append_keys(job_id=event["job_id"], action=event["action"])
     if event["action"] == "abort":
         return pipeline.abort(event["job_id"], event.get("error"))
+    if event["action"] == "reduce_statistics":
+        return pipeline.reduce_statistics(event["job_id"], event["manifest_key"])
     return pipeline.merge(event["job_id"])

@@ -15,8 +15,15 @@ pipeline = Pipeline.from_settings()
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Event: ``{"job_id": ..., "item": {"batch": n, "tiles": [[index, sx, sy, ...], ...]}}``."""
+    """Event: ``{"job_id": ..., "item": {"batch": n, "tiles": [[index, sx, sy, ...], ...]}}``.
+
+    An item with ``upto`` belongs to a statistics pass: its tiles' partial statistics are stored.
+    """
     # This invocation's keys only: the embedded engine runs invocations as threads of one process.
     logger.thread_safe_clear_keys()
-    logger.thread_safe_append_keys(job_id=event["job_id"], batch=event["item"]["batch"])
-    return pipeline.process_batch(event["job_id"], event["item"]["tiles"])
+    item = event["item"]
+    logger.thread_safe_append_keys(job_id=event["job_id"], batch=item["batch"])
+    job_id = event["job_id"]
+    if "upto" in item:
+        return pipeline.statistics_batch(job_id, item["upto"], item["batch"], item["tiles"])
+    return pipeline.process_batch(job_id, item["tiles"])

@@ -99,7 +99,14 @@ def test_max_concurrency_comes_from_the_execution_or_the_template(asl: dict[str,
 
 def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str, Any]) -> None:
     all_tasks = tasks(asl["States"])
-    assert set(all_tasks) == {"Split", "ProcessBatch", "Merge", "Abort"}
+    assert set(all_tasks) == {
+        "Split",
+        "GatherBatch",
+        "ReduceStatistics",
+        "ProcessBatch",
+        "Merge",
+        "Abort",
+    }
     for name, state in all_tasks.items():
         [retry] = state["Retry"]
         assert set(retry["ErrorEquals"]) == RETRIED_ERRORS, name
@@ -110,7 +117,7 @@ def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str
 
 def test_every_failure_reaches_abort_and_then_fails(asl: dict[str, Any]) -> None:
     states = asl["States"]
-    for name in ("Split", "ProcessTiles", "Merge"):
+    for name in ("Split", "GatherStatistics", "ReduceStatistics", "ProcessTiles", "Merge"):
         [catch] = states[name]["Catch"]
         assert catch == {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Abort"}
     assert states["Abort"]["Parameters"]["Payload"] == {

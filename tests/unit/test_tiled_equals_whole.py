@@ -19,7 +19,7 @@ from tests.support import (
     shared_image_names,
 )
 from tilefan import ImageSpec, InvalidChain, check_chain, parse_chain, process_tiled
-from tilefan.imaging.operations import Conv, GaussBlur, Median, Sharpen, Sobel
+from tilefan.imaging.operations import Conv, GaussBlur, HistLocal, Median, Sharpen, Sobel
 
 pytestmark = pytest.mark.unit
 
@@ -50,6 +50,12 @@ NEIGHBOURHOOD = st.one_of(
     st.builds(lambda n: {"op": "median", "size": n}, st.integers(1, 7)),
     st.just({"op": "sobel"}),
     st.builds(
+        lambda w, h, m: {"op": "hist_local", "width": w, "height": h, "max_slope": m},
+        st.integers(1, 15),
+        st.integers(1, 15),
+        st.integers(0, 4),
+    ),
+    st.builds(
         lambda rows: {"op": "conv", "mask": rows, "scale": max(1.0, sum(map(sum, rows)))},
         st.integers(1, 7).flatmap(
             lambda w: st.lists(
@@ -59,6 +65,10 @@ NEIGHBOURHOOD = st.one_of(
             )
         ),
     ),
+)
+GLOBAL = st.one_of(
+    st.just({"op": "hist_equal"}),
+    st.builds(lambda log: {"op": "scale", "log": log}, st.booleans()),
 )
 GEOMETRIC = st.one_of(
     st.builds(lambda a: {"op": "rot", "angle": a}, st.sampled_from(["d90", "d180", "d270"])),
@@ -90,7 +100,9 @@ def _compatible(image: pyvips.Image, ops: list[dict[str, Any]]) -> bool:
     bands=st.integers(1, 4),
     fmt=st.sampled_from(["uchar", "char", "ushort", "short", "float"]),
     tile_size=st.integers(64, 300),
-    ops=st.lists(st.one_of(POINT, NEIGHBOURHOOD, NEIGHBOURHOOD, GEOMETRIC), min_size=1, max_size=4),
+    ops=st.lists(
+        st.one_of(POINT, NEIGHBOURHOOD, NEIGHBOURHOOD, GEOMETRIC, GLOBAL), min_size=1, max_size=4
+    ),
     seed=st.integers(0, 2**16),
 )
 def test_tiled_equals_whole_for_any_size_tile_size_and_chain(
@@ -172,6 +184,8 @@ HALO_CASES: list[tuple[type, dict[str, Any]]] = [
     (Median, {"op": "median", "size": 6}),
     (Sobel, {"op": "sobel"}),
     (Conv, {"op": "conv", "mask": [[1.0] * 9] * 9, "scale": 81.0}),
+    (HistLocal, {"op": "hist_local", "width": 9, "height": 9}),
+    (HistLocal, {"op": "hist_local", "width": 5, "height": 12, "max_slope": 2}),
 ]
 
 

@@ -22,7 +22,7 @@ __all__ = [
     "save_output",
 ]
 
-OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz"]
+OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz", "stats"]
 
 OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "tiff": ("tif", "image/tiff"),
@@ -30,8 +30,10 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "png": ("png", "image/png"),
     "webp": ("webp", "image/webp"),
     "dz": ("zip", "application/zip"),
+    "stats": ("json", "application/json"),
 }
-"""Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip."""
+"""Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip;
+`stats` is libvips' statistics of the result as JSON (written by the statistics pass)."""
 
 STREAMED_FORMATS = frozenset({"jpeg", "png", "webp"})
 """Formats encoded in one pass over the whole image, fed a row of tiles at a time."""
@@ -44,6 +46,7 @@ _EXTENSIONS = {
     ".png": "png",
     ".webp": "webp",
     ".zip": "dz",
+    ".json": "stats",
 }
 
 _NOT_WRITTEN = {

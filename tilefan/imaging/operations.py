@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,11 +27,13 @@ from tilefan.imaging._resize import (
     resize_whole,
 )
 from tilefan.imaging.geometry import Rect
+from tilefan.imaging.statistics import Statistics
 
 __all__ = [
     "MAX_CONV_MASK",
     "MAX_HALO",
     "Chain",
+    "GlobalOperation",
     "OpKind",
     "Operation",
     "Step",
@@ -121,6 +124,24 @@ class _Neighbourhood(Operation):
 
 class _Geometric(Operation):
     kind: ClassVar[OpKind] = OpKind.GEOMETRIC
+
+
+class GlobalOperation(Operation):
+    """A step that needs values of the whole image it gets, found by a statistics pass.
+
+    `apply` is libvips' whole-image call; `bind` turns the step, given the statistics of the
+    whole image it gets, into a point step that tiles.
+    """
+
+    kind: ClassVar[OpKind] = OpKind.GLOBAL
+
+    def needs_histogram(self) -> bool:
+        """Whether the statistics pass must find the histogram, not only min, max and sums."""
+        return False
+
+    def bind(self, statistics: Statistics) -> Operation:
+        """This step with its whole-image values: a point step that runs on any tile."""
+        raise NotImplementedError
 
 
 # --- point operations -------------------------------------------------------------------------
@@ -296,6 +317,128 @@ class Conv(_Neighbourhood):
         return image.conv(mask, precision=self.precision)
 
 
+def _mirror(block: pyvips.Image, block_rect: Rect, needed: Rect) -> pyvips.Image:
+    """Grow ``block`` to ``needed`` by mirroring at the image edges, as ``hist_local`` does.
+
+    libvips mirrors the whole image; ``block`` reaches the image edge wherever ``needed`` passes
+    it, and is wider than the mirrored margin, so mirroring the block gives the same pixels.
+    """
+    if block_rect == needed:
+        return block
+    return block.embed(
+        block_rect.x - needed.x, block_rect.y - needed.y, needed.w, needed.h, extend="mirror"
+    )
+
+
+class HistLocal(_Neighbourhood):
+    """``image.hist_local(width, height, max_slope=...)``: local histogram equalisation (uchar).
+
+    Each output pixel equalises over the ``width`` x ``height`` window starting ``width // 2``
+    left and ``height // 2`` above it; libvips mirrors the image at its edges to fill windows.
+    """
+
+    op: Literal["hist_local"]
+    width: int = Field(ge=1, le=2 * MAX_HALO + 1)
+    height: int = Field(ge=1, le=2 * MAX_HALO + 1)
+    max_slope: int = Field(default=0, ge=0, le=100)
+
+    def halo(self) -> int:
+        return max(self.width, self.height) // 2
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.hist_local(self.width, self.height, max_slope=self.max_slope)
+
+    def apply_region(
+        self, block: pyvips.Image, block_rect: Rect, width: int, height: int, out: Rect
+    ) -> pyvips.Image:
+        needed = self.input_region(out, width, height)
+        result = self.apply(_mirror(block, block_rect, needed))
+        dx, dy = self._result_offset(out, needed)
+        return result.crop(dx, dy, out.w, out.h)
+
+
+# --- whole-image operations -------------------------------------------------------------------
+
+
+class HistEqual(GlobalOperation):
+    """``image.hist_equal(band=...)``: histogram equalisation over the whole image.
+
+    libvips maps the image through ``hist_find`` -> ``hist_cum`` -> ``hist_norm``, cast back to
+    the image's format; the histogram here is the sum of the tiles' histograms.
+    """
+
+    op: Literal["hist_equal"]
+    band: int | None = Field(default=None, ge=0, le=100_000)
+
+    def needs_histogram(self) -> bool:
+        return True
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.hist_equal() if self.band is None else image.hist_equal(band=self.band)
+
+    def bind(self, statistics: Statistics) -> Operation:
+        histogram = statistics.histogram_image(self.band)
+        lut = histogram.hist_cum().hist_norm().cast(statistics.pixel_format).copy_memory()
+        return MapLut(op="maplut", lut=lut)
+
+
+class MapLut(_Point):
+    """``image.maplut(lut)``: a bound `HistEqual`; never written in a chain."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    op: Literal["maplut"]
+    lut: pyvips.Image
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        return image.maplut(self.lut)
+
+
+class Scale(GlobalOperation):
+    """``image.scale(exp=..., log=...)``: scale to uchar from the image's own min and max."""
+
+    op: Literal["scale"]
+    exp: float = Field(default=0.25, ge=0.00001, le=10000)
+    log: bool = False
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        # Through the operation by name: on an image, ``scale`` is the header field.
+        result: pyvips.Image = pyvips.Operation.call("scale", image, exp=self.exp, log=self.log)
+        return result
+
+    def bind(self, statistics: Statistics) -> Operation:
+        # libvips takes the min and max over all bands.
+        return ScaleFrom(
+            op="scale_from",
+            exp=self.exp,
+            log=self.log,
+            minimum=float(statistics.minimum.min()),
+            maximum=float(statistics.maximum.max()),
+        )
+
+
+class ScaleFrom(_Point):
+    """A bound `Scale`: libvips' ``vips_scale`` arithmetic from a given min and max."""
+
+    op: Literal["scale_from"]
+    exp: float
+    log: bool
+    minimum: float
+    maximum: float
+
+    def apply(self, image: pyvips.Image) -> pyvips.Image:
+        mn, mx = self.minimum, self.maximum
+        if mn == mx:
+            return pyvips.Image.black(image.width, image.height, bands=image.bands)
+        if self.log:
+            f = 255.0 / math.log10(1.0 + math.pow(mx, self.exp))
+            powered = image.math2_const("pow", [self.exp])
+            return powered.linear(1.0, 1.0).log10().linear(f, 0.5, uchar=True)
+        f = 255.0 / (mx - mn)
+        # libvips adds 0.5 to round to nearest.
+        return image.linear(f, -(mn * f) + 0.5, uchar=True)
+
+
 # --- geometric operations ---------------------------------------------------------------------
 
 
@@ -411,6 +554,9 @@ Step = Annotated[
     | Median
     | Sobel
     | Conv
+    | HistLocal
+    | HistEqual
+    | Scale
     | Rot
     | Flip
     | Shrink
@@ -443,6 +589,25 @@ class Chain(tuple[Operation, ...]):
     def has_global(self) -> bool:
         """Whether a statistics pass over the whole image must run before the tiles."""
         return any(step.kind is OpKind.GLOBAL for step in self)
+
+    def global_steps(self) -> list[tuple[int, GlobalOperation]]:
+        """The steps that need a statistics pass, with their indexes, in chain order."""
+        return [
+            (index, step) for index, step in enumerate(self) if isinstance(step, GlobalOperation)
+        ]
+
+    def bind(self, statistics: dict[int, Statistics]) -> Chain:
+        """This chain with each global step bound to the statistics of the image it gets.
+
+        ``statistics`` maps a global step's index to the statistics of its input; steps not
+        in it stay as they are.
+        """
+        return Chain(
+            step.bind(statistics[index])
+            if isinstance(step, GlobalOperation) and index in statistics
+            else step
+            for index, step in enumerate(self)
+        )
 
 
 def chain_halo(steps: Sequence[Operation]) -> int:

@@ -181,7 +181,7 @@ class JobDocument(BaseModel):
 
     job_id: str
     status: JobStatus
-    stage: Literal["waiting", "split", "process", "merge", "done"]
+    stage: Literal["waiting", "split", "stats", "process", "merge", "done"]
     created_at: str
     updated_at: str
     operations: list[dict[str, Any]]
@@ -246,6 +246,7 @@ _STAGES = {
     JobStatus.CREATED: "waiting",
     JobStatus.QUEUED: "waiting",
     JobStatus.SPLITTING: "split",
+    JobStatus.STATISTICS: "stats",
     JobStatus.PROCESSING: "process",
     JobStatus.MERGING: "merge",
 }

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tilefan.errors import TileFailed, TilefanError, TransientError
+from tilefan.stages import statistics
 from tilefan.state.jobs import (
     JobStatus,
     TileState,
@@ -48,7 +49,11 @@ def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> d
     if code == "INTERNAL_ERROR":
         # A failed Distributed Map reports only that its threshold was crossed; the tile's
         # own error is in its record.
-        code, message = _tile_failure(pipeline, job_id) or (code, message)
+        code, message = (
+            _tile_failure(pipeline, job_id)
+            or statistics.stored_failure(pipeline, job_id)
+            or (code, message)
+        )
     ended = pipeline.jobs.finish_failed(job_id, code, message)
     removed = pipeline.discard_if_ended(job_id)
     return {"status": JobStatus.FAILED.value, "code": code, "ended": ended, "removed": removed}

@@ -8,7 +8,7 @@ from typing import Any
 import boto3
 
 from tilefan.settings import Settings
-from tilefan.stages import abort, merge, process, split
+from tilefan.stages import abort, merge, process, split, statistics
 from tilefan.state.jobs import (
     TERMINAL,
     JobRepository,
@@ -48,6 +48,16 @@ class Pipeline:
     def process_batch(self, job_id: str, tiles: Sequence[Sequence[int]]) -> dict[str, Any]:
         """Run the chain on each tile of one manifest item; a done tile is not done again."""
         return process.process_batch(self, job_id, tiles)
+
+    def statistics_batch(
+        self, job_id: str, upto: int, batch: int, tiles: Sequence[Sequence[int]]
+    ) -> dict[str, Any]:
+        """Store one batch's partial statistics for the pass before step ``upto``."""
+        return statistics.statistics_batch(self, job_id, upto, batch, tiles)
+
+    def reduce_statistics(self, job_id: str, manifest_key: str) -> dict[str, Any]:
+        """Combine a statistics pass's partials and move the job to its next pass or stage."""
+        return statistics.reduce_statistics(self, job_id, manifest_key)
 
     def merge(self, job_id: str) -> dict[str, Any]:
         """Assemble the output, upload it, and mark the job SUCCEEDED."""

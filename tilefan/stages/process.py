@@ -15,6 +15,7 @@ from tilefan.formats.tiled import source_block
 from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
+from tilefan.stages.statistics import stored_statistics
 from tilefan.stages.tiff_output import TiffBatchWriter
 from tilefan.state.jobs import (
     TERMINAL,
@@ -36,6 +37,8 @@ def process_batch(
     if job.status in TERMINAL or job.source is None or job.grid is None:
         return {"processed": 0, "skipped": len(tiles)}
     chain = _parsed_chain(json.dumps(job.operations, sort_keys=True))
+    if chain.has_global():
+        chain = chain.bind(stored_statistics(pipeline, job_id, chain, len(chain)))
     spec = ImageSpec(**job.source)
     output = _encoded_output(pipeline, job, tiles)
     batch = [Tile.from_compact(compact) for compact in tiles]

@@ -16,6 +16,7 @@ from tilefan.formats.source import upright
 from tilefan.formats.tiled import open_object, range_readable, transcode, transcode_tile_edge
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, check_worker_memory, plan_tiles
+from tilefan.stages import statistics
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
     MAX_TILES,
@@ -72,6 +73,8 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         read_key = keys.source(job_id)
         edge = transcode_tile_edge(job.tile_size)
         written = transcode(header, origin, pipeline.store, read_key, edge)
+    passes = statistics.passes_for(chain, spec, job.output_format)
+    statistics.prepare(pipeline, job_id, spec, chain, job.tile_size, passes)
     manifest = plan.manifest(_tiles_per_item(plan, job, pipeline.settings.tiles_per_item))
     for item in manifest:
         item["job_id"] = job_id
@@ -80,7 +83,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     try:
         pipeline.jobs.transition(
             job_id,
-            JobStatus.PROCESSING,
+            JobStatus.STATISTICS if passes else JobStatus.PROCESSING,
             allowed_from={JobStatus.SPLITTING},
             source=asdict(spec),
             grid={
@@ -98,6 +101,9 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         "manifest_key": keys.manifest(job_id),
         "tile_count": plan.tile_count,
         "batch_count": len(manifest),
+        "statistics_manifest_key": (
+            keys.statistics_manifest(job_id, passes[0].upto) if passes else None
+        ),
     }
 
 

@@ -89,6 +89,26 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/encoded/"
 
     @staticmethod
+    def statistics_manifest(job_id: str, upto: int) -> str:
+        """The item list of the statistics pass over the image before step ``upto``."""
+        return f"jobs/{job_id}/statistics/{upto:02d}/manifest.json"
+
+    @staticmethod
+    def statistics_part(job_id: str, upto: int, batch: int) -> str:
+        """One batch's partial statistics in that pass."""
+        return f"jobs/{job_id}/statistics/{upto:02d}/parts/{batch:06d}.npz"
+
+    @staticmethod
+    def statistics_failure(job_id: str) -> str:
+        """Why a statistics pass's tile failed, for the abort (a pass has no tile records)."""
+        return f"jobs/{job_id}/statistics/failure.json"
+
+    @staticmethod
+    def statistics(job_id: str, upto: int) -> str:
+        """The combined statistics of the image before step ``upto``."""
+        return f"jobs/{job_id}/statistics/{upto:02d}/combined.npz"
+
+    @staticmethod
     def result(job_id: str, extension: str) -> str:
         """The assembled output."""
         return f"results/{job_id}/result.{extension}"
@@ -145,9 +165,15 @@ class TileStore:
         tile = pyvips.Image.new_from_buffer(body, "", access="sequential")
         return tile.copy(interpretation=interpretation).copy_memory()
 
-    def put_bytes(self, key: str, body: bytes) -> None:
-        """Store bytes as they are."""
-        self._put(key, body)
+    def put_bytes(
+        self, key: str, body: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        """Store an object as it is."""
+        self._put(key, body, content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read an object as it is."""
+        return self._get(key)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """``length`` bytes of an object, from byte ``start``."""
@@ -223,9 +249,9 @@ class TileStore:
             for item in page.get("Contents", [])
         ]
 
-    def _put(self, key: str, body: bytes) -> None:
+    def _put(self, key: str, body: bytes, content_type: str = "binary/octet-stream") -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         except ClientError as e:
             raise _translate(e, key) from e
 

@@ -1,0 +1,153 @@
+"""Statistics passes on the embedded engine: whole-image steps and the stats output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pyvips
+
+import tilefan.stages.statistics
+from tests.support import assert_identical, libvips_error, noise_image
+from tilefan import parse_chain
+from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.state.jobs import JobStatus
+from tilefan.state.storage import keys
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    with local_stack() as running:
+        yield running
+
+
+def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
+    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
+
+
+@pytest.fixture
+def skewed_source(tmp_path: Path) -> Path:
+    """A 16-bit image whose values crowd at the dark end, saved losslessly."""
+    rng = np.random.default_rng(4)
+    pixels = np.clip(rng.exponential(1.0, (230, 310, 3)) ** 2 * 300 + 900, 0, 65535)
+    path = tmp_path / "skewed.tif"
+    pyvips.Image.new_from_array(pixels.astype(np.uint16)).copy(
+        interpretation="rgb16"
+    ).write_to_file(str(path))
+    return path
+
+
+CHAINS = [
+    [{"op": "hist_equal"}],
+    [
+        {"op": "gaussblur", "sigma": 1.5},
+        {"op": "scale"},
+        {"op": "hist_local", "width": 9, "height": 9},
+    ],
+    [{"op": "hist_equal", "band": 2}, {"op": "median", "size": 3}, {"op": "scale", "log": True}],
+]
+
+
+@pytest.mark.parametrize("ops", CHAINS, ids=lambda ops: "+".join(s["op"] for s in ops))
+def test_whole_image_steps_through_the_pipeline_equal_libvips(
+    stack: LocalStack, skewed_source: Path, tmp_path: Path, ops: list[dict[str, Any]]
+) -> None:
+    output = tmp_path / "out.tif"
+    view = run_job(
+        stack, skewed_source, output, ops, output_format="tiff", tile_size=64, poll_seconds=0.05
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert {"stats", "process", "merge"} <= set(view.job.timings)
+    expected = whole(pyvips.Image.new_from_file(str(skewed_source)), ops)
+    assert_identical(expected, pyvips.Image.new_from_file(str(output)))
+    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
+
+
+def test_a_chain_without_whole_image_steps_has_no_statistics_pass(
+    stack: LocalStack, skewed_source: Path, tmp_path: Path
+) -> None:
+    view = run_job(
+        stack,
+        skewed_source,
+        tmp_path / "out.tif",
+        [{"op": "invert"}],
+        output_format="tiff",
+        tile_size=128,
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert "stats" not in view.job.timings
+
+
+@pytest.mark.parametrize(
+    "ops", [[], [{"op": "hist_equal"}, {"op": "gaussblur", "sigma": 2}]], ids=["none", "chain"]
+)
+def test_stats_output_is_libvips_stats_of_the_result(
+    stack: LocalStack, skewed_source: Path, tmp_path: Path, ops: list[dict[str, Any]]
+) -> None:
+    output = tmp_path / "stats.json"
+    view = run_job(
+        stack, skewed_source, output, ops, output_format="stats", tile_size=64, poll_seconds=0.05
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert "stats" in view.job.timings and "process" not in view.job.timings
+    document = json.loads(output.read_text())
+    result = whole(pyvips.Image.new_from_file(str(skewed_source)), ops)
+    reference = np.array(result.stats().tolist())
+    for expected, row in zip(reference, [document["all"], *document["per_band"]], strict=True):
+        assert (row["min"], row["max"]) == (expected[0], expected[1])
+        np.testing.assert_allclose(
+            [row["sum"], row["sum2"], row["mean"], row["deviation"]], expected[2:6], rtol=1e-9
+        )
+    histogram = result.hist_find().numpy().reshape(-1, result.bands).T.tolist()
+    assert document["histogram"] == histogram
+    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
+
+
+def test_a_small_noise_image_with_hist_equal_in_the_map(stack: LocalStack, tmp_path: Path) -> None:
+    source = tmp_path / "noise.v"
+    noise_image(200, 150, 1, "uchar", 9).write_to_file(str(source))
+    output = tmp_path / "out.tif"
+    ops = [{"op": "sobel"}, {"op": "hist_equal"}]
+    view = run_job(
+        stack, source, output, ops, output_format="tiff", tile_size=64, poll_seconds=0.05
+    )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    assert_identical(
+        whole(pyvips.Image.new_from_file(str(source)), ops), pyvips.Image.new_from_file(str(output))
+    )
+
+
+def test_a_failing_statistics_tile_fails_the_job_and_removes_intermediates(
+    stack: LocalStack, skewed_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = tilefan.stages.statistics.tile_statistics
+
+    def broken(plan: Any, block: Any, tile: Any, *, histogram: bool) -> Any:
+        if tile.index == 3:
+            raise libvips_error("injected: libvips ran out of memory")
+        return real(plan, block, tile, histogram=histogram)
+
+    monkeypatch.setattr(tilefan.stages.statistics, "tile_statistics", broken)
+    output = tmp_path / "out.tif"
+    view = run_job(
+        stack,
+        skewed_source,
+        output,
+        [{"op": "hist_equal"}],
+        output_format="tiff",
+        tile_size=64,
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.FAILED
+    assert view.job.error is not None and "injected" in view.job.error["message"]
+    assert view.job.error["code"] == "TILE_FAILED"
+    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
+    assert not output.exists()
