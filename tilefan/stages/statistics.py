@@ -3,8 +3,8 @@
 Only chains with global steps, or jobs whose output is ``stats``, have passes. The splitter
 writes each pass's manifest (`prepare`); workers read their blocks of the source by range and
 store one partial per batch (`statistics_batch`); a reduce combines them in batch order,
-which is tile order, and moves the job on (`reduce_statistics`): to the next pass, to processing, or, for a
-``stats`` output, to SUCCEEDED with the statistics as the result.
+which is tile order, and moves the job on (`reduce_statistics`): to the next pass, to
+processing, or, for a ``stats`` output, to SUCCEEDED with the statistics as the result.
 """
 
 from __future__ import annotations
