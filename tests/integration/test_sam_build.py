@@ -289,8 +289,9 @@ def test_deployable_layers_hold_lambda_arm64_python_312_binaries(deployable: Bui
 def test_core_layer_carries_this_checkouts_tilefan(deployable: Build) -> None:
     built = deployable.layer("CoreLayer") / "tilefan"
     source = PROJECT_ROOT / "tilefan"
-    for path in source.glob("*.py"):
-        assert (built / path.name).read_bytes() == path.read_bytes(), path.name
+    for path in source.rglob("*.py"):
+        relative = path.relative_to(source)
+        assert (built / relative).read_bytes() == path.read_bytes(), relative
 
 
 def test_built_template_deploys_the_built_code_and_the_asl_file(deployable: Build) -> None:
@@ -324,7 +325,7 @@ spec.loader.exec_module(app)
 import tilefan, pyvips
 # Modules a handler imports only when a job needs them (numpy for resize, say).
 failed = {}
-for module in pkgutil.iter_modules(tilefan.__path__, "tilefan."):
+for module in pkgutil.walk_packages(tilefan.__path__, "tilefan."):
     try:
         importlib.import_module(module.name)
     except Exception as error:
