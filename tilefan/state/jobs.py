@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from boto3.dynamodb.conditions import Attr, Key
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from tilefan.errors import JobNotFound, TilefanError, TransientError
+from tilefan.state._transport import AWS_ERRORS, translate_transport
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -230,7 +231,9 @@ def _is_condition_failure(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
-def _translate(error: ClientError) -> TilefanError:
+def _translate(error: ClientError | BotoCoreError) -> TilefanError:
+    if isinstance(error, BotoCoreError):
+        return translate_transport(error, "the job table")
     code = error.response.get("Error", {}).get("Code", "")
     if code in (
         "ProvisionedThroughputExceededException",
@@ -279,7 +282,7 @@ class JobRepository:
             self.table.put_item(
                 Item=_to_item(job, self.ttl_days), ConditionExpression=Attr("pk").not_exists()
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
         return job
 
@@ -287,7 +290,7 @@ class JobRepository:
         """The job, or `JobNotFound`; with ``owner``, another caller's job is not found either."""
         try:
             item = self.table.get_item(Key=_job_key(job_id), ConsistentRead=True).get("Item")
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
         if item is None or (owner is not None and item["owner"] != owner):
             raise JobNotFound(f"no job {job_id}")
@@ -305,7 +308,10 @@ class JobRepository:
         }
         if after:
             query["ExclusiveStartKey"] = _decode_cursor(after, f"OWNER#{owner}")
-        page = self.table.query(**query)
+        try:
+            page = self.table.query(**query)
+        except AWS_ERRORS as e:
+            raise _translate(e) from e
         jobs = [self.get(str(item["pk"]).removeprefix("JOB#")) for item in page.get("Items", [])]
         cursor = page.get("LastEvaluatedKey")
         return jobs, _encode_cursor(cursor) if cursor else None
@@ -353,6 +359,8 @@ class JobRepository:
                     f"job {job_id} is {current.value}; it cannot become {to.value}"
                 ) from e
             raise _translate(e) from e
+        except BotoCoreError as e:
+            raise _translate(e) from e
 
     def record_execution(self, job_id: str, execution_arn: str) -> None:
         """Note the job's execution, leaving its status (the pipeline may have moved it on)."""
@@ -363,7 +371,7 @@ class JobRepository:
                 ConditionExpression=Attr("pk").exists(),
                 ExpressionAttributeValues={":arn": execution_arn},
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
 
     def finish_failed(self, job_id: str, code: str, message: str) -> bool:
@@ -381,10 +389,13 @@ class JobRepository:
 
     def delete(self, job_id: str) -> None:
         """Remove the job item and its tile items."""
-        with self.table.batch_writer() as batch:
-            for record in self.tiles(job_id):
-                batch.delete_item(Key=_tile_key(job_id, record.index))
-            batch.delete_item(Key=_job_key(job_id))
+        try:
+            with self.table.batch_writer() as batch:
+                for record in self.tiles(job_id):
+                    batch.delete_item(Key=_tile_key(job_id, record.index))
+                batch.delete_item(Key=_job_key(job_id))
+        except AWS_ERRORS as e:
+            raise _translate(e) from e
 
     # --- tiles --------------------------------------------------------------------------------
 
@@ -401,7 +412,7 @@ class JobRepository:
                             "expires_at": int(time.time()) + self.ttl_days * 86_400,
                         }
                     )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
 
     def tile_started(self, job_id: str, index: int) -> bool:
@@ -417,6 +428,8 @@ class JobRepository:
         except ClientError as e:
             if _is_condition_failure(e):
                 return False
+            raise _translate(e) from e
+        except BotoCoreError as e:
             raise _translate(e) from e
         return True
 
@@ -438,7 +451,7 @@ class JobRepository:
                 UpdateExpression=update,
                 ExpressionAttributeValues=values,
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
 
     def tile_retrying(self, job_id: str, index: int, error: str) -> None:
@@ -453,19 +466,23 @@ class JobRepository:
                 ConditionExpression=Attr("st").eq(TileState.RUNNING.value),
                 ExpressionAttributeValues={":er": error[:500]},
             )
-        except ClientError:
+        except AWS_ERRORS:
             LOG.warning("could not note the retried error of tile %s of job %s", index, job_id)
 
     def tiles(self, job_id: str) -> Iterator[TileRecord]:
         """Every tile record of the job, in no particular order."""
         for shard in range(TILE_SHARDS):
+            # Strongly consistent: the merge's all-done check and Abort's failing tile read
+            # tiles that workers have just written, and a Query is eventually consistent
+            # unless asked.
             query: dict[str, Any] = {
                 "KeyConditionExpression": Key("pk").eq(f"JOB#{job_id}#S{shard}"),
+                "ConsistentRead": True,
             }
             while True:
                 try:
                     page = self.table.query(**query)
-                except ClientError as e:
+                except AWS_ERRORS as e:
                     raise _translate(e) from e
                 for item in page.get("Items", []):
                     yield TileRecord(
