@@ -7,7 +7,12 @@ from typing import Annotated, Any
 
 import boto3
 from aws_lambda_powertools import Logger
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler import (
+    APIGatewayRestResolver,
+    CORSConfig,
+    Response,
+    content_types,
+)
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 from aws_lambda_powertools.utilities.idempotency import (
@@ -41,8 +46,20 @@ from tilefan.state.jobs import JobRepository, TileState
 from tilefan.state.storage import TileStore
 
 logger = Logger()
-app = APIGatewayRestResolver(enable_validation=True)
 settings = Settings()
+_origins = [origin.strip() for origin in settings.cors_allowed_origins.split(",") if origin.strip()]
+# Web pages on these origins may call the API; the resolver answers their preflight OPTIONS,
+# which API Gateway lets through without an API key (template.yaml, Preflight).
+app = APIGatewayRestResolver(
+    enable_validation=True,
+    cors=CORSConfig(
+        allow_origin=_origins[0] if _origins else "*",
+        extra_origins=_origins[1:],
+        allow_headers=["x-api-key", "Idempotency-Key"],
+        expose_headers=["Location"],
+        max_age=3600,
+    ),
+)
 service = JobService(
     settings,
     jobs=JobRepository(settings.table, resource=boto3.resource("dynamodb")),
@@ -50,6 +67,7 @@ service = JobService(
         settings.bucket, client=boto3.client("s3", config=Config(signature_version="s3v4"))
     ),
     stepfunctions=boto3.client("stepfunctions"),
+    functions=boto3.client("lambda"),
 )
 idempotency_store = DynamoDBPersistenceLayer(
     table_name=settings.table,

@@ -19,10 +19,15 @@ pyvips.cache_set_max(0)
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Event: ``{"action": "merge" | "abort", "job_id": ..., "error": ...}``."""
+    """Event: ``{"action": "merge" | "abort" | "cleanup", "job_id": ..., "error": ...}``.
+
+    The API invokes ``cleanup`` asynchronously when a job is cancelled or deleted.
+    """
     # This invocation's keys only: the embedded engine runs invocations as threads of one process.
     logger.thread_safe_clear_keys()
     logger.thread_safe_append_keys(job_id=event["job_id"], action=event["action"])
     if event["action"] == "abort":
         return pipeline.abort(event["job_id"], event.get("error"))
+    if event["action"] == "cleanup":
+        return pipeline.cleanup(event["job_id"])
     return pipeline.merge(event["job_id"])

@@ -27,8 +27,8 @@ __all__ = ["LocalApi", "api_key_id", "new_api_key", "serve_api"]
 
 ApiHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
-_MAX_BODY = 6 * 2**20
-"""API Gateway's payload limit: refused here too, so nothing works only locally."""
+_MAX_BODY = 10 * 2**20
+"""A REST API's payload limit: refused here too, so nothing works only locally."""
 
 
 def new_api_key() -> str:
@@ -58,7 +58,8 @@ class _Gateway:
     ) -> tuple[int, dict[str, str], bytes]:
         lowered = {name.lower(): value for name, value in headers.items()}
         key_id = self.key_ids.get(lowered.get("x-api-key", ""))
-        if key_id is None:
+        # A CORS preflight carries no key; the template's OPTIONS method requires none.
+        if key_id is None and method != "OPTIONS":
             return _forbidden()
         url = urlsplit(target)
         query = parse_qs(url.query, keep_blank_values=True)
@@ -107,7 +108,7 @@ def _request_handler(gateway: _Gateway) -> type[BaseHTTPRequestHandler]:
                     413,
                     {"Content-Type": "application/json"},
                     json.dumps(
-                        {"code": "PAYLOAD_TOO_LARGE", "message": "request bodies are at most 6 MB"}
+                        {"code": "PAYLOAD_TOO_LARGE", "message": "request bodies are at most 10 MB"}
                     ).encode(),
                 )
             else:

@@ -25,6 +25,7 @@ __all__ = [
 REGION: Final = "us-east-1"
 ACCOUNT_ID: Final = "123456789012"  # moto's default account
 STACK_NAME: Final = "tilefan"
+STACK_GUID: Final = "00000000-0000-4000-8000-000000000000"
 TEMPLATE_FILE: Final = "template.yaml"
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_:.]+)\}")
@@ -282,7 +283,16 @@ class _Resolver:
                 return self.sub(argument)
             if key == "Fn::Join":
                 delimiter, parts = argument
-                return str(delimiter).join(_as_text(self.resolve(part)) for part in parts)
+                resolved = self.resolve(parts)
+                if isinstance(resolved, str):  # a CommaDelimitedList parameter
+                    resolved = resolved.split(",")
+                return str(delimiter).join(_as_text(part) for part in resolved)
+            if key == "Fn::Split":
+                delimiter, text = argument
+                return _as_text(self.resolve(text)).split(str(delimiter))
+            if key == "Fn::Select":
+                index, items = argument
+                return self.resolve(items)[int(index)]
             if key.startswith("Fn::"):
                 raise TemplateError(f"the embedded engine does not evaluate {key}")
         return {name: self.resolve(item) for name, item in value.items()}
@@ -293,6 +303,9 @@ class _Resolver:
             "AWS::Region": REGION,
             "AWS::AccountId": ACCOUNT_ID,
             "AWS::StackName": STACK_NAME,
+            "AWS::StackId": (
+                f"arn:aws:cloudformation:{REGION}:{ACCOUNT_ID}:stack/{STACK_NAME}/{STACK_GUID}"
+            ),
             "AWS::Partition": "aws",
             "AWS::URLSuffix": "amazonaws.com",
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from tilefan.formats.outputs import OUTPUT_FORMATS
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 from tilefan.settings import Settings
+from tilefan.state._transport import AWS_ERRORS
 from tilefan.state.jobs import (
     TERMINAL,
     InvalidTransition,
@@ -36,6 +38,8 @@ __all__ = [
     "UploadMismatch",
     "UploadMissing",
 ]
+
+LOG = logging.getLogger(__name__)
 
 _MAX_PARTS = 10_000
 _SINGLE_PUT_LIMIT = 5 * 2**30
@@ -95,11 +99,14 @@ class JobService:
         jobs: JobRepository,
         store: TileStore,
         stepfunctions: Any,
+        functions: Any = None,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
         self.store = store
         self.stepfunctions = stepfunctions
+        self.functions = functions
+        """A Lambda client: cancel and delete hand their bulk deletes to the cleanup function."""
 
     def create(
         self,
@@ -139,6 +146,12 @@ class JobService:
 
     def start(self, owner: str, job_id: str, *, max_concurrency: int | None = None) -> Job:
         """Check the upload, queue the job and start its execution; a second start is refused."""
+        cap = self.settings.tile_worker_concurrency
+        if max_concurrency is not None and not 1 <= max_concurrency <= cap:
+            raise InvalidRequest(
+                f"max_concurrency: must be from 1 to {cap}, the tile worker's reserved "
+                f"concurrency, got {max_concurrency}"
+            )
         job = self.jobs.get(job_id, owner=owner)
         uploaded = self.store.size(keys.upload(job_id))
         if uploaded is None:
@@ -176,6 +189,7 @@ class JobService:
 
     def cancel(self, owner: str, job_id: str) -> Job:
         """Stop a running job (CANCELLED, intermediates removed); a finished one is left as is."""
+        self._require_cleanup()
         job = self.jobs.get(job_id, owner=owner)
         if job.status in TERMINAL:
             raise InvalidTransition(f"job {job_id} already ended {job.status.value}")
@@ -186,7 +200,7 @@ class JobService:
                 self.stepfunctions.stop_execution(
                     executionArn=job.execution_arn, cause="cancelled by its owner"
                 )
-        self.store.delete_prefix(keys.job_prefix(job_id))
+        self._clean_up_later(job_id)
         return self.jobs.get(job_id)
 
     # --- uploads and downloads ----------------------------------------------------------------
@@ -288,6 +302,7 @@ class JobService:
 
     def delete(self, owner: str, job_id: str) -> Job | None:
         """Cancel a running job (returned), or delete an ended one with its objects (None)."""
+        self._require_cleanup()
         job = self.jobs.get(job_id, owner=owner)
         if job.status not in TERMINAL and job.status is not JobStatus.CREATED:
             return self.cancel(owner, job_id)
@@ -298,10 +313,30 @@ class JobService:
                     Key=keys.upload(job_id),
                     UploadId=job.input["upload_id"],
                 )
-        for prefix in (keys.job_prefix(job_id), f"results/{job_id}/", f"uploads/{job_id}/"):
-            self.store.delete_prefix(prefix)
-        self.jobs.delete(job_id)
+        self.jobs.forget(job_id)
+        self._clean_up_later(job_id)
         return None
+
+    def _require_cleanup(self) -> None:
+        """Refuse to cancel or delete, before changing anything, without a cleanup function."""
+        if not self.settings.cleanup_function or self.functions is None:
+            raise TilefanError("no cleanup function is configured (TILEFAN_CLEANUP_FUNCTION)")
+
+    def _clean_up_later(self, job_id: str) -> None:
+        """Have the cleanup function remove the job's objects and tile items, off this request.
+
+        A job has up to 20,000 tiles and as many objects: deleting them here could outlast API
+        Gateway's 29 s. Lambda retries a failed asynchronous invocation twice; what is still
+        left expires by the bucket's lifecycle rules and the table's TTL.
+        """
+        try:
+            self.functions.invoke(
+                FunctionName=self.settings.cleanup_function,
+                InvocationType="Event",
+                Payload=json.dumps({"action": "cleanup", "job_id": job_id}).encode(),
+            )
+        except AWS_ERRORS:
+            LOG.warning("could not start the cleanup of job %s; lifecycle rules will", job_id)
 
     def _expires_at(self) -> str:
         moment = datetime.now(UTC) + timedelta(seconds=self.settings.presign_seconds)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from tilefan.errors import TilefanError
 from tilefan.formats.outputs import save_output
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.scratch import invocation_scratch
 from tilefan.state.jobs import (
     InvalidTransition,
     JobStatus,
@@ -63,7 +63,7 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             f"{progress.total - progress.done} of {progress.total} tiles are not done"
         )
     plan = plan_tiles(ImageSpec(**job.source), parse_chain(job.operations), job.tile_size)
-    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
+    with invocation_scratch(pipeline.settings.scratch_dir) as scratch:
         image = _join_cells(pipeline, job_id, plan, Path(scratch), job.grid["interpretation"])
         saved = save_output(image, Path(scratch), job.output_format, job.output_options)
         key = keys.result(job_id, saved.extension)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -13,6 +12,7 @@ from tilefan.errors import InvalidTileSize
 from tilefan.formats.source import decode_to_scratch, open_checked
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.scratch import invocation_scratch
 from tilefan.state.jobs import (
     MAX_TILES,
     InvalidTransition,
@@ -35,7 +35,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         job_id, JobStatus.SPLITTING, allowed_from={JobStatus.QUEUED, JobStatus.SPLITTING}
     )
     chain = parse_chain(job.operations)
-    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
+    with invocation_scratch(pipeline.settings.scratch_dir) as scratch:
         upload = Path(scratch) / "upload"
         pipeline.store.download(keys.upload(job_id), upload)
         header = open_checked(

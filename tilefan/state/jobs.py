@@ -387,6 +387,13 @@ class JobRepository:
             return False
         return True
 
+    def forget(self, job_id: str) -> None:
+        """Remove the job item only: the job is gone for its owner; its tiles go later."""
+        try:
+            self.table.delete_item(Key=_job_key(job_id))
+        except AWS_ERRORS as e:
+            raise _translate(e) from e
+
     def delete(self, job_id: str) -> None:
         """Remove the job item and its tile items."""
         try:

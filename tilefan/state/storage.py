@@ -57,6 +57,11 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"uploads/{job_id}/source"
 
     @staticmethod
+    def upload_prefix(job_id: str) -> str:
+        """Everything of one job's upload."""
+        return f"uploads/{job_id}/"
+
+    @staticmethod
     def job_prefix(job_id: str) -> str:
         """Everything intermediate of one job."""
         return f"jobs/{job_id}/"

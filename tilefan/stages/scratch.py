@@ -1,0 +1,41 @@
+"""Scratch space for one invocation, cleared of what earlier, killed invocations left.
+
+A Lambda invocation that times out or runs out of memory never reaches its cleanup, and the
+next invocation in the same warm environment finds the files in /tmp: a few of those fill
+ephemeral storage. Every stage takes its scratch directory here, which first removes the
+directories that no invocation of this process is using.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["invocation_scratch"]
+
+_PREFIX = "tilefan-scratch-"
+_in_use: set[Path] = set()
+"""Directories of invocations running in this process: one on Lambda, several in the engine."""
+_lock = threading.Lock()
+
+
+@contextmanager
+def invocation_scratch(root: str | Path) -> Iterator[Path]:
+    """A fresh directory under ``root``, removed on exit; leftovers under ``root`` go first."""
+    base = Path(root)
+    with _lock:
+        for leftover in base.glob(f"{_PREFIX}*"):
+            if leftover not in _in_use:
+                shutil.rmtree(leftover, ignore_errors=True)
+        path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=base))
+        _in_use.add(path)
+    try:
+        yield path
+    finally:
+        with _lock:
+            _in_use.discard(path)
+        shutil.rmtree(path, ignore_errors=True)
