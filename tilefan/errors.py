@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "DamagedImage",
     "InvalidChain",
     "InvalidTileSize",
     "JobNotFound",
+    "OutOfDisk",
     "TileFailed",
     "TilefanError",
     "TooManyPixels",
     "TransientError",
     "UnsupportedImage",
+    "is_out_of_disk",
     "reason",
 ]
 
@@ -52,6 +56,12 @@ class TooManyPixels(TilefanError):
     code = "TOO_MANY_PIXELS"
 
 
+class OutOfDisk(TilefanError):
+    """A stage's scratch space (Lambda's ephemeral storage) filled up; the image is not at fault."""
+
+    code = "OUT_OF_DISK"
+
+
 class TileFailed(TilefanError):
     """A tile could not be processed; retrying will not help."""
 
@@ -78,3 +88,10 @@ def reason(error: BaseException) -> str:
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+def is_out_of_disk(error: BaseException) -> bool:
+    """Whether a write failed for want of space: an ``ENOSPC`` OSError, or libvips saying so."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return "No space left on device" in str(error)

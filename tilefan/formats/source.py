@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pyvips
 
-from tilefan.errors import DamagedImage, TooManyPixels, UnsupportedImage, reason
+from tilefan.errors import (
+    DamagedImage,
+    OutOfDisk,
+    TooManyPixels,
+    UnsupportedImage,
+    is_out_of_disk,
+    reason,
+)
 
 __all__ = ["decode_to_scratch", "open_checked", "upright"]
 
@@ -72,6 +79,8 @@ def decode_to_scratch(image: pyvips.Image, path: Path) -> pyvips.Image:
     try:
         image.write_to_file(str(path))
     except pyvips.Error as e:
+        if is_out_of_disk(e):
+            raise OutOfDisk(f"the decoded image did not fit the scratch space: {reason(e)}") from e
         raise DamagedImage(f"the image could not be decoded: {reason(e)}") from e
     return upright(pyvips.Image.new_from_file(str(path)))
 

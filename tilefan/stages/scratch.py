@@ -3,7 +3,8 @@
 A Lambda invocation that times out or runs out of memory never reaches its cleanup, and the
 next invocation in the same warm environment finds the files in /tmp: a few of those fill
 ephemeral storage. Every stage takes its scratch directory here, which first removes the
-directories that no invocation of this process is using.
+directories that no invocation of this process is using. A write that finds the space full
+raises `OutOfDisk`, whatever was writing: the input is not at fault.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pyvips
+
+from tilefan.errors import OutOfDisk, is_out_of_disk, reason
 
 __all__ = ["invocation_scratch"]
 
@@ -35,6 +40,10 @@ def invocation_scratch(root: str | Path) -> Iterator[Path]:
         _in_use.add(path)
     try:
         yield path
+    except (OSError, pyvips.Error) as e:
+        if is_out_of_disk(e):
+            raise OutOfDisk(f"the scratch space is full: {reason(e)}") from e
+        raise
     finally:
         with _lock:
             _in_use.discard(path)

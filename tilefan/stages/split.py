@@ -8,10 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tilefan.errors import InvalidTileSize
-from tilefan.formats.source import decode_to_scratch, open_checked
-from tilefan.imaging.operations import parse_chain
-from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+import pyvips
+
+from tilefan.errors import InvalidTileSize, TooManyPixels
+from tilefan.formats.source import decode_to_scratch, open_checked, upright
+from tilefan.imaging.operations import Chain, parse_chain
+from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles, stage_sizes
 from tilefan.stages.scratch import invocation_scratch
 from tilefan.state.jobs import (
     MAX_TILES,
@@ -44,6 +46,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             max_pixels_per_byte=pipeline.settings.max_pixels_per_byte,
             access="sequential",
         )
+        _check_output_size(chain, upright(header), pipeline.settings.max_pixels)
         source = decode_to_scratch(header, Path(scratch) / "source.v")
         spec = ImageSpec.of(source)
         plan = plan_tiles(spec, chain, job.tile_size)
@@ -90,6 +93,20 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         "tile_count": plan.tile_count,
         "batch_count": len(manifest),
     }
+
+
+def _check_output_size(chain: Chain, header: pyvips.Image, max_pixels: int) -> None:
+    """Refuse, from the header and before decoding, a chain whose output is too large.
+
+    An upscaling resize makes the output far larger than the input, which only the input's
+    pixels were checked against; the merger would find out after every tile was processed.
+    """
+    width, height = stage_sizes(chain, header.width, header.height)[-1]
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"the chain makes a {width}x{height} = {width * height:,}-pixel output from this "
+            f"{header.width}x{header.height} input; the limit is {max_pixels:,}"
+        )
 
 
 def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:
