@@ -14,10 +14,10 @@ ARCH ?= arm64
 
 .PHONY: setup sam sam-build demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml layers/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' --constraint layers/constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -36,7 +36,10 @@ from tilefan.service.schema import (
     JobDocument,
     JobPage,
     ResultLink,
+    SignedParts,
+    SignPartsRequest,
     TilePage,
+    UploadPart,
     job_document,
     links,
     tile_document,
@@ -187,6 +190,7 @@ def _create(request: dict[str, Any]) -> dict[str, Any]:
     base = request["base"]
     if "multipart" in instructions:
         instructions["multipart"]["complete_url"] = f"{base}/jobs/{job.job_id}/upload/complete"
+        instructions["multipart"]["parts_url"] = f"{base}/jobs/{job.job_id}/upload/parts"
     created = JobCreated(
         job_id=job.job_id, status=job.status, links=links(base, job.job_id), **instructions
     )
@@ -216,6 +220,15 @@ def create_job(
         body=created,
         headers={"Location": f"{base}/jobs/{created['job_id']}"},
     )
+
+
+@app.post("/jobs/<job_id>/upload/parts")
+def sign_parts(
+    job_id: Annotated[str, Path(max_length=64)], body: Annotated[SignPartsRequest, Body()]
+) -> SignedParts:
+    """Sign URLs for parts of a multipart upload, shortly before uploading them."""
+    parts, expires_at = service.sign_parts(_owner(), job_id, body.part_numbers)
+    return SignedParts(parts=[UploadPart(**part) for part in parts], expires_at=expires_at)
 
 
 @app.post("/jobs/<job_id>/upload/complete")

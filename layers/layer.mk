@@ -21,9 +21,11 @@ PYTHON_TAG := cp$(subst .,,$(TILEFAN_LAYER_PYTHON))
 # are tagged only manylinux2014 (glibc 2.17), which Amazon Linux 2023 runs but which pip does
 # not accept under a manylinux_2_28 --platform by itself.
 PLATFORMS := --platform manylinux_2_28_$(MACHINE) --platform manylinux2014_$(MACHINE)
+# The versions the tests ran with (layers/constraints.txt), found by this file's own path.
+CONSTRAINTS := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))constraints.txt)
 PIP_TARGET = $(PYTHON) -m pip install --quiet --no-compile --only-binary=:all: $(PLATFORMS) \
 	--python-version $(TILEFAN_LAYER_PYTHON) --implementation cp --abi $(PYTHON_TAG) --abi abi3 \
-	--abi none --target "$(ARTIFACTS_DIR)/python"
+	--abi none --constraint "$(CONSTRAINTS)" --target "$(ARTIFACTS_DIR)/python"
 
 # In a build-<Name>Layer recipe, <Name>Layer.
 LAYER = $(@:build-%=%)

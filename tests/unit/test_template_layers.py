@@ -51,3 +51,35 @@ def test_pyvips_is_copied_as_python_not_compiled_for_this_machine() -> None:
     uses = [line for line in text.splitlines() if "$(PYVIPS)" in line]
     # Only downloaded as the sdist (then its package directory is copied), never installed.
     assert uses and all("pip download" in line and "--no-binary=:all:" in line for line in uses)
+
+
+def constraints() -> dict[str, str]:
+    """layers/constraints.txt: package name (normalised) -> pinned version."""
+    pins: dict[str, str] = {}
+    for line in (PROJECT_ROOT / "layers" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_every_layer_dependency_is_pinned_to_the_version_the_tests_run_with() -> None:
+    from importlib.metadata import version
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = set(project["project"]["dependencies"]) - PROVIDED_BY_THE_RUNTIME
+    names = {re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower() for spec in shipped}
+    pins = constraints()
+    assert names <= set(pins), f"not pinned: {names - set(pins)}"
+    # `make setup` installs under the same constraints, so this environment is the pinned one.
+    assert {name: version(name) for name in pins} == pins
+
+
+def test_the_layers_and_the_test_environment_install_under_the_constraints() -> None:
+    shared = (PROJECT_ROOT / "layers" / "layer.mk").read_text(encoding="utf-8")
+    assert "CONSTRAINTS := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))constraints.txt)" in shared
+    assert '--constraint "$(CONSTRAINTS)" --target' in shared
+    vips = (PROJECT_ROOT / "layers" / "vips" / "Makefile").read_text(encoding="utf-8")
+    assert '--no-binary=:all: --constraint "$(CONSTRAINTS)"' in vips
+    setup = (PROJECT_ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "pip install --quiet -e '.[dev]' --constraint layers/constraints.txt" in setup

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +42,9 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 _MAX_PARTS = 10_000
+PARTS_AT_CREATION = 100
+"""Part URLs signed with the job; the rest are signed on demand (`sign_parts`), shortly before
+their upload, since every URL expires `presign_seconds` after it is signed."""
 _SINGLE_PUT_LIMIT = 5 * 2**30
 
 
@@ -241,14 +244,46 @@ class JobService:
             allowed_from={JobStatus.CREATED},
             input={**job.input, "upload_id": upload_id, "part_size": part_size},
         )
-        parts = [
+        part_count = -(-size // part_size)
+        first = range(1, min(part_count, PARTS_AT_CREATION) + 1)
+        return {
+            "multipart": {
+                "part_size": part_size,
+                "part_count": part_count,
+                "parts": self._part_urls(job.job_id, upload_id, size, part_size, first),
+                "expires_at": expires_at,
+            }
+        }
+
+    def sign_parts(
+        self, owner: str, job_id: str, part_numbers: list[int]
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Fresh URLs for some parts of the job's multipart upload, and when they expire."""
+        job = self.jobs.get(job_id, owner=owner)
+        upload_id = job.input.get("upload_id")
+        if job.status is not JobStatus.CREATED or not upload_id:
+            raise UploadMismatch(f"job {job_id} has no multipart upload in progress")
+        size, part_size = int(job.input["size_bytes"]), int(job.input["part_size"])
+        part_count = -(-size // part_size)
+        outside = sorted({n for n in part_numbers if not 1 <= n <= part_count})
+        if outside:
+            raise InvalidRequest(
+                f"part_numbers: this upload has parts 1 to {part_count}, not {outside[0]}"
+            )
+        expires_at = self._expires_at()
+        return self._part_urls(job_id, upload_id, size, part_size, part_numbers), expires_at
+
+    def _part_urls(
+        self, job_id: str, upload_id: str, size: int, part_size: int, numbers: Iterable[int]
+    ) -> list[dict[str, Any]]:
+        return [
             {
                 "part_number": number,
-                "url": s3.generate_presigned_url(
+                "url": self.store.client.generate_presigned_url(
                     "upload_part",
                     Params={
                         "Bucket": self.store.bucket,
-                        "Key": key,
+                        "Key": keys.upload(job_id),
                         "UploadId": upload_id,
                         "PartNumber": number,
                         "ContentLength": min(part_size, size - (number - 1) * part_size),
@@ -256,9 +291,8 @@ class JobService:
                     ExpiresIn=self.settings.presign_seconds,
                 ),
             }
-            for number in range(1, -(-size // part_size) + 1)
+            for number in numbers
         ]
-        return {"multipart": {"part_size": part_size, "parts": parts, "expires_at": expires_at}}
 
     def complete_upload(self, owner: str, job_id: str, parts: list[dict[str, Any]]) -> None:
         """Finish a multipart upload from the parts' ETags."""
