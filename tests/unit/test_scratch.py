@@ -35,6 +35,26 @@ def test_what_a_killed_invocation_left_is_removed_by_the_next(
     assert unrelated.read_text() == "kept"
 
 
+def test_scratch_of_another_live_process_is_kept(tmp_path: Path) -> None:
+    # Tests and local runs share the machine's /tmp; Lambda gives each environment its own.
+    import os
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        theirs = tmp_path / f"tilefan-scratch-{other.pid}-abc"
+        theirs.mkdir()
+        gone = tmp_path / "tilefan-scratch-999999999-abc"  # no such process
+        gone.mkdir()
+        with invocation_scratch(tmp_path) as mine:
+            assert mine.name.startswith(f"tilefan-scratch-{os.getpid()}-")
+        assert theirs.exists() and not gone.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_scratch_of_an_invocation_still_running_in_this_process_is_kept(tmp_path: Path) -> None:
     # The embedded engine runs several invocations in one process, sharing one /tmp.
     with invocation_scratch(tmp_path) as running:
