@@ -21,12 +21,12 @@ $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(LOCAL_STAMP): pyproject.toml | $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[local]'
+$(LOCAL_STAMP): pyproject.toml layers/constraints.txt | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[local]' --constraint layers/constraints.txt
 	touch $(LOCAL_STAMP)
 
-$(STAMP): pyproject.toml | $(BIN)/pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml layers/constraints.txt | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[dev]' --constraint layers/constraints.txt
 	touch $(STAMP) $(LOCAL_STAMP)
 
 setup: $(STAMP)

@@ -7,7 +7,12 @@ from typing import Annotated, Any
 
 import boto3
 from aws_lambda_powertools import Logger
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler import (
+    APIGatewayRestResolver,
+    CORSConfig,
+    Response,
+    content_types,
+)
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 from aws_lambda_powertools.utilities.idempotency import (
@@ -34,7 +39,10 @@ from tilefan.service.schema import (
     JobDocument,
     JobPage,
     ResultLink,
+    SignedParts,
+    SignPartsRequest,
     TilePage,
+    UploadPart,
     job_document,
     links,
     tile_document,
@@ -44,8 +52,20 @@ from tilefan.state.jobs import Job, JobRepository, TileState
 from tilefan.state.storage import TileStore
 
 logger = Logger()
-app = APIGatewayRestResolver(enable_validation=True)
 settings = Settings()
+_origins = [origin.strip() for origin in settings.cors_allowed_origins.split(",") if origin.strip()]
+# Web pages on these origins may call the API; the resolver answers their preflight OPTIONS,
+# which API Gateway lets through without an API key (template.yaml, Preflight).
+app = APIGatewayRestResolver(
+    enable_validation=True,
+    cors=CORSConfig(
+        allow_origin=_origins[0] if _origins else "*",
+        extra_origins=_origins[1:],
+        allow_headers=["x-api-key", "Idempotency-Key"],
+        expose_headers=["Location"],
+        max_age=3600,
+    ),
+)
 service = JobService(
     settings,
     jobs=JobRepository(settings.table, resource=boto3.resource("dynamodb")),
@@ -53,6 +73,7 @@ service = JobService(
         settings.bucket, client=boto3.client("s3", config=Config(signature_version="s3v4"))
     ),
     stepfunctions=boto3.client("stepfunctions"),
+    functions=boto3.client("lambda"),
 )
 view_links = (
     ViewLinks(settings.view_secret.encode(), settings.view_link_seconds)
@@ -193,6 +214,7 @@ def _create(request: dict[str, Any]) -> dict[str, Any]:
     base = request["base"]
     if "multipart" in instructions:
         instructions["multipart"]["complete_url"] = f"{base}/jobs/{job.job_id}/upload/complete"
+        instructions["multipart"]["parts_url"] = f"{base}/jobs/{job.job_id}/upload/parts"
     created = JobCreated(
         job_id=job.job_id,
         status=job.status,
@@ -225,6 +247,15 @@ def create_job(
         body=created,
         headers={"Location": f"{base}/jobs/{created['job_id']}"},
     )
+
+
+@app.post("/jobs/<job_id>/upload/parts")
+def sign_parts(
+    job_id: Annotated[str, Path(max_length=64)], body: Annotated[SignPartsRequest, Body()]
+) -> SignedParts:
+    """Sign URLs for parts of a multipart upload, shortly before uploading them."""
+    parts, expires_at = service.sign_parts(_owner(), job_id, body.part_numbers)
+    return SignedParts(parts=[UploadPart(**part) for part in parts], expires_at=expires_at)
 
 
 @app.post("/jobs/<job_id>/upload/complete")

@@ -3,13 +3,13 @@
 # layer's, or the project root for CoreLayer), so the include goes by the Makefile's own path.
 #
 # Wheels are fetched for Lambda's platform, never built for this machine, so no Docker and no
-# local python3.12 are needed. SAM does not pass the template's Architecture to make: build
-# x86_64 layers with
+# local python3.12 are needed. SAM does not pass the template's Architecture to make, so there is
+# no default here: a layer built for one architecture under functions of the other would deploy
+# and fail at import. `make sam-build ARCH=arm64|x86_64` sets both from one setting; by hand,
 #   TILEFAN_ARCH=x86_64 sam build --parameter-overrides Architecture=x86_64
-# (`make sam-build ARCH=x86_64` sets both). TILEFAN_LAYER_PYTHON=3.11 builds a layer that this
+# A build without TILEFAN_ARCH fails. TILEFAN_LAYER_PYTHON=3.11 builds a layer that this
 # machine's Python can import (tests/integration/test_sam_build.py); Lambda runs 3.12.
 
-TILEFAN_ARCH ?= arm64
 TILEFAN_LAYER_PYTHON ?= 3.12
 PYTHON ?= python3
 
@@ -21,9 +21,11 @@ PYTHON_TAG := cp$(subst .,,$(TILEFAN_LAYER_PYTHON))
 # are tagged only manylinux2014 (glibc 2.17), which Amazon Linux 2023 runs but which pip does
 # not accept under a manylinux_2_28 --platform by itself.
 PLATFORMS := --platform manylinux_2_28_$(MACHINE) --platform manylinux2014_$(MACHINE)
+# The versions the tests ran with (layers/constraints.txt), found by this file's own path.
+CONSTRAINTS := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))constraints.txt)
 PIP_TARGET = $(PYTHON) -m pip install --quiet --no-compile --only-binary=:all: $(PLATFORMS) \
 	--python-version $(TILEFAN_LAYER_PYTHON) --implementation cp --abi $(PYTHON_TAG) --abi abi3 \
-	--abi none --target "$(ARTIFACTS_DIR)/python"
+	--abi none --constraint "$(CONSTRAINTS)" --target "$(ARTIFACTS_DIR)/python"
 
 # In a build-<Name>Layer recipe, <Name>Layer.
 LAYER = $(@:build-%=%)
@@ -43,5 +45,6 @@ endef
 .PHONY: check-arch
 
 check-arch:
+	@test -n "$(TILEFAN_ARCH)" || { echo "TILEFAN_ARCH is not set: sam build does not tell the layers the template's Architecture. Build with make sam-build ARCH=arm64 (or x86_64), or set TILEFAN_ARCH to the Architecture you deploy." >&2; exit 2; }
 	@test -n "$(MACHINE)" || { echo "TILEFAN_ARCH must be arm64 or x86_64, not '$(TILEFAN_ARCH)'" >&2; exit 2; }
 	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set: run sam build" >&2; exit 2; }

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     """The DynamoDB table of jobs and tiles (`TILEFAN_TABLE`)."""
     state_machine_arn: str = ""
     """The pipeline's state machine (`TILEFAN_STATE_MACHINE_ARN`), used by the API."""
+    cleanup_function: str = ""
+    """The function that removes a cancelled or deleted job's objects and tile items
+    (`TILEFAN_CLEANUP_FUNCTION`), invoked asynchronously by the API."""
     max_pixels: int = Field(default=2_500_000_000, ge=1)
     """Refuse inputs whose header declares more pixels than this."""
     max_pixels_per_byte: float = Field(default=20_000, gt=0)
@@ -52,6 +55,10 @@ class Settings(BaseSettings):
     """Uploads larger than this get presigned multipart part URLs instead of one PUT."""
     multipart_part_size: int = Field(default=64 * 2**20, ge=5 * 2**20, le=5 * 2**30)
     """Smallest multipart part: 64 MiB keeps even a 50 GiB upload under 1,000 part URLs."""
+    tile_worker_concurrency: int = Field(default=100, ge=1, le=10_000)
+    """The tile worker's reserved concurrency: the most a job's max_concurrency may be."""
+    cors_allowed_origins: str = "*"
+    """Comma-separated origins whose web pages may call the API; ``*`` for any."""
     presign_seconds: int = Field(default=900, ge=60, le=43_200)
     """How long presigned upload and download URLs stay valid."""
     view_secret: str = Field(default="", repr=False)

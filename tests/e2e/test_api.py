@@ -95,6 +95,92 @@ def test_multipart_upload_end_to_end(client: TilefanClient, tmp_path: Path) -> N
     assert_identical(image.invert(), pyvips.Image.new_from_file(str(tmp_path / "out.png")))
 
 
+def test_part_urls_are_signed_on_demand_and_the_client_asks_for_them(
+    client: TilefanClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the first part comes with the job; the client signs parts 2 and 3 when it gets to
+    # them, as it does past the hundredth part of a large upload.
+    import tilefan.service.job_service
+
+    monkeypatch.setattr(tilefan.service.job_service, "PARTS_AT_CREATION", 1)
+    asked: list[Any] = []
+    real_request = client.request
+
+    def request(method: str, path: str, body: Any = None, headers: Any = None) -> Any:
+        if path.endswith("/upload/parts"):
+            asked.append(body)
+        return real_request(method, path, body, headers)
+
+    monkeypatch.setattr(client, "request", request)
+    image = noise_image(2200, 1800, 3, seed=6)
+    source = tmp_path / "big.tif"
+    image.tiffsave(str(source))
+    created = create(client, source.stat().st_size)
+    multipart = created["multipart"]
+    assert (multipart["part_count"], [p["part_number"] for p in multipart["parts"]]) == (3, [1])
+    assert multipart["parts_url"].endswith(f"/jobs/{created['job_id']}/upload/parts")
+    client.upload(source, created)
+    assert asked == [{"part_numbers": [2, 3]}]
+    client.request("POST", f"/jobs/{created['job_id']}/start")
+    job = wait_until_ended(client, created["job_id"])
+    assert job["status"] == "SUCCEEDED", job.get("error")
+
+
+def test_signing_parts_outside_the_upload_is_refused(client: TilefanClient) -> None:
+    created = create(client, 2 * PART + 1)
+    signed = client.request(
+        "POST", f"/jobs/{created['job_id']}/upload/parts", {"part_numbers": [3, 1]}
+    )
+    assert [part["part_number"] for part in signed["parts"]] == [3, 1]
+    assert all("partNumber=" in part["url"] for part in signed["parts"])
+    for numbers in ([4], [0]):
+        with pytest.raises(ApiError) as refused:
+            client.request(
+                "POST", f"/jobs/{created['job_id']}/upload/parts", {"part_numbers": numbers}
+            )
+        assert (refused.value.status, refused.value.code) == (400, "INVALID_REQUEST")
+    small = create(client, 10)
+    with pytest.raises(ApiError) as single:
+        client.request("POST", f"/jobs/{small['job_id']}/upload/parts", {"part_numbers": [1]})
+    assert (single.value.status, single.value.code) == (409, "UPLOAD_MISMATCH")
+
+
+def test_preflight_needs_no_api_key_and_answers_for_the_allowed_origin(api: LocalApi) -> None:
+    request = urllib.request.Request(
+        f"{api.url}/jobs",
+        method="OPTIONS",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key, content-type",
+        },
+    )
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 204
+        headers = {name.lower(): value for name, value in response.headers.items()}
+    assert headers["access-control-allow-origin"] == "*"
+    assert "x-api-key" in headers["access-control-allow-headers"].lower()
+    assert "POST" in headers["access-control-allow-methods"]
+
+
+def test_answers_carry_cors_headers_for_web_pages(api: LocalApi) -> None:
+    request = urllib.request.Request(
+        f"{api.url}/jobs", headers={"x-api-key": KEY, "Origin": "https://app.example.com"}
+    )
+    with urllib.request.urlopen(request) as response:
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_max_concurrency_above_the_workers_reserved_concurrency_is_refused(
+    client: TilefanClient,
+) -> None:
+    created = create(client, 10)
+    with pytest.raises(ApiError) as refused:
+        client.request("POST", f"/jobs/{created['job_id']}/start?max_concurrency=101")
+    assert (refused.value.status, refused.value.code) == (400, "INVALID_REQUEST")
+    assert "reserved concurrency" in refused.value.message
+
+
 def test_idempotency_key_returns_the_same_job(client: TilefanClient) -> None:
     body = {"operations": [], "input": {"size_bytes": 10}}
     first = client.request("POST", "/jobs", body, {"Idempotency-Key": "retry-me"})

@@ -388,6 +388,10 @@ def test_an_upload_bigger_than_declared_is_refused_at_start_and_nothing_runs(
     assert job["status"] == "CREATED"
     assert api.stack.service.jobs.get(created["job_id"]).execution_arn is None
     owner.request("DELETE", f"/jobs/{created['job_id']}")
+    # The merger's cleanup removes the upload, invoked asynchronously by the DELETE.
+    deadline = time.monotonic() + 60
+    while bucket_keys(api, f"uploads/{created['job_id']}/") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert bucket_keys(api, f"uploads/{created['job_id']}/") == []
 
 

@@ -19,9 +19,10 @@ RETRIED_ERRORS = {
     "Lambda.ServiceException",
     "Lambda.AWSLambdaException",
     "Lambda.SdkClientException",
-    "Lambda.TooManyRequestsException",
     "TransientError",
 }
+LONGEST_FUNCTION_TIMEOUT = 900
+"""Lambda's limit, and the splitter's and merger's Timeout."""
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,8 @@ def substituted(template: dict[str, Any]) -> str:
         "MergerFunctionArn": "arn:aws:lambda:us-east-1:123456789012:function:Merger",
         "BucketName": "tilefan-bucket",
         "MaxConcurrency": str(template["Parameters"]["MaxConcurrency"]["Default"]),
+        "TileWorkerReservedConcurrency": "100",
+        "Partition": "aws",
     }
     return re.sub(r"\$\{(\w+)\}", lambda match: values[match.group(1)], ASL_PATH.read_text())
 
@@ -97,6 +100,34 @@ def test_max_concurrency_comes_from_the_execution_or_the_template(asl: dict[str,
     assert default == "States.StringToJson('${MaxConcurrency}')"
 
 
+def test_max_concurrency_is_capped_at_the_tile_workers_reserved_concurrency(
+    asl: dict[str, Any], template: dict[str, Any]
+) -> None:
+    states = asl["States"]
+    # Both ways in (the execution's value and the template's default) pass through the cap.
+    assert states["CheckMaxConcurrency"]["Choices"][0]["Next"] == "ReadConcurrencyCap"
+    assert states["UseDefaultMaxConcurrency"]["Next"] == "ReadConcurrencyCap"
+    cap = states["ReadConcurrencyCap"]["Parameters"]["max_concurrency.$"]
+    assert cap == "States.StringToJson('${TileWorkerReservedConcurrency}')"
+    [rule] = states["CapMaxConcurrency"]["Choices"]
+    assert rule == {
+        "Variable": "$.max_concurrency",
+        "NumericGreaterThanPath": "$.cap.max_concurrency",
+        "Next": "UseReservedConcurrency",
+    }
+    assert states["UseReservedConcurrency"]["Parameters"]["max_concurrency.$"] == (
+        "$.cap.max_concurrency"
+    )
+    worker = template["Resources"]["TileWorkerFunction"]["Properties"]
+    assert worker["ReservedConcurrentExecutions"] == {"Ref": "TileWorkerReservedConcurrency"}
+    substitutions = template["Resources"]["TilefanStateMachine"]["Properties"][
+        "DefinitionSubstitutions"
+    ]
+    assert substitutions["TileWorkerReservedConcurrency"] == {
+        "Ref": "TileWorkerReservedConcurrency"
+    }
+
+
 def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str, Any]) -> None:
     all_tasks = tasks(asl["States"])
     assert set(all_tasks) == {
@@ -108,11 +139,64 @@ def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str
         "Abort",
     }
     for name, state in all_tasks.items():
-        [retry] = state["Retry"]
+        retry, throttled = state["Retry"]
         assert set(retry["ErrorEquals"]) == RETRIED_ERRORS, name
         assert retry["BackoffRate"] == 2, name
         assert retry["JitterStrategy"] == "FULL", name
         assert 3 <= retry["MaxAttempts"] <= 6, name
+        assert throttled["ErrorEquals"] == ["Lambda.TooManyRequestsException"], name
+
+
+def _retry_budget(retry: dict[str, Any]) -> float:
+    """Seconds of waiting the retrier allows before giving up, at the longest jitter."""
+    waits = (
+        min(retry["IntervalSeconds"] * retry["BackoffRate"] ** n, retry["MaxDelaySeconds"])
+        for n in range(retry["MaxAttempts"])
+    )
+    return sum(waits)
+
+
+def test_throttled_invocations_are_retried_for_many_minutes_not_seconds(
+    asl: dict[str, Any],
+) -> None:
+    # The tile worker at its reserved concurrency is throttled by design when other jobs
+    # hold it; with ToleratedFailurePercentage 0 a throttle that outlasts its retries would
+    # fail the job. Each wait is capped, so the retries keep coming.
+    for name, state in tasks(asl["States"]).items():
+        throttled = state["Retry"][1]
+        assert throttled["MaxAttempts"] >= 15, name
+        assert throttled["MaxDelaySeconds"] <= 120, name
+        assert throttled["JitterStrategy"] == "FULL", name
+        assert _retry_budget(throttled) >= 10 * 60, name
+
+
+def test_every_task_has_a_timeout_above_its_functions(asl: dict[str, Any]) -> None:
+    # A Task without TimeoutSeconds waits a year for an invocation that Lambda lost.
+    for name, state in tasks(asl["States"]).items():
+        timeout = state["TimeoutSeconds"]
+        assert LONGEST_FUNCTION_TIMEOUT < timeout <= LONGEST_FUNCTION_TIMEOUT + 120, name
+
+
+def test_the_asl_names_no_partition(asl: dict[str, Any]) -> None:
+    text = ASL_PATH.read_text()
+    assert "arn:aws:" not in text
+    resources = [state["Resource"] for state in tasks(asl["States"]).values()]
+    resources.append(asl["States"]["ProcessTiles"]["ItemReader"]["Resource"])
+    assert all(resource.startswith("arn:${Partition}:states:::") for resource in resources)
+
+
+def test_the_state_machine_name_fits_80_characters_whatever_the_stack_name(
+    template: dict[str, Any],
+) -> None:
+    # A stack name may be 128 characters; the name is built from the stack's id instead.
+    name = template["Resources"]["TilefanStateMachine"]["Properties"]["Name"]["Fn::Sub"]
+    text, variables = name
+    guid = "0" * 8 + "-" + "0" * 4 + "-" + "0" * 4 + "-" + "0" * 4 + "-" + "0" * 12
+    assert variables == {
+        "StackGuid": {"Fn::Select": [2, {"Fn::Split": ["/", {"Ref": "AWS::StackId"}]}]}
+    }
+    assert len(text.replace("${StackGuid}", guid)) <= 80
+    assert "AWS::StackName" not in text
 
 
 def test_every_failure_reaches_abort_and_then_fails(asl: dict[str, Any]) -> None:
@@ -161,7 +245,7 @@ def test_distributed_map_reads_its_items_from_the_manifest(asl: dict[str, Any]) 
         "ExecutionType": "STANDARD",
     }
     assert process["ItemReader"] == {
-        "Resource": "arn:aws:states:::s3:getObject",
+        "Resource": "arn:${Partition}:states:::s3:getObject",
         "ReaderConfig": {"InputType": "JSON"},
         "Parameters": {"Bucket": "${BucketName}", "Key.$": "$.split.manifest_key"},
     }

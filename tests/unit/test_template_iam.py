@@ -28,8 +28,8 @@ RESULTS = "${TilefanBucket.Arn}/results/*"
 TABLE = "JobsTable.Arn"
 OWNER_INDEX = "${JobsTable.Arn}/index/owner-created"
 STATES = "arn:${AWS::Partition}:states:${AWS::Region}:${AWS::AccountId}"
-MACHINE = f"{STATES}:stateMachine:${{AWS::StackName}}-TilefanStateMachine"
-EXECUTIONS = f"{STATES}:execution:${{AWS::StackName}}-TilefanStateMachine"
+MACHINE = f"{STATES}:stateMachine:tilefan-${{StackGuid}}"
+EXECUTIONS = f"{STATES}:execution:tilefan-${{StackGuid}}"
 LAMBDA_XRAY = {"xray:PutTraceSegments": {"*"}, "xray:PutTelemetryRecords": {"*"}}
 
 
@@ -46,14 +46,13 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:PutItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
         "dynamodb:DeleteItem": {TABLE},
-        "dynamodb:BatchWriteItem": {TABLE},
         "dynamodb:BatchGetItem": {TABLE},
         "dynamodb:Query": {OWNER_INDEX},
         "s3:PutObject": {UPLOADS},
         "s3:AbortMultipartUpload": {UPLOADS},
         "s3:GetObject": {UPLOADS, RESULTS},
-        "s3:DeleteObject": {UPLOADS, RESULTS, JOBS},
         "s3:ListBucket": {BUCKET},
+        "lambda:InvokeFunction": {"MergerFunction.Arn"},
         "states:StartExecution": {"Ref:TilefanStateMachine"},
         "states:StopExecution": {f"{STATES}:execution:${{TilefanStateMachine.Name}}:*"},
     },
@@ -66,6 +65,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "s3:GetObject": {UPLOADS},
         "s3:PutObject": {JOBS},
         "s3:AbortMultipartUpload": {JOBS},
+        "s3:DeleteObject": {JOBS, RESULTS},
         "s3:ListBucket": {BUCKET},
     },
     "TileWorkerFunctionRole": {
@@ -75,7 +75,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:UpdateItem": {TABLE},
         "s3:GetObject": {JOBS, UPLOADS},
         "s3:PutObject": {JOBS},
-        "s3:DeleteObject": {JOBS},
+        "s3:DeleteObject": {JOBS, RESULTS},
         "s3:ListBucket": {BUCKET},
     },
     "MergerFunctionRole": {
@@ -84,11 +84,12 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:GetItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
         "dynamodb:BatchGetItem": {TABLE},
+        "dynamodb:BatchWriteItem": {TABLE},
         # A tiff result is assembled by multipart upload: UploadPartCopy reads its source
         # (GetObject on jobs/*) and, like CreateMultipartUpload, UploadPart and
         # CompleteMultipartUpload, is PutObject on the destination.
         "s3:GetObject": {JOBS},
-        "s3:DeleteObject": {JOBS},
+        "s3:DeleteObject": {JOBS, RESULTS, UPLOADS},
         "s3:PutObject": {RESULTS},
         "s3:AbortMultipartUpload": {RESULTS},
         "s3:ListBucket": {BUCKET},
@@ -207,7 +208,8 @@ def least_privilege_problems(template: Mapping[str, Any]) -> list[str]:
     """
     problems: list[str] = []
     resources: Mapping[str, Any] = template["Resources"]
-    names = set(resources) | {"AWS::StackName"}
+    # StackGuid: the stack id's last part, the state machine's name (template.yaml).
+    names = set(resources) | {"AWS::StackName", "StackGuid"}
     roles = {lid: r for lid, r in resources.items() if r["Type"] == "AWS::IAM::Role"}
     if set(roles) != set(EXPECTED_GRANTS):
         problems.append(f"roles are {sorted(roles)}, expected {sorted(EXPECTED_GRANTS)}")

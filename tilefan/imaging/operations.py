@@ -30,6 +30,7 @@ from tilefan.imaging.geometry import Rect
 from tilefan.imaging.statistics import Statistics
 
 __all__ = [
+    "MAX_BANDS",
     "MAX_CONV_MASK",
     "MAX_HALO",
     "Chain",
@@ -41,6 +42,10 @@ __all__ = [
     "operation_names",
     "parse_chain",
 ]
+
+MAX_BANDS = 64
+"""Most bands an image may have at any step: a multispectral image's, not thousands (a linear
+with 20,000 coefficients made a 20,000-band image that took 1.2 GB before failing)."""
 
 MAX_CONV_MASK = 15
 """Largest user convolution mask, in pixels along each side."""
@@ -163,6 +168,17 @@ class Linear(_Point):
     a: float | list[float] = 1.0
     b: float | list[float] = 0.0
     uchar: bool = False
+
+    @model_validator(mode="after")
+    def _few_bands(self) -> Linear:
+        for name in ("a", "b"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) > MAX_BANDS:
+                raise ValueError(
+                    f"{name} has {len(value):,} coefficients, one per output band; "
+                    f"at most {MAX_BANDS} are allowed"
+                )
+        return self
 
     def apply(self, image: pyvips.Image) -> pyvips.Image:
         return image.linear(self.a, self.b, uchar=self.uchar)

@@ -11,7 +11,7 @@ import pyvips
 
 from tilefan.errors import InvalidChain, InvalidTileSize, TileTooLarge, UnsupportedImage, reason
 from tilefan.imaging.geometry import Rect
-from tilefan.imaging.operations import Chain, Operation
+from tilefan.imaging.operations import MAX_BANDS, Chain, Operation
 
 __all__ = [
     "MAX_TILE_SIZE",
@@ -139,6 +139,11 @@ def check_chain(chain: Chain, spec: ImageSpec) -> ImageSpec:
                 f"step {index} ({step.model_dump()['op']}): cannot apply to a "
                 f"{probe.bands}-band {probe.format} image: {reason(e)}"
             ) from e
+        if probe.bands > MAX_BANDS:
+            raise InvalidChain(
+                f"step {index} ({step.model_dump()['op']}): makes a {probe.bands}-band image; "
+                f"at most {MAX_BANDS} bands are supported"
+            )
     return ImageSpec.of(probe)
 
 

@@ -8,6 +8,7 @@ the engine answers those calls by running the template's handlers in this proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -389,6 +390,10 @@ class EmbeddedEngine:
                     service, region_name=REGION, endpoint_url=self.endpoint_url
                 )
             return self._clients[service]
+
+    def stale_reads(self) -> contextlib.AbstractContextManager[None]:
+        """Within it, DynamoDB reads without ConsistentRead see the tables as at its start."""
+        return self._patches.stale_reads()
 
     def start_job(self, job_id: str, *, max_concurrency: int) -> str:
         """Start the state machine on a job; returns the execution ARN."""

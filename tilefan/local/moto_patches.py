@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import importlib
 import importlib.util
 import logging
 import threading
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -16,6 +18,8 @@ __all__ = ["MotoPatches", "moto_server"]
 
 
 LOG = logging.getLogger(__name__)
+
+_EVENTUALLY_CONSISTENT_READS = frozenset({"GetItem", "Query", "Scan", "BatchGetItem"})
 
 
 class MotoPatches:
@@ -30,6 +34,10 @@ class MotoPatches:
     - moto's DynamoDB backend reads and writes items without a lock, so concurrent ``ADD``
       updates lose increments. One process-wide lock around each request's dispatch makes
       every request atomic, as DynamoDB's single-item operations are.
+    - moto's DynamoDB reads are always up to date. On AWS a GetItem, Query or Scan without
+      ``ConsistentRead`` may miss recent writes. Inside `stale_reads` such a read is answered
+      from a copy of the tables taken when it began, the stalest answer DynamoDB may give, so a
+      test shows which decisions need a consistent read.
     - moto's interpreter builds a new boto3 Lambda client for every task (about 9 ms) and
       re-parses every JSONPath with a freshly built parser (about 1 ms each). Reusing one
       client (boto3 clients are thread-safe) and caching parsed paths cuts the CPU cost of a
@@ -41,6 +49,8 @@ class MotoPatches:
         self._undo: list[Callable[[], None]] = []
         self._lambda_clients: dict[str, Any] = {}
         self._lambda_clients_lock = threading.Lock()
+        self._request_lock = threading.RLock()
+        self._stale_tables: dict[tuple[str, str], Any] | None = None
 
     def install(self) -> None:
         """Apply every change."""
@@ -52,14 +62,39 @@ class MotoPatches:
     def _serialise_dynamodb(self) -> None:
         from moto.dynamodb.responses import DynamoHandler
 
-        request_lock = threading.RLock()
         original_call_action = DynamoHandler.call_action
 
         def call_action(handler: Any) -> Any:
-            with request_lock:
-                return original_call_action(handler)
+            with self._request_lock:
+                stale = self._stale_tables
+                if stale is None or not _eventually_consistent(handler):
+                    return original_call_action(handler)
+                backend = handler.dynamodb_backend
+                live = backend.tables
+                backend.tables = stale.get((handler.current_account, handler.region), live)
+                try:
+                    return original_call_action(handler)
+                finally:
+                    backend.tables = live
 
         self._replace(DynamoHandler, "call_action", call_action)
+
+    @contextlib.contextmanager
+    def stale_reads(self) -> Iterator[None]:
+        """Answer reads without ``ConsistentRead`` from the tables as they are now, until exit."""
+        from moto.dynamodb.models import dynamodb_backends
+
+        with self._request_lock:
+            self._stale_tables = {
+                (account, region): copy.deepcopy(backend.tables)
+                for account, regions in dynamodb_backends.items()
+                for region, backend in regions.items()
+            }
+        try:
+            yield
+        finally:
+            with self._request_lock:
+                self._stale_tables = None
 
     def _keep_stops(self) -> None:
         try:
@@ -206,6 +241,13 @@ def moto_server(host: str, port: int) -> Any:
             self._server.serve_forever()
 
     return MotoServer(ip_address=host, port=port, verbose=False)
+
+
+def _eventually_consistent(handler: Any) -> bool:
+    """Whether the request is a read that DynamoDB may answer from a lagging replica."""
+    action = handler._get_action()
+    params = getattr(handler, "params", None) or {}
+    return action in _EVENTUALLY_CONSISTENT_READS and not params.get("ConsistentRead")
 
 
 def _interpreter_module(name: str) -> types.ModuleType:

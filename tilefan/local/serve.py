@@ -29,8 +29,8 @@ __all__ = ["LocalApi", "api_key_id", "new_api_key", "serve_api"]
 
 ApiHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
-_MAX_BODY = 6 * 2**20
-"""API Gateway's payload limit: refused here too, so nothing works only locally."""
+_MAX_BODY = 10 * 2**20
+"""A REST API's payload limit: refused here too, so nothing works only locally."""
 
 
 def new_api_key() -> str:
@@ -52,7 +52,10 @@ class _Gateway:
     """Translates HTTP requests to REST proxy events and back."""
 
     def __init__(
-        self, handler: ApiHandler, keys: Iterable[str], keyless: Iterable[re.Pattern[str]] = ()
+        self,
+        handler: ApiHandler,
+        keys: Iterable[str],
+        keyless: Iterable[tuple[str, re.Pattern[str]]] = (),
     ) -> None:
         self.handler = handler
         self.key_ids = {key: api_key_id(key) for key in keys}
@@ -64,8 +67,12 @@ class _Gateway:
         lowered = {name.lower(): value for name, value in headers.items()}
         key_id = self.key_ids.get(lowered.get("x-api-key", ""))
         url = urlsplit(target)
-        # As API Gateway: routes the template marks ApiKeyRequired: false need no key.
-        if key_id is None and not any(route.match(url.path) for route in self.keyless):
+        # As API Gateway: routes the template marks ApiKeyRequired: false need no key (the job
+        # page's, and the CORS preflight, which a browser sends without one).
+        if key_id is None and not any(
+            route_method in ("ANY", method.upper()) and route.match(url.path)
+            for route_method, route in self.keyless
+        ):
             return _forbidden()
         query = parse_qs(url.query, keep_blank_values=True)
         text = body.decode("utf-8", errors="replace") if body else None
@@ -115,7 +122,7 @@ def _request_handler(gateway: _Gateway) -> type[BaseHTTPRequestHandler]:
                     413,
                     {"Content-Type": "application/json"},
                     json.dumps(
-                        {"code": "PAYLOAD_TOO_LARGE", "message": "request bodies are at most 6 MB"}
+                        {"code": "PAYLOAD_TOO_LARGE", "message": "request bodies are at most 10 MB"}
                     ).encode(),
                 )
             else:

@@ -58,7 +58,10 @@ def local_stack(
     """Start the embedded engine and the job service over it."""
     with EmbeddedEngine(server=server, host=host, port=port, handlers=handlers) as engine:
         settings = Settings(
-            bucket=engine.bucket, table=engine.table, state_machine_arn=engine.state_machine_arn
+            bucket=engine.bucket,
+            table=engine.table,
+            state_machine_arn=engine.state_machine_arn,
+            cleanup_function=engine.template.environment()["TILEFAN_CLEANUP_FUNCTION"],
         )
         resource = boto3.resource("dynamodb", region_name=REGION, endpoint_url=engine.endpoint_url)
         service = JobService(
@@ -66,6 +69,8 @@ def local_stack(
             jobs=JobRepository(engine.table, resource=resource),
             store=TileStore(engine.bucket, client=engine.client("s3")),
             stepfunctions=engine.client("stepfunctions"),
+            # boto3's default session: the engine answers its Invoke with the template's handler.
+            functions=boto3.client("lambda", region_name=REGION),
         )
         yield LocalStack(engine, service)
 

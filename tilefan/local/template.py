@@ -26,6 +26,7 @@ __all__ = [
 REGION: Final = "us-east-1"
 ACCOUNT_ID: Final = "123456789012"  # moto's default account
 STACK_NAME: Final = "tilefan"
+STACK_GUID: Final = "00000000-0000-4000-8000-000000000000"
 TEMPLATE_FILE: Final = "template.yaml"
 
 _SECRET_REFERENCE = re.compile(
@@ -101,8 +102,11 @@ class StackTemplate:
         """The name the engine gives a resource, as ``Ref`` returns it."""
         return _Resolver(self).ref(logical_id)
 
-    def keyless_routes(self) -> list[re.Pattern[str]]:
-        """The API paths the template serves without an API key, as patterns on the path."""
+    def keyless_routes(self) -> list[tuple[str, re.Pattern[str]]]:
+        """The API routes the template serves without an API key: (method, pattern on the path).
+
+        The method is the event's (``ANY`` for every method).
+        """
         routes = []
         for resource in self.resources.values():
             events = resource.get("Properties", {}).get("Events", {})
@@ -121,7 +125,7 @@ class StackTemplate:
                     for part in properties["Path"].split("/")
                 ]
                 path = "/".join(segments)  # {name}: one segment; {proxy+}: one or more
-                routes.append(re.compile(f"^{path}$"))
+                routes.append((str(properties["Method"]).upper(), re.compile(f"^{path}$")))
         return routes
 
     @property
@@ -316,7 +320,16 @@ class _Resolver:
                 return self.sub(argument)
             if key == "Fn::Join":
                 delimiter, parts = argument
-                return str(delimiter).join(_as_text(self.resolve(part)) for part in parts)
+                resolved = self.resolve(parts)
+                if isinstance(resolved, str):  # a CommaDelimitedList parameter
+                    resolved = resolved.split(",")
+                return str(delimiter).join(_as_text(part) for part in resolved)
+            if key == "Fn::Split":
+                delimiter, text = argument
+                return _as_text(self.resolve(text)).split(str(delimiter))
+            if key == "Fn::Select":
+                index, items = argument
+                return self.resolve(items)[int(index)]
             if key.startswith("Fn::"):
                 raise TemplateError(f"the embedded engine does not evaluate {key}")
         return {name: self.resolve(item) for name, item in value.items()}
@@ -327,6 +340,9 @@ class _Resolver:
             "AWS::Region": REGION,
             "AWS::AccountId": ACCOUNT_ID,
             "AWS::StackName": STACK_NAME,
+            "AWS::StackId": (
+                f"arn:aws:cloudformation:{REGION}:{ACCOUNT_ID}:stack/{STACK_NAME}/{STACK_GUID}"
+            ),
             "AWS::Partition": "aws",
             "AWS::URLSuffix": "amazonaws.com",
         }

@@ -20,6 +20,8 @@ __all__ = ["ApiError", "JobFailed", "Submission", "TilefanClient"]
 
 ProgressCallback = Callable[[Mapping[str, Any]], None]
 _TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+_PARTS_PER_REQUEST = 100
+"""Part URLs asked for at once: the most `POST /jobs/{id}/upload/parts` signs."""
 
 
 class ApiError(TilefanError):
@@ -118,14 +120,24 @@ class TilefanClient:
             return
         multipart = created["multipart"]
         size, part_size = source.stat().st_size, int(multipart["part_size"])
+        # The job came with the first parts' URLs; the others are signed a batch at a time,
+        # just before their upload, so no URL expires while earlier parts are still uploading.
+        urls = {part["part_number"]: part["url"] for part in multipart["parts"]}
+        last = int(multipart["part_count"])
         parts = []
         with source.open("rb") as stream:
-            for part in multipart["parts"]:
-                offset = (part["part_number"] - 1) * part_size
+            for number in range(1, last + 1):
+                if number not in urls:
+                    batch = list(range(number, min(number + _PARTS_PER_REQUEST - 1, last) + 1))
+                    signed = self.request(
+                        "POST", self.link(multipart["parts_url"]), {"part_numbers": batch}
+                    )
+                    urls = {part["part_number"]: part["url"] for part in signed["parts"]}
+                offset = (number - 1) * part_size
                 stream.seek(offset)
                 chunk = stream.read(min(part_size, size - offset))
-                etag = _put(part["url"], chunk, len(chunk), {})
-                parts.append({"part_number": part["part_number"], "etag": etag})
+                etag = _put(urls[number], chunk, len(chunk), {})
+                parts.append({"part_number": number, "etag": etag})
         self.request("POST", self.link(multipart["complete_url"]), {"parts": parts})
 
     def link(self, href: str) -> str:

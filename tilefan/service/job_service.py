@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from tilefan.formats.outputs import OUTPUT_FORMATS
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
 from tilefan.settings import Settings
+from tilefan.state._transport import AWS_ERRORS
 from tilefan.state.jobs import (
     TERMINAL,
     InvalidTransition,
@@ -38,7 +40,12 @@ __all__ = [
     "UploadMissing",
 ]
 
+LOG = logging.getLogger(__name__)
+
 _MAX_PARTS = 10_000
+PARTS_AT_CREATION = 100
+"""Part URLs signed with the job; the rest are signed on demand (`sign_parts`), shortly before
+their upload, since every URL expires `presign_seconds` after it is signed."""
 _SINGLE_PUT_LIMIT = 5 * 2**30
 
 
@@ -96,11 +103,14 @@ class JobService:
         jobs: JobRepository,
         store: TileStore,
         stepfunctions: Any,
+        functions: Any = None,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
         self.store = store
         self.stepfunctions = stepfunctions
+        self.functions = functions
+        """A Lambda client: cancel and delete hand their bulk deletes to the cleanup function."""
 
     def create(
         self,
@@ -151,6 +161,12 @@ class JobService:
 
     def start(self, owner: str, job_id: str, *, max_concurrency: int | None = None) -> Job:
         """Check the upload, queue the job and start its execution; a second start is refused."""
+        cap = self.settings.tile_worker_concurrency
+        if max_concurrency is not None and not 1 <= max_concurrency <= cap:
+            raise InvalidRequest(
+                f"max_concurrency: must be from 1 to {cap}, the tile worker's reserved "
+                f"concurrency, got {max_concurrency}"
+            )
         job = self.jobs.get(job_id, owner=owner)
         uploaded = self.store.size(keys.upload(job_id))
         if uploaded is None:
@@ -188,6 +204,7 @@ class JobService:
 
     def cancel(self, owner: str, job_id: str) -> Job:
         """Stop a running job (CANCELLED, intermediates removed); a finished one is left as is."""
+        self._require_cleanup()
         job = self.jobs.get(job_id, owner=owner)
         if job.status in TERMINAL:
             raise InvalidTransition(f"job {job_id} already ended {job.status.value}")
@@ -198,7 +215,7 @@ class JobService:
                 self.stepfunctions.stop_execution(
                     executionArn=job.execution_arn, cause="cancelled by its owner"
                 )
-        self.store.delete_prefix(keys.job_prefix(job_id))
+        self._clean_up_later(job_id)
         return self.jobs.get(job_id)
 
     # --- uploads and downloads ----------------------------------------------------------------
@@ -239,14 +256,46 @@ class JobService:
             allowed_from={JobStatus.CREATED},
             input={**job.input, "upload_id": upload_id, "part_size": part_size},
         )
-        parts = [
+        part_count = -(-size // part_size)
+        first = range(1, min(part_count, PARTS_AT_CREATION) + 1)
+        return {
+            "multipart": {
+                "part_size": part_size,
+                "part_count": part_count,
+                "parts": self._part_urls(job.job_id, upload_id, size, part_size, first),
+                "expires_at": expires_at,
+            }
+        }
+
+    def sign_parts(
+        self, owner: str, job_id: str, part_numbers: list[int]
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Fresh URLs for some parts of the job's multipart upload, and when they expire."""
+        job = self.jobs.get(job_id, owner=owner)
+        upload_id = job.input.get("upload_id")
+        if job.status is not JobStatus.CREATED or not upload_id:
+            raise UploadMismatch(f"job {job_id} has no multipart upload in progress")
+        size, part_size = int(job.input["size_bytes"]), int(job.input["part_size"])
+        part_count = -(-size // part_size)
+        outside = sorted({n for n in part_numbers if not 1 <= n <= part_count})
+        if outside:
+            raise InvalidRequest(
+                f"part_numbers: this upload has parts 1 to {part_count}, not {outside[0]}"
+            )
+        expires_at = self._expires_at()
+        return self._part_urls(job_id, upload_id, size, part_size, part_numbers), expires_at
+
+    def _part_urls(
+        self, job_id: str, upload_id: str, size: int, part_size: int, numbers: Iterable[int]
+    ) -> list[dict[str, Any]]:
+        return [
             {
                 "part_number": number,
-                "url": s3.generate_presigned_url(
+                "url": self.store.client.generate_presigned_url(
                     "upload_part",
                     Params={
                         "Bucket": self.store.bucket,
-                        "Key": key,
+                        "Key": keys.upload(job_id),
                         "UploadId": upload_id,
                         "PartNumber": number,
                         "ContentLength": min(part_size, size - (number - 1) * part_size),
@@ -254,9 +303,8 @@ class JobService:
                     ExpiresIn=self.settings.presign_seconds,
                 ),
             }
-            for number in range(1, -(-size // part_size) + 1)
+            for number in numbers
         ]
-        return {"multipart": {"part_size": part_size, "parts": parts, "expires_at": expires_at}}
 
     def complete_upload(self, owner: str, job_id: str, parts: list[dict[str, Any]]) -> None:
         """Finish a multipart upload from the parts' ETags."""
@@ -300,6 +348,7 @@ class JobService:
 
     def delete(self, owner: str, job_id: str) -> Job | None:
         """Cancel a running job (returned), or delete an ended one with its objects (None)."""
+        self._require_cleanup()
         job = self.jobs.get(job_id, owner=owner)
         if job.status not in TERMINAL and job.status is not JobStatus.CREATED:
             return self.cancel(owner, job_id)
@@ -310,10 +359,30 @@ class JobService:
                     Key=keys.upload(job_id),
                     UploadId=job.input["upload_id"],
                 )
-        for prefix in (keys.job_prefix(job_id), f"results/{job_id}/", f"uploads/{job_id}/"):
-            self.store.delete_prefix(prefix)
-        self.jobs.delete(job_id, int((job.grid or {}).get("tile_count", 0)))
+        self.jobs.forget(job_id)
+        self._clean_up_later(job_id)
         return None
+
+    def _require_cleanup(self) -> None:
+        """Refuse to cancel or delete, before changing anything, without a cleanup function."""
+        if not self.settings.cleanup_function or self.functions is None:
+            raise TilefanError("no cleanup function is configured (TILEFAN_CLEANUP_FUNCTION)")
+
+    def _clean_up_later(self, job_id: str) -> None:
+        """Have the cleanup function remove the job's objects and tile items, off this request.
+
+        A job has up to 20,000 tiles and as many objects: deleting them here could outlast API
+        Gateway's 29 s. Lambda retries a failed asynchronous invocation twice; what is still
+        left expires by the bucket's lifecycle rules and the table's TTL.
+        """
+        try:
+            self.functions.invoke(
+                FunctionName=self.settings.cleanup_function,
+                InvocationType="Event",
+                Payload=json.dumps({"action": "cleanup", "job_id": job_id}).encode(),
+            )
+        except AWS_ERRORS:
+            LOG.warning("could not start the cleanup of job %s; lifecycle rules will", job_id)
 
     def _expires_at(self) -> str:
         moment = datetime.now(UTC) + timedelta(seconds=self.settings.presign_seconds)

@@ -23,8 +23,11 @@ __all__ = [
     "JobPage",
     "MultipartUpload",
     "ResultLink",
+    "SignPartsRequest",
+    "SignedParts",
     "SingleUpload",
     "TilePage",
+    "UploadPart",
     "job_document",
     "tile_document",
 ]
@@ -115,11 +118,30 @@ class UploadPart(BaseModel):
 
 
 class MultipartUpload(BaseModel):
-    """Upload in parts with presigned PUTs, then POST the parts' ETags to ``complete_url``."""
+    """Upload in parts with presigned PUTs, then POST the parts' ETags to ``complete_url``.
+
+    ``parts`` holds the first parts' URLs; POST part numbers to ``parts_url`` for the others (or
+    for fresh ones), shortly before uploading them: each URL expires ``expires_at``.
+    """
 
     part_size: int
+    part_count: int
     parts: list[UploadPart]
+    parts_url: str
     complete_url: str
+    expires_at: str
+
+
+class SignPartsRequest(_Strict):
+    """Body of `POST /jobs/{job_id}/upload/parts`."""
+
+    part_numbers: list[int] = Field(min_length=1, max_length=100)
+
+
+class SignedParts(BaseModel):
+    """Answer to `POST /jobs/{job_id}/upload/parts`: fresh part URLs and when they expire."""
+
+    parts: list[UploadPart]
     expires_at: str
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from tilefan.errors import TilefanError
 from tilefan.formats.outputs import STREAMED_FORMATS, save_output
 from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
+from tilefan.stages.scratch import invocation_scratch
 from tilefan.stages.stream_merge import merge_streamed
 from tilefan.stages.tiff_output import assemble_tiff, output_tile_rule
 from tilefan.state.jobs import (
@@ -113,7 +113,7 @@ def _stream(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
 def _save_whole(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
     """Join the output tiles on scratch, save the whole image, upload it; the output record."""
     assert job.grid is not None  # merge() checked it
-    with tempfile.TemporaryDirectory(dir=pipeline.settings.scratch_dir) as scratch:
+    with invocation_scratch(pipeline.settings.scratch_dir) as scratch:
         image = _join_cells(pipeline, job.job_id, plan, Path(scratch), job.grid["interpretation"])
         saved = save_output(image, Path(scratch), job.output_format, job.output_options)
         key = keys.result(job.job_id, saved.extension)

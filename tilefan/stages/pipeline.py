@@ -8,7 +8,7 @@ from typing import Any
 import boto3
 
 from tilefan.settings import Settings
-from tilefan.stages import abort, merge, process, split, statistics
+from tilefan.stages import abort, cleanup, merge, process, split, statistics
 from tilefan.state.jobs import (
     TERMINAL,
     JobRepository,
@@ -66,6 +66,10 @@ class Pipeline:
     def abort(self, job_id: str, error: Mapping[str, Any] | None) -> dict[str, Any]:
         """Mark the job FAILED with a code and a sentence, and remove its intermediates."""
         return abort.abort(self, job_id, error)
+
+    def cleanup(self, job_id: str) -> dict[str, Any]:
+        """Remove what a cancelled job ran with, or everything of a deleted one."""
+        return cleanup.cleanup(self, job_id)
 
     def discard_if_ended(self, job_id: str) -> int:
         """Remove what the stages wrote for a job that has ended; returns how many objects went.

@@ -10,12 +10,14 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from tilefan.errors import InvalidTileSize
+import pyvips
+
+from tilefan.errors import InvalidTileSize, TooManyPixels
 from tilefan.formats.output_limits import check_output_of_input
 from tilefan.formats.source import upright
 from tilefan.formats.tiled import open_object, range_readable, transcode, transcode_tile_edge
-from tilefan.imaging.operations import parse_chain
-from tilefan.imaging.plan import ImageSpec, TilePlan, check_worker_memory, plan_tiles
+from tilefan.imaging.operations import Chain, parse_chain
+from tilefan.imaging.plan import ImageSpec, TilePlan, check_worker_memory, plan_tiles, stage_sizes
 from tilefan.stages import statistics
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
@@ -47,6 +49,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         access="sequential",
     )
     spec = ImageSpec.of(upright(header))
+    _check_output_size(chain, upright(header), pipeline.settings.max_pixels)
     # Before any pixel is decoded: a result that cannot be made fails the job now.
     check_output_of_input(
         chain,
@@ -112,6 +115,20 @@ def _tiles_per_item(plan: TilePlan, job: Job, default: int) -> int:
     if job.output_format == "tiff":
         return tiles_per_item(plan, job.output_options, default)
     return default
+
+
+def _check_output_size(chain: Chain, header: pyvips.Image, max_pixels: int) -> None:
+    """Refuse, from the header and before decoding, a chain whose output is too large.
+
+    An upscaling resize makes the output far larger than the input, which only the input's
+    pixels were checked against; the merger would find out after every tile was processed.
+    """
+    width, height = stage_sizes(chain, header.width, header.height)[-1]
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"the chain makes a {width}x{height} = {width * height:,}-pixel output from this "
+            f"{header.width}x{header.height} input; the limit is {max_pixels:,}"
+        )
 
 
 def _grid(plan: TilePlan, *, bytes_split: int) -> dict[str, Any]:

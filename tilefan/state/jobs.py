@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any, cast
 import boto3
 from boto3.dynamodb.conditions import Attr, Key
 from boto3.dynamodb.types import TypeDeserializer
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from tilefan.errors import JobNotFound, TilefanError, TransientError
+from tilefan.state._transport import AWS_ERRORS, translate_transport
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import DynamoDBServiceResource, Table
@@ -399,7 +400,9 @@ def _is_condition_failure(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
-def _translate(error: ClientError) -> TilefanError:
+def _translate(error: ClientError | BotoCoreError) -> TilefanError:
+    if isinstance(error, BotoCoreError):
+        return translate_transport(error, "the job table")
     code = error.response.get("Error", {}).get("Code", "")
     if code in (
         "ProvisionedThroughputExceededException",
@@ -449,7 +452,7 @@ class JobRepository:
             self.table.put_item(
                 Item=_to_item(job, self.ttl_days), ConditionExpression=Attr("pk").not_exists()
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
         return job
 
@@ -457,7 +460,7 @@ class JobRepository:
         """The job, or `JobNotFound`; with ``owner``, another caller's job is not found either."""
         try:
             item = self.table.get_item(Key=_job_key(job_id), ConsistentRead=True).get("Item")
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
         if item is None or (owner is not None and item["owner"] != owner):
             raise JobNotFound(f"no job {job_id}")
@@ -475,7 +478,10 @@ class JobRepository:
         }
         if after:
             query["ExclusiveStartKey"] = _decode_cursor(after, f"OWNER#{owner}")
-        page = self.table.query(**query)
+        try:
+            page = self.table.query(**query)
+        except AWS_ERRORS as e:
+            raise _translate(e) from e
         jobs = [self.get(str(item["pk"]).removeprefix("JOB#")) for item in page.get("Items", [])]
         cursor = page.get("LastEvaluatedKey")
         return jobs, _encode_cursor(cursor) if cursor else None
@@ -523,6 +529,8 @@ class JobRepository:
                     f"job {job_id} is {current.value}; it cannot become {to.value}"
                 ) from e
             raise _translate(e) from e
+        except BotoCoreError as e:
+            raise _translate(e) from e
 
     def record_execution(self, job_id: str, execution_arn: str) -> None:
         """Note the job's execution, leaving its status (the pipeline may have moved it on)."""
@@ -533,7 +541,7 @@ class JobRepository:
                 ConditionExpression=Attr("pk").exists(),
                 ExpressionAttributeValues={":arn": execution_arn},
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
 
     def finish_failed(self, job_id: str, code: str, message: str) -> bool:
@@ -549,12 +557,23 @@ class JobRepository:
             return False
         return True
 
-    def delete(self, job_id: str, tile_count: int) -> None:
-        """Remove the job item and its band items."""
-        with self.table.batch_writer() as batch:
-            for band in range(_band_count(tile_count)):
-                batch.delete_item(Key=_band_key(job_id, band))
-            batch.delete_item(Key=_job_key(job_id))
+    def forget(self, job_id: str) -> None:
+        """Remove the job item only: the job is gone for its owner; its tiles go later."""
+        try:
+            self.table.delete_item(Key=_job_key(job_id))
+        except AWS_ERRORS as e:
+            raise _translate(e) from e
+
+    def delete(self, job_id: str) -> None:
+        """Remove the job item and its band items (every band a job can have: the job item,
+        which knows its tile count, may already be gone)."""
+        try:
+            with self.table.batch_writer() as batch:
+                for band in range(BANDS):
+                    batch.delete_item(Key=_band_key(job_id, band))
+                batch.delete_item(Key=_job_key(job_id))
+        except AWS_ERRORS as e:
+            raise _translate(e) from e
 
     # --- tiles --------------------------------------------------------------------------------
 
@@ -575,7 +594,7 @@ class JobRepository:
                             "expires_at": expires_at,
                         }
                     )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e
 
     def tiles_started(self, job_id: str, indices: Iterable[int]) -> list[int]:
@@ -640,7 +659,7 @@ class JobRepository:
                 return found
             try:
                 answer = self.resource.batch_get_item(RequestItems={self.table.name: request})
-            except ClientError as e:
+            except AWS_ERRORS as e:
                 raise _translate(e) from e
             for item in answer.get("Responses", {}).get(self.table.name, []):
                 found[bands[str(item["pk"])]] = item
@@ -688,6 +707,8 @@ class JobRepository:
                         return written
                     pending = [entry for entry in pending if update.allows(entry, item)]
                     continue
+                except BotoCoreError as e:
+                    raise _translate(e) from e
                 written += pending
                 break
             else:
@@ -701,5 +722,5 @@ class JobRepository:
             return {name: _DESERIALIZER.deserialize(value) for name, value in old.items()}
         try:
             return self.table.get_item(Key=_band_key(job_id, band), ConsistentRead=True).get("Item")
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e) from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -10,9 +11,10 @@ import boto3
 import pyvips
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from tilefan.errors import TilefanError, TransientError
+from tilefan.state._transport import AWS_ERRORS, translate_transport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -53,6 +55,11 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
     def upload(job_id: str) -> str:
         """The client's upload."""
         return f"uploads/{job_id}/source"
+
+    @staticmethod
+    def upload_prefix(job_id: str) -> str:
+        """Everything of one job's upload."""
+        return f"uploads/{job_id}/"
 
     @staticmethod
     def job_prefix(job_id: str) -> str:
@@ -119,8 +126,13 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"results/{job_id}/"
 
 
-def _translate(error: ClientError, key: str) -> TilefanError:
-    code = error.response.get("Error", {}).get("Code", "")
+def _translate(error: ClientError | BotoCoreError, key: str) -> TilefanError:
+    if isinstance(error, BotoCoreError):
+        return translate_transport(error, f"storage, for {key},")
+    return _refusal(error.response.get("Error", {}).get("Code", ""), key)
+
+
+def _refusal(code: str, key: str) -> TilefanError:
     if code in ("NoSuchKey", "404", "NotFound"):
         return ObjectMissing(f"{key} is not in the bucket")
     if code in _TRANSIENT_CODES:
@@ -191,7 +203,7 @@ class TileStore:
         """Copy an object to a local file, in parallel parts for large objects."""
         try:
             self.client.download_file(self.bucket, key, str(path), Config=_TRANSFER)
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e, key) from e
         except RetriesExceededError as e:
             raise TransientError(f"storage did not answer for {key}") from e
@@ -206,12 +218,12 @@ class TileStore:
                 Config=_TRANSFER,
                 ExtraArgs={"ContentType": content_type},
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e, key) from e
         except S3UploadFailedError as e:
-            # boto3 turns the transfer's ClientError into this, keeping it only as the context;
-            # without the translation a throttled upload would not be retried.
-            if isinstance(e.__context__, ClientError):
+            # boto3 turns the transfer's error into this, keeping it only as the context;
+            # without the translation a throttled or dropped upload would not be retried.
+            if isinstance(e.__context__, AWS_ERRORS):
                 raise _translate(e.__context__, key) from e
             raise TilefanError(f"storage refused {key}") from e
 
@@ -219,7 +231,7 @@ class TileStore:
         """The object's size in bytes, or None when it does not exist."""
         try:
             return self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-        except ClientError as e:
+        except AWS_ERRORS as e:
             if isinstance(_translate(e, key), ObjectMissing):
                 return None
             raise _translate(e, key) from e
@@ -234,33 +246,48 @@ class TileStore:
                     {"Key": item["Key"]} for item in page.get("Contents", [])
                 ]
                 if batch:
-                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+                    answer = self.client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                    )
+                    _raise_first_refusal(answer.get("Errors", []))
                     deleted += len(batch)
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e, prefix) from e
         return deleted
 
     def list_keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``."""
         paginator = self.client.get_paginator("list_objects_v2")
-        return [
-            item["Key"]
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
-            for item in page.get("Contents", [])
-        ]
+        try:
+            return [
+                item["Key"]
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+                for item in page.get("Contents", [])
+            ]
+        except AWS_ERRORS as e:
+            raise _translate(e, prefix) from e
 
     def _put(self, key: str, body: bytes, content_type: str = "binary/octet-stream") -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e, key) from e
 
     def _get(self, key: str, byte_range: str | None = None) -> bytes:
+        # Reading the body is inside: a connection dropped mid-body or a body shorter than its
+        # Content-Length raises here, not in get_object.
         try:
             if byte_range:
                 response = self.client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
             else:
                 response = self.client.get_object(Bucket=self.bucket, Key=key)
             return response["Body"].read()
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise _translate(e, key) from e
+
+
+def _raise_first_refusal(errors: Sequence[Mapping[str, Any]]) -> None:
+    """DeleteObjects answers 200 and lists the keys it did not delete; any one is a failure."""
+    if errors:
+        first = errors[0]
+        raise _refusal(str(first.get("Code", "")), f"{first.get('Key', '')} (of {len(errors)})")

@@ -1,0 +1,92 @@
+"""Limits that refuse a job before it does the work: bands, output pixels, and disk space."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+import tilefan.stages.split
+from tests.support import libvips_error
+from tilefan.errors import DamagedImage, InvalidChain, OutOfDisk, TooManyPixels
+from tilefan.formats.source import decode_to_scratch
+from tilefan.imaging.operations import MAX_BANDS, parse_chain
+from tilefan.imaging.plan import ImageSpec, check_chain
+from tilefan.stages.scratch import invocation_scratch
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("field", ["a", "b"])
+def test_a_linear_with_thousands_of_coefficients_is_refused_when_validated(field: str) -> None:
+    # It once made a 20,000-band image: 3 minutes and 1.2 GB before INTERNAL_ERROR.
+    with pytest.raises(InvalidChain, match=rf"step 0 \(linear\).*{field} has 20,000 coeff"):
+        parse_chain([{"op": "linear", field: [1.0] * 20_000}])
+
+
+def test_a_linear_with_one_coefficient_per_band_of_a_wide_image_is_accepted() -> None:
+    parse_chain([{"op": "linear", "a": [1.0] * MAX_BANDS, "b": 0}])
+
+
+def test_a_chain_on_an_image_with_too_many_bands_is_refused_before_the_tiles() -> None:
+    spec = ImageSpec(
+        width=100, height=100, bands=MAX_BANDS + 1, format="uchar", interpretation="multiband"
+    )
+    with pytest.raises(InvalidChain, match=f"{MAX_BANDS + 1}-band image"):
+        check_chain(parse_chain([{"op": "invert"}]), spec)
+
+
+def test_an_upscaling_chain_whose_output_is_too_large_is_refused_from_the_header() -> None:
+    header = pyvips.Image.black(1000, 800)
+    chain = parse_chain([{"op": "resize", "scale": 4}])
+    with pytest.raises(TooManyPixels, match="4000x3200 = 12,800,000-pixel output"):
+        tilefan.stages.split._check_output_size(chain, header, max_pixels=10_000_000)
+    tilefan.stages.split._check_output_size(chain, header, max_pixels=12_800_000)
+
+
+def test_the_splitter_checks_the_output_before_it_decodes() -> None:
+    import inspect
+
+    source = inspect.getsource(tilefan.stages.split.split)
+    assert source.index("_check_output_size(") < source.index("decode_to_scratch(")
+
+
+class _Unwritable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def write_to_file(self, path: str) -> Any:
+        raise self.error
+
+
+def test_running_out_of_disk_while_decoding_is_its_own_error_not_a_damaged_image(
+    tmp_path: Path,
+) -> None:
+    full = libvips_error("vips__file_write: write failed\nunix error: No space left on device")
+    with pytest.raises(OutOfDisk, match="scratch space"):
+        decode_to_scratch(_Unwritable(full), tmp_path / "source.v")  # type: ignore[arg-type]
+    broken = libvips_error("VipsJpeg: Premature end of JPEG file")
+    with pytest.raises(DamagedImage):
+        decode_to_scratch(_Unwritable(broken), tmp_path / "source.v")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        libvips_error("vips_image_write: write failed\nunix error: No space left on device"),
+    ],
+    ids=["download", "libvips"],
+)
+def test_running_out_of_disk_in_any_stage_is_out_of_disk(tmp_path: Path, error: Exception) -> None:
+    with pytest.raises(OutOfDisk) as raised, invocation_scratch(tmp_path):
+        raise error
+    assert raised.value.code == "OUT_OF_DISK"
+
+
+def test_other_errors_in_scratch_pass_through_unchanged(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError), invocation_scratch(tmp_path) as scratch:
+        (scratch / "missing" / "file").read_bytes()
