@@ -112,7 +112,7 @@ def test_stats_output_is_libvips_stats_of_the_result(
 
 
 def test_a_small_noise_image_with_hist_equal_in_the_map(stack: LocalStack, tmp_path: Path) -> None:
-    source = tmp_path / "noise.v"
+    source = tmp_path / "noise.png"
     noise_image(200, 150, 1, "uchar", 9).write_to_file(str(source))
     output = tmp_path / "out.tif"
     ops = [{"op": "sobel"}, {"op": "hist_equal"}]

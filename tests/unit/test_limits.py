@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pyvips
 
 import tilefan.stages.split
 from tests.support import libvips_error
-from tilefan.errors import DamagedImage, InvalidChain, OutOfDisk, TooManyPixels
-from tilefan.formats.source import decode_to_scratch
+from tilefan.errors import InvalidChain, OutOfDisk, TooManyPixels
 from tilefan.imaging.operations import MAX_BANDS, parse_chain
 from tilefan.imaging.plan import ImageSpec, check_chain
 from tilefan.stages.scratch import invocation_scratch
@@ -51,26 +49,7 @@ def test_the_splitter_checks_the_output_before_it_decodes() -> None:
     import inspect
 
     source = inspect.getsource(tilefan.stages.split.split)
-    assert source.index("_check_output_size(") < source.index("decode_to_scratch(")
-
-
-class _Unwritable:
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    def write_to_file(self, path: str) -> Any:
-        raise self.error
-
-
-def test_running_out_of_disk_while_decoding_is_its_own_error_not_a_damaged_image(
-    tmp_path: Path,
-) -> None:
-    full = libvips_error("vips__file_write: write failed\nunix error: No space left on device")
-    with pytest.raises(OutOfDisk, match="scratch space"):
-        decode_to_scratch(_Unwritable(full), tmp_path / "source.v")  # type: ignore[arg-type]
-    broken = libvips_error("VipsJpeg: Premature end of JPEG file")
-    with pytest.raises(DamagedImage):
-        decode_to_scratch(_Unwritable(broken), tmp_path / "source.v")  # type: ignore[arg-type]
+    assert source.index("_check_output_size(") < source.index("transcode(")
 
 
 @pytest.mark.parametrize(
