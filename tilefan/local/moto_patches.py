@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
+from tilefan.local.signing import EngineCredentials, SignatureCheck
+
 __all__ = ["MotoPatches", "moto_server"]
 
 
@@ -185,8 +187,9 @@ class _KeepPutBodies:
         return self._app(environ, start_response)
 
 
-def moto_server(host: str, port: int) -> Any:
-    """moto's ThreadedMotoServer, with its WSGI application wrapped in ``_KeepPutBodies``."""
+def moto_server(host: str, port: int, credentials: EngineCredentials) -> Any:
+    """moto's ThreadedMotoServer, its WSGI application behind ``SignatureCheck`` and
+    ``_KeepPutBodies``: only requests signed with ``credentials`` reach moto."""
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
@@ -198,7 +201,9 @@ def moto_server(host: str, port: int) -> Any:
     class MotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
             # As ThreadedMotoServer._server_entry, with the middleware around the app.
-            app = _KeepPutBodies(DomainDispatcherApplication(create_backend_app))
+            app = SignatureCheck(
+                _KeepPutBodies(DomainDispatcherApplication(create_backend_app)), credentials
+            )
             self._server = make_server(
                 self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
             )
