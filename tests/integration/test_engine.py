@@ -388,3 +388,15 @@ def test_the_interpreters_clients_sign_with_the_engines_key_and_get_it_back() ->
 def test_the_storage_endpoint_listens_on_loopback_only() -> None:
     with pytest.raises(ValueError, match="loopback"):
         EmbeddedEngine(server=True, host="0.0.0.0")
+
+
+def test_the_interpreter_speedups_find_what_they_replace_in_moto() -> None:
+    # The speed-ups are skipped quietly if moto moves what they replace; this says when it has.
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+    from moto.stepfunctions.parser.asl.utils import boto_client, json_path
+
+    with EmbeddedEngine():
+        assert lambda_eval_utils.boto_client_for is not boto_client.boto_client_for
+        assert hasattr(json_path.parse, "cache_info")
+    assert lambda_eval_utils.boto_client_for is boto_client.boto_client_for
+    assert not hasattr(json_path.parse, "cache_info")
