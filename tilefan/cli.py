@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -278,18 +279,39 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tilefan.local.persistence import default_data_dir
     from tilefan.local.serve import serve_api
 
     route_handler_logs(_service_name(), verbose=args.verbose)
+    data_dir = None if args.ephemeral else Path(args.data_dir or default_data_dir())
+    # SIGTERM stops the server as Ctrl-C does, so the data directory is saved either way.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.ExitStack() as running:
         try:
             api = running.enter_context(
-                serve_api(host=args.host, port=args.port, keys=args.key or ())
+                serve_api(
+                    host=args.host,
+                    port=args.port,
+                    keys=args.key or (),
+                    api_processes=args.api_processes,
+                    data_dir=data_dir,
+                )
             )
         except OSError as e:
             where = f"{args.host}:{args.port}"
             raise CannotListen(f"cannot listen on {where}: {e.strerror or e}") from e
         print(f"tilefan API on {api.url}  (OpenAPI: {api.url}/openapi.json)")
+        if api.data_dir is None:
+            print("no data directory: jobs and results live only as long as this process")
+        else:
+            restored = api.restored
+            print(f"data directory: {api.data_dir.path} (saved when the server stops)")
+            if restored is not None and (restored.items or restored.objects):
+                print(
+                    f"restored {restored.items} table items and {restored.objects} objects; "
+                    f"{len(restored.failed_jobs)} jobs that were running ended FAILED "
+                    "(ENGINE_RESTARTED)"
+                )
         print(f"example key: {api.keys[0]}")
         print(f"try: curl -H 'x-api-key: {api.keys[0]}' {api.url}/jobs")
         print("each job's document links its page (links.view): open it in a browser")
@@ -298,7 +320,7 @@ def _serve(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("stopping")
+            print("stopping" + ("" if api.data_dir is None else ": saving the data directory"))
     return 0
 
 
@@ -436,6 +458,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="(default: 8080)")
     serve.add_argument("--key", action="append", help="an API key to accept (repeatable)")
     serve.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    serve.add_argument(
+        "--data-dir",
+        help="keep jobs, objects and keys here across restarts "
+        "(default: $XDG_DATA_HOME/tilefan/serve, else ~/.local/share/tilefan/serve)",
+    )
+    serve.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="keep nothing: jobs live only as long as the server",
+    )
+    serve.add_argument(
+        "--api-processes",
+        type=int,
+        default=4,
+        help="API worker processes, each answering one request at a time (default 4)",
+    )
     serve.set_defaults(func=_serve)
 
     submit = commands.add_parser(

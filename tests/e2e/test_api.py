@@ -247,11 +247,14 @@ def test_start_refuses_a_missing_upload_a_size_mismatch_and_a_second_start(
         client.request("POST", f"/jobs/{job_id}/start")
     assert (missing.value.status, missing.value.code) == (409, "UPLOAD_MISSING")
 
+    # The declared length is signed: storage refuses another, as S3 does, and nothing starts.
     wrong = create(client, source.stat().st_size + 1)
-    client.upload(source, wrong)
+    with pytest.raises(ApiError) as refused:
+        client.upload(source, wrong)
+    assert (refused.value.status, refused.value.code) == (403, "UPLOAD_REFUSED")
     with pytest.raises(ApiError) as mismatch:
         client.request("POST", f"/jobs/{wrong['job_id']}/start")
-    assert (mismatch.value.status, mismatch.value.code) == (409, "UPLOAD_MISMATCH")
+    assert (mismatch.value.status, mismatch.value.code) == (409, "UPLOAD_MISSING")
 
     client.upload(source, created)
     client.request("POST", f"/jobs/{job_id}/start")

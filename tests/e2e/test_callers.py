@@ -379,8 +379,18 @@ def test_an_upload_bigger_than_declared_is_refused_at_start_and_nothing_runs(
     owner = TilefanClient(api.url, OWNER)
     created = create(owner, 10)
     data = image.read_bytes()
-    # moto stores whatever arrives; S3 would refuse the PUT itself (the length is signed).
-    _put(created["upload"]["url"], data, len(data), {"Content-Type": "application/octet-stream"})
+    # The length is signed, so the storage endpoint refuses the PUT itself, as S3 does.
+    with pytest.raises(ApiError) as put_refused:
+        _put(
+            created["upload"]["url"], data, len(data), {"Content-Type": "application/octet-stream"}
+        )
+    assert "SignatureDoesNotMatch" in str(put_refused.value)
+    assert bucket_keys(api, f"uploads/{created['job_id']}/") == []
+    # An upload of another size that got there some other way is refused at start.
+    store = api.stack.service.store
+    store.client.put_object(
+        Bucket=store.bucket, Key=f"uploads/{created['job_id']}/source", Body=data
+    )
     with pytest.raises(ApiError) as refused:
         owner.request("POST", f"/jobs/{created['job_id']}/start")
     assert (refused.value.status, refused.value.code) == (409, "UPLOAD_MISMATCH")

@@ -372,3 +372,37 @@ def test_engine_hands_out_the_handler_it_runs_for_a_function() -> None:
         assert engine.handler("MergerFunction") == recorder.merger
         with pytest.raises(KeyError):
             engine.handler("NoSuchFunction")
+
+
+def test_the_interpreters_clients_sign_with_the_engines_key_and_get_it_back() -> None:
+    # moto builds every client of its interpreter in boto_client_for with the key "ak"; the
+    # engine swaps that module's boto3. If moto moves or renames it, this fails.
+    from moto.stepfunctions.parser.asl.utils import boto_client
+
+    original = boto_client.boto3  # type: ignore[attr-defined]
+    with EmbeddedEngine(server=True) as engine:
+        credentials = boto_client.boto_client_for("us-east-1", "s3")._request_signer._credentials
+        assert credentials.access_key == engine.credentials.access_key
+        assert credentials.secret_key == engine.credentials.secret_key
+        assert os.environ["AWS_ACCESS_KEY_ID"] == engine.credentials.access_key
+        assert "testing" not in (engine.credentials.access_key, engine.credentials.secret_key)
+    assert boto_client.boto3 is original  # type: ignore[attr-defined]
+    with EmbeddedEngine(server=True) as again:
+        assert again.credentials != engine.credentials  # a new key at every start
+
+
+def test_the_storage_endpoint_listens_on_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        EmbeddedEngine(server=True, host="0.0.0.0")
+
+
+def test_the_interpreter_speedups_find_what_they_replace_in_moto() -> None:
+    # The speed-ups are skipped quietly if moto moves what they replace; this says when it has.
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+    from moto.stepfunctions.parser.asl.utils import boto_client, json_path
+
+    with EmbeddedEngine():
+        assert lambda_eval_utils.boto_client_for is not boto_client.boto_client_for
+        assert hasattr(json_path.parse, "cache_info")
+    assert lambda_eval_utils.boto_client_for is boto_client.boto_client_for
+    assert not hasattr(json_path.parse, "cache_info")

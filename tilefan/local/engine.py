@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import boto3
+from botocore.config import Config
 
 from tilefan.local.lambda_runtime import (
     INVOKE_EVENT,
@@ -34,6 +35,7 @@ from tilefan.local.lambda_runtime import (
     LambdaService,
 )
 from tilefan.local.moto_patches import MotoPatches, moto_server
+from tilefan.local.signing import EngineCredentials, sign_interpreter_clients, signed_request
 from tilefan.local.template import (
     ACCOUNT_ID,
     REGION,
@@ -58,11 +60,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-_FAKE_CREDENTIALS: Final = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SECURITY_TOKEN": "testing",
-    "AWS_SESSION_TOKEN": "testing",
+_ENGINE_ENVIRONMENT: Final = {
     "AWS_DEFAULT_REGION": REGION,
     "AWS_REGION": REGION,
     # botocore's optional checksums make moto join each PUT body in quadratic time (a 60 MB
@@ -70,6 +68,12 @@ _FAKE_CREDENTIALS: Final = {
     "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
     "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
 }
+_OBJECT_BUFFER_VARIABLE: Final = "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"
+_OBJECT_BUFFER_BYTES: Final = 64 * 1024
+"""moto keeps an object in memory up to this size and in a temporary file above it, so the
+engine's memory does not grow with the image (moto's default is about 5 MB). A value already in
+the environment is kept (benchmarks/engine_memory.py compares the two)."""
+_LOOPBACK: Final = ("127.0.0.1", "localhost")
 
 
 class _Environment:
@@ -102,16 +106,18 @@ class EmbeddedEngine:
     """S3, DynamoDB and Step Functions on moto, with the template's Lambda handlers run in-process.
 
     ``server=False`` patches botocore in this process (moto's ``mock_aws``); ``server=True``
-    starts moto's threaded HTTP server on ``host:port`` (0 picks a free port), so presigned URLs
-    work from any HTTP client on this machine. ``handlers`` maps a function's logical id to a
-    handler used instead of the one its CodeUri and Handler name. ``parameters`` override the
-    template's parameter defaults.
+    starts moto's threaded HTTP server on loopback ``host:port`` (0 picks a free port), so
+    presigned URLs work from any HTTP client on this machine; it answers only requests signed
+    with ``credentials``, a key pair made afresh at each start. ``handlers`` maps a function's
+    logical id to a handler used instead of the one its CodeUri and Handler name.
+    ``parameters`` override the template's parameter defaults.
     """
 
     bucket: str
     table: str
     state_machine_arn: str
     endpoint_url: str | None
+    credentials: EngineCredentials
 
     def __init__(
         self,
@@ -123,6 +129,8 @@ class EmbeddedEngine:
         handlers: Mapping[str, LambdaHandler] | None = None,
         parameters: Mapping[str, str] | None = None,
     ) -> None:
+        if server and host not in _LOOPBACK:
+            raise ValueError(f"the engine's endpoint listens on loopback only, not {host}")
         self.project_root = (project_root or Path(__file__).resolve().parents[2]).resolve()
         self.template = load_template(self.project_root, parameters)
         unknown = set(handlers or {}) - set(self.template.functions)
@@ -139,6 +147,7 @@ class EmbeddedEngine:
         self.table = self.template.table_name
         self.state_machine_arn = self.template.state_machine_arn
         self.endpoint_url = None
+        self.credentials = EngineCredentials.generate()
         self._env = _Environment()
         self._mock: Any = None
         self._server: Any = None
@@ -151,6 +160,7 @@ class EmbeddedEngine:
         self._clients_lock = threading.Lock()
         self._sys_path: list[str] = []
         self._patches = MotoPatches()
+        self._undo_interpreter_key: Callable[[], None] | None = None
 
     # -- lifecycle --
 
@@ -172,8 +182,14 @@ class EmbeddedEngine:
             if _active_engine is not None:
                 raise RuntimeError("another EmbeddedEngine is running in this process")
             _active_engine = self
-        for name, value in _FAKE_CREDENTIALS.items():
+        for name, value in _ENGINE_ENVIRONMENT.items():
             self._env.set(name, value)
+        if _OBJECT_BUFFER_VARIABLE not in os.environ:
+            self._env.set(_OBJECT_BUFFER_VARIABLE, str(_OBJECT_BUFFER_BYTES))
+        self._env.set("AWS_ACCESS_KEY_ID", self.credentials.access_key)
+        self._env.set("AWS_SECRET_ACCESS_KEY", self.credentials.secret_key)
+        for name in ("AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            self._env.set(name, None)
         # The interpreter logs its own parse notes and every JSONPath miss (a Choice's
         # IsPresent test included) at warning or error level; a job's real failures are in
         # the execution's history and the job record, so users are not shown these.
@@ -193,6 +209,7 @@ class EmbeddedEngine:
             self._mock = mock_aws(config={"stepfunctions": {"execute_state_machine": True}})
             self._mock.start()
         self._patches.install()
+        self._undo_interpreter_key = sign_interpreter_clients(self.credentials)
         self._install_invoke_hook()
         self._session = boto3.Session(region_name=REGION)
         for spec in self.template.functions.values():
@@ -209,11 +226,10 @@ class EmbeddedEngine:
         werkzeug_log = logging.getLogger("werkzeug")
         self._saved_werkzeug_level = werkzeug_log.level
         werkzeug_log.setLevel(max(werkzeug_log.getEffectiveLevel(), logging.WARNING))
-        self._server = moto_server(self._host, self._port)
+        self._server = moto_server(self._host, self._port, self.credentials)
         self._server.start()
         host, port = self._server.get_host_and_port()
-        url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        self.endpoint_url = f"http://{url_host}:{port}"
+        self.endpoint_url = f"http://{host}:{port}"
         self._env.set("AWS_ENDPOINT_URL", self.endpoint_url)
         # moto's interpreter reaches its own server (the ItemReader's getObject) on
         # localhost:MOTO_PORT.
@@ -225,13 +241,12 @@ class EmbeddedEngine:
             {"stepfunctions": {"execute_state_machine": True}},
         )
 
-    @staticmethod
-    def _post(url: str, body: Mapping[str, Any]) -> None:
+    def _post(self, url: str, body: Mapping[str, Any]) -> None:
+        # moto's control API is behind the signature check too: only the engine may reset it.
+        data = json.dumps(body).encode()
+        signed = signed_request(self.credentials, "POST", url, data, "moto", REGION)
         request = urllib.request.Request(
-            url,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
+            url, data=data, headers=dict(signed.headers.items()), method="POST"
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
@@ -346,6 +361,9 @@ class EmbeddedEngine:
             self._server = None
             logging.getLogger("werkzeug").setLevel(self._saved_werkzeug_level)
         self._patches.uninstall()
+        if self._undo_interpreter_key is not None:
+            self._undo_interpreter_key()
+            self._undo_interpreter_key = None
         for function in self._functions.values():
             function.unload()
         for code_dir in self._sys_path:
@@ -386,8 +404,13 @@ class EmbeddedEngine:
             if service not in self._clients:
                 # boto3's stubs only accept literal service names.
                 make_client: Callable[..., Any] = self._session.client
+                # SigV4 for presigned URLs too (botocore presigns with SigV2 for a custom
+                # endpoint), as the API function's client does: the endpoint checks only SigV4.
                 self._clients[service] = make_client(
-                    service, region_name=REGION, endpoint_url=self.endpoint_url
+                    service,
+                    region_name=REGION,
+                    endpoint_url=self.endpoint_url,
+                    config=Config(signature_version="s3v4") if service == "s3" else None,
                 )
             return self._clients[service]
 

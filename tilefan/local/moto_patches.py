@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
+from tilefan.local.signing import EngineCredentials, SignatureCheck
+
 __all__ = ["MotoPatches", "moto_server"]
 
 
@@ -54,6 +56,11 @@ class MotoPatches:
 
     def install(self) -> None:
         """Apply every change."""
+        # moto imports a service's URL module on its first request; the first range reads of
+        # a job come from several libvips threads at once, and one of them could find the
+        # module half-imported ("moto.s3.urls not in sys.modules"). Import them here, once.
+        for service in ("s3", "dynamodb", "stepfunctions"):
+            importlib.import_module(f"moto.{service}.urls")
         self._serialise_dynamodb()
         self._install_failure_threshold()
         self._keep_stops()
@@ -220,8 +227,9 @@ class _KeepPutBodies:
         return self._app(environ, start_response)
 
 
-def moto_server(host: str, port: int) -> Any:
-    """moto's ThreadedMotoServer, with its WSGI application wrapped in ``_KeepPutBodies``."""
+def moto_server(host: str, port: int, credentials: EngineCredentials) -> Any:
+    """moto's ThreadedMotoServer, its WSGI application behind ``SignatureCheck`` and
+    ``_KeepPutBodies``: only requests signed with ``credentials`` reach moto."""
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
@@ -233,7 +241,9 @@ def moto_server(host: str, port: int) -> Any:
     class MotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
             # As ThreadedMotoServer._server_entry, with the middleware around the app.
-            app = _KeepPutBodies(DomainDispatcherApplication(create_backend_app))
+            app = SignatureCheck(
+                _KeepPutBodies(DomainDispatcherApplication(create_backend_app)), credentials
+            )
             self._server = make_server(
                 self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
             )

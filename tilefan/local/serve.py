@@ -8,8 +8,10 @@ request into a REST proxy event carrying the key's id, and turns the handler's a
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import threading
@@ -19,10 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tilefan.local.api_processes import ApiProcesses
 from tilefan.local.engine import LambdaContext
+from tilefan.local.persistence import DataDir, Restored
 from tilefan.local.stack import LocalStack, local_stack
 
 __all__ = ["LocalApi", "api_key_id", "new_api_key", "serve_api"]
@@ -176,24 +181,52 @@ class LocalApi:
     url: str
     keys: tuple[str, ...]
     stack: LocalStack
+    data_dir: DataDir | None = None
+    restored: Restored | None = None
 
 
 @contextmanager
 def serve_api(
-    *, host: str = "127.0.0.1", port: int = 8080, keys: Iterable[str] = ()
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    keys: Iterable[str] = (),
+    api_processes: int = 0,
+    data_dir: Path | None = None,
 ) -> Iterator[LocalApi]:
-    """Run the API on ``host:port`` (0 picks a free port) over the engine in server mode."""
-    accepted = tuple(keys) or (new_api_key(),)
-    with local_stack(server=True, host=host) as stack:
-        gateway = _Gateway(
-            stack.engine.handler("ApiFunction"), accepted, stack.engine.template.keyless_routes()
-        )
+    """Run the API on ``host:port`` (0 picks a free port) over the engine in server mode.
+
+    ``api_processes`` > 0 runs the API handler in that many warm worker processes, so that many
+    requests are answered at once; 0 runs it in this process, one request at a time, where a
+    test can patch what it calls. ``data_dir`` keeps jobs, objects and keys across restarts
+    (``tilefan.local.persistence``); without it they live as long as the server.
+    """
+    with local_stack(server=True) as stack, contextlib.ExitStack() as cleanup:
+        kept = DataDir(data_dir) if data_dir is not None else None
+        restored = None
+        if kept is None:
+            accepted = tuple(keys) or (new_api_key(),)
+        else:
+            accepted = kept.api_keys(keys, new_api_key)
+            restored = kept.restore(stack)
+            cleanup.callback(kept.save, stack)  # runs last: after the API has stopped
+        handler: ApiHandler
+        if api_processes:
+            spec = stack.engine.template.functions["ApiFunction"]
+            processes = ApiProcesses(spec, os.environ, api_processes)
+            cleanup.callback(processes.close)
+            handler = processes
+        else:
+            handler = stack.engine.handler("ApiFunction")
+        gateway = _Gateway(handler, accepted, stack.engine.template.keyless_routes())
         server = ThreadingHTTPServer((host, port), _request_handler(gateway))
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, name="tilefan-api", daemon=True)
         thread.start()
         try:
-            yield LocalApi(f"http://{host}:{server.server_address[1]}", accepted, stack)
+            yield LocalApi(
+                f"http://{host}:{server.server_address[1]}", accepted, stack, kept, restored
+            )
         finally:
             server.shutdown()
             server.server_close()
