@@ -123,7 +123,7 @@ def test_a_100000_character_path_is_a_json_414(api: LocalApi) -> None:
     assert answer["code"] == "REQUEST_URI_TOO_LONG" and answer["message"]
 
 
-def test_a_body_over_api_gateways_6_mb_is_a_json_413(api: LocalApi) -> None:
+def test_a_body_over_api_gateways_10_mb_is_a_json_413(api: LocalApi) -> None:
     host, port = api.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
@@ -131,7 +131,7 @@ def test_a_body_over_api_gateways_6_mb_is_a_json_413(api: LocalApi) -> None:
         connection.putrequest("POST", "/jobs")
         connection.putheader("x-api-key", KEY)
         connection.putheader("Content-Type", "application/json")
-        connection.putheader("Content-Length", str(6 * 2**20 + 1))
+        connection.putheader("Content-Length", str(10 * 2**20 + 1))
         connection.endheaders()
         response = connection.getresponse()
         answer = json.loads(response.read())
