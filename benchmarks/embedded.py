@@ -161,9 +161,9 @@ def _instrument(
     original_put, original_get = TileStore._put, TileStore._get
     original_upload, original_download = TileStore.upload, TileStore.download
 
-    def _put(store: TileStore, key: str, body: bytes) -> None:
+    def _put(store: TileStore, key: str, body: bytes, *args: Any) -> None:
         started = time.monotonic()
-        original_put(store, key, body)
+        original_put(store, key, body, *args)
         meter.record(_category("put", key), len(body), time.monotonic() - started)
 
     def _get(store: TileStore, key: str, byte_range: str | None = None) -> bytes:
