@@ -57,9 +57,9 @@ def test_a_job_succeeds_when_reads_lag_behind_writes(
         view = run_job(
             stack,
             source,
-            tmp_path / "out.tif",
+            tmp_path / "out.png",
             [{"op": "invert"}],
-            output_format="tiff",
+            output_format="png",
             tile_size=64,
             poll_seconds=0.05,
         )
@@ -82,9 +82,9 @@ def test_abort_names_the_failed_tile_when_reads_lag_behind_writes(
         view = run_job(
             stack,
             source,
-            tmp_path / "out.tif",
+            tmp_path / "out.png",
             [{"op": "invert"}],
-            output_format="tiff",
+            output_format="png",
             tile_size=64,
             poll_seconds=0.05,
         )

@@ -182,9 +182,9 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
 
         return run
 
-    real_decode = tilefan.stages.split.decode_to_scratch
+    real_transcode = tilefan.stages.split.transcode
     for target, name, real in (
-        (tilefan.stages.split, "decode_to_scratch", real_decode),
+        (tilefan.stages.split, "transcode", real_transcode),
         (tilefan.stages.process, "execute_tile", real_execute),
     ):
         source = tmp_path / f"cancel-{name}.png"

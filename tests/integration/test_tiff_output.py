@@ -228,7 +228,7 @@ def test_the_merger_decodes_no_pixels_and_writes_no_scratch_for_tiff(
         tile_size=512,
         poll_seconds=0.05,
     )
-    assert {"TemporaryDirectory", "new_from_file"} <= set(seen)
+    assert "new_from_file" in seen
 
 
 def _writes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ from botocore.exceptions import (
 from urllib3.exceptions import ProtocolError
 
 from tilefan.errors import TilefanError, TransientError
-from tilefan.state.jobs import JobRepository
+from tilefan.state.jobs import JobRepository, TileOutcome, TileState
 from tilefan.state.storage import TileStore
 
 pytestmark = pytest.mark.unit
@@ -127,9 +127,9 @@ def test_every_storage_call_failing_on_the_network_is_transient(
     ("operation", "call"),
     [
         ("GetItem", lambda jobs: jobs.get("j")),
-        ("Query", lambda jobs: list(jobs.tiles("j"))),
-        ("UpdateItem", lambda jobs: jobs.tile_started("j", 0)),
-        ("UpdateItem", lambda jobs: jobs.tile_finished("j", 0, 10)),
+        ("BatchGetItem", lambda jobs: jobs.tiles("j", 3)),
+        ("UpdateItem", lambda jobs: jobs.tiles_started("j", [0])),
+        ("UpdateItem", lambda jobs: jobs.tiles_finished("j", [TileOutcome(0, TileState.DONE, 10)])),
         ("UpdateItem", lambda jobs: jobs.finish_failed("j", "TILE_FAILED", "tile 0: broken")),
         ("BatchWriteItem", lambda jobs: jobs.create_tiles("j", 3)),
         ("Query", lambda jobs: jobs.list_for_owner("o", limit=5)),

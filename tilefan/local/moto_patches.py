@@ -257,6 +257,10 @@ def _eventually_consistent(handler: Any) -> bool:
     """Whether the request is a read that DynamoDB may answer from a lagging replica."""
     action = handler._get_action()
     params = getattr(handler, "params", None) or {}
+    if action == "BatchGetItem":
+        # Consistency is asked per table, inside the request's items.
+        tables = (params.get("RequestItems") or {}).values()
+        return not all(table.get("ConsistentRead") for table in tables)
     return action in _EVENTUALLY_CONSISTENT_READS and not params.get("ConsistentRead")
 
 
