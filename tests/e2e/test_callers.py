@@ -184,7 +184,9 @@ def test_a_running_job_is_cancelled_by_its_owner_only_and_never_restarts(
     owner.upload(image, created)
     owner.request("POST", f"/jobs/{job_id}/start?max_concurrency=4")
     deadline = time.monotonic() + 60
-    while (owner.request("GET", f"/jobs/{job_id}").get("tiles") or {}).get("done", 0) < 1:
+    # A batch records its tiles when it starts (RUNNING) and when it ends: the held batch
+    # shows as running.
+    while (owner.request("GET", f"/jobs/{job_id}").get("tiles") or {}).get("running", 0) < 1:
         assert time.monotonic() < deadline, "the job never got going"
         time.sleep(0.05)
 

@@ -80,7 +80,8 @@ class SlowTiles:
         self.real = tilefan.stages.process.execute_tile
 
     def __call__(self, chain: Any, spec: Any, block: Any, out: Any) -> Any:
-        time.sleep(self.seconds)
+        # Later tiles take longer, so batches (whose tiles are recorded together) end apart.
+        time.sleep(self.seconds * (1 + out.y / 64 + out.x / 512))
         if self.fail_tile is not None and (out.x, out.y) == (0, 0):
             raise pyvips.Error("injected failure for the page's failed state")
         return self.real(chain, spec, block, out)
@@ -145,7 +146,7 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tilefan.stages.process, "execute_tile", SlowTiles(0.6))
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", SlowTiles(0.15))
     job = start_job(client, tmp_path)
     view = absolute(api, job["links"]["view"])
     assert view.startswith(api.url + f"/jobs/{job['job_id']}/view?token=")

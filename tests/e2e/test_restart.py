@@ -52,7 +52,10 @@ def test_a_restart_keeps_finished_jobs_and_fails_running_ones(
         client.upload(image, created)
         client.request("POST", f"/jobs/{running_id}/start")
         deadline = time.monotonic() + 60
-        while (client.request("GET", f"/jobs/{running_id}").get("tiles") or {}).get("done", 0) < 1:
+        # A batch records its tiles when it starts (RUNNING): the held batch shows as running.
+        while (client.request("GET", f"/jobs/{running_id}").get("tiles") or {}).get(
+            "running", 0
+        ) < 1:
             assert time.monotonic() < deadline, "the job never got going"
             time.sleep(0.05)
         assert client.request("GET", f"/jobs/{running_id}")["status"] == "PROCESSING"

@@ -13,9 +13,12 @@ LINKS = ViewLinks(b"a deployment's secret", 3600)
 
 def test_a_token_opens_its_job_until_it_expires() -> None:
     token = LINKS.token("job-1", "owner-a", now=1000)
+    expires = int(token.split(".")[0])
+    assert 4600 <= expires < 4600 + 3600  # the lifetime, rounded up to a whole hour
     assert LINKS.opens(token, "job-1", "owner-a", now=1000)
-    assert LINKS.opens(token, "job-1", "owner-a", now=4600)
-    assert not LINKS.opens(token, "job-1", "owner-a", now=4601)
+    assert LINKS.opens(token, "job-1", "owner-a", now=expires)
+    assert not LINKS.opens(token, "job-1", "owner-a", now=expires + 1)
+    assert LINKS.token("job-1", "owner-a", now=1001) == token  # the same within the hour
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,10 @@ PAGE_FILES: dict[str, str] = {
 """Every file the page loads, by name, with its content type: nothing else is served."""
 
 
+_ROUND_S = 3600
+"""Expiries are whole hours."""
+
+
 @dataclass(frozen=True)
 class ViewLinks:
     """Signs and checks the token of a job page link.
@@ -34,8 +38,13 @@ class ViewLinks:
     lifetime_s: int
 
     def token(self, job_id: str, owner: str, *, now: float | None = None) -> str:
-        """A token that opens ``job_id``'s page until ``lifetime_s`` from now."""
-        expires = int((time.time() if now is None else now) + self.lifetime_s)
+        """A token that opens ``job_id``'s page for ``lifetime_s`` from now, at least.
+
+        The expiry is rounded up to the next whole hour, so the job document (which carries
+        the link) reads the same from one poll to the next.
+        """
+        at_least = (time.time() if now is None else now) + self.lifetime_s
+        expires = int(-(-at_least // _ROUND_S) * _ROUND_S)
         return f"{expires}.{self._mac(job_id, owner, expires)}"
 
     def opens(self, token: str, job_id: str, owner: str, *, now: float | None = None) -> bool:
