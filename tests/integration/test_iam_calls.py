@@ -219,7 +219,8 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
     assert ungranted == {}
     # The scenarios reached the calls the grants are there for.
     assert ("s3:DeleteObject", "${TilefanBucket.Arn}/jobs/*") in calls["SplitterFunction"]
-    assert ("s3:DeleteObject", "${TilefanBucket.Arn}/jobs/*") in calls["TileWorkerFunction"]
+    # A cancelled worker's own deletes race the cleanup's (which may leave it nothing to delete),
+    # so they are checked against the role above when made, not required here.
     assert ("s3:DeleteObject", "${TilefanBucket.Arn}/uploads/*") in calls["MergerFunction"]
     assert ("dynamodb:BatchWriteItem", TABLE) in calls["MergerFunction"]
     assert ("lambda:InvokeFunction", "MergerFunction.Arn") in calls["ApiFunction"]
