@@ -1,18 +1,23 @@
-"""Where the engine changes moto, and moto's server with the middleware the engine needs."""
+"""Where the engine changes moto (and botocore's parse of DynamoDB values), and moto's server
+with the middleware the engine needs."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import functools
 import importlib
 import importlib.util
+import json
 import logging
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+from moto.core.responses import ActionResult
 
 from tilefan.local.signing import EngineCredentials, SignatureCheck
 
@@ -22,6 +27,17 @@ __all__ = ["MotoPatches", "moto_server"]
 LOG = logging.getLogger(__name__)
 
 _EVENTUALLY_CONSISTENT_READS = frozenset({"GetItem", "Query", "Scan", "BatchGetItem"})
+_BATCH_GET_KEYS = 100
+"""DynamoDB's most keys in one BatchGetItem; moto answers (refuses) a request above it."""
+_BATCH_GET_BYTES = 16 * 1024 * 1024
+"""DynamoDB's most bytes in one BatchGetItem answer; moto answers one that would pass it."""
+_ATTRIBUTE_VALUE_MEMBERS = frozenset({"S", "N", "B", "SS", "NS", "BS", "M", "L", "NULL", "BOOL"})
+"""The members of DynamoDB's ``AttributeValue`` shape, as botocore's model names them."""
+_SCALARS = frozenset({"S", "N", "BOOL", "NULL"})
+"""DynamoDB value types written the same in JSON as moto keeps and botocore parses them."""
+_PLAIN_BATCH_GET_FIELDS = frozenset(
+    {"Keys", "ConsistentRead", "ProjectionExpression", "ExpressionAttributeNames"}
+)
 
 
 class MotoPatches:
@@ -45,6 +61,21 @@ class MotoPatches:
       client (boto3 clients are thread-safe) and caching parsed paths cuts the CPU cost of a
       Distributed Map item about fourfold (``benchmarks/engine_overhead.py``). Both are
       optimisations: if moto moves them, they are skipped.
+    - moto answers a BatchGetItem by deep-copying every item it projects, turning each value
+      into Python and back, and writing the answer through its model-driven serializer, one
+      call chain per list element: about 5 s for the 100 band items of a 20,000-tile job (a
+      status read). A BatchGetItem that asks for whole keys and top-level attributes (as the
+      status read does) is answered from the same stored items and written with
+      ``json.dumps``, the same answer (``tests/integration/test_moto_patches.py`` compares
+      the two); any other BatchGetItem, or one that moto would refuse or cut short, is
+      answered by moto itself.
+    - botocore parses each DynamoDB value by walking its model shape, trying all ten members
+      of ``AttributeValue`` for every list element: about 0.1 s of the client's CPU for the
+      20,000 letters of a status read, in the engine's process, where the job's threads
+      compete for it. While the engine runs, a value of the plain form DynamoDB sends (one
+      member) is parsed directly to the same result; anything else goes through botocore
+      (the test compares the two). The engine's own process only: on AWS and in the API
+      processes of ``tilefan serve`` botocore parses as it always does.
     """
 
     def __init__(self) -> None:
@@ -62,6 +93,8 @@ class MotoPatches:
         for service in ("s3", "dynamodb", "stepfunctions"):
             importlib.import_module(f"moto.{service}.urls")
         self._serialise_dynamodb()
+        self._answer_plain_batch_reads()
+        self._parse_attribute_values_directly()
         self._install_failure_threshold()
         self._keep_stops()
         self._install_speedups()
@@ -85,6 +118,31 @@ class MotoPatches:
                     backend.tables = live
 
         self._replace(DynamoHandler, "call_action", call_action)
+
+    def _answer_plain_batch_reads(self) -> None:
+        from moto.dynamodb.responses import DynamoHandler
+
+        original_batch_get_item = DynamoHandler.batch_get_item
+
+        def batch_get_item(handler: Any) -> Any:
+            answer = _plain_batch_get(handler)
+            return original_batch_get_item(handler) if answer is None else _WireResult(answer)
+
+        self._replace(DynamoHandler, "batch_get_item", batch_get_item)
+
+    def _parse_attribute_values_directly(self) -> None:
+        from botocore.parsers import BaseJSONParser
+
+        # botocore's stubs leave out the parser's handlers.
+        original_handle_structure = getattr(BaseJSONParser, "_handle_structure")  # noqa: B009
+
+        def handle_structure(parser: Any, shape: Any, value: Any) -> Any:
+            if shape.name == "AttributeValue" and set(shape.members) == _ATTRIBUTE_VALUE_MEMBERS:
+                with contextlib.suppress(_NotPlain):
+                    return _attribute_value(parser._blob_parser, value)
+            return original_handle_structure(parser, shape, value)
+
+        self._replace(BaseJSONParser, "_handle_structure", handle_structure)
 
     @contextlib.contextmanager
     def stale_reads(self) -> Iterator[None]:
@@ -251,6 +309,121 @@ def moto_server(host: str, port: int, credentials: EngineCredentials) -> Any:
             self._server.serve_forever()
 
     return MotoServer(ip_address=host, port=port, verbose=False)
+
+
+class _WireResult(ActionResult):
+    """An answer already written in DynamoDB's JSON wire form: moto's status and headers for
+    the operation, the body as given instead of through moto's per-value serializer."""
+
+    def execute_result(self, context: Any) -> tuple[int, dict[str, str], str]:
+        status, headers, _ = ActionResult({}).execute_result(context)
+        return status, headers, str(self.result)
+
+
+def _plain_batch_get(handler: Any) -> str | None:
+    """The BatchGetItem answer, as JSON, of a request that names whole keys and top-level
+    attributes only; None for moto to answer (refusals and cut-short answers included), so
+    that only moto decides what it refuses."""
+    from moto.dynamodb.responses import ProjectionExpressionParser, validate_attributes_used
+
+    requests: dict[str, Any] = handler.body["RequestItems"]
+    if sum(len(request["Keys"]) for request in requests.values()) > _BATCH_GET_KEYS:
+        return None
+    backend = handler.dynamodb_backend
+    answer: dict[str, Any] = {"ConsumedCapacity": [], "Responses": {}, "UnprocessedKeys": {}}
+    for table_name, request in requests.items():
+        keys: list[Any] = request["Keys"]
+        if set(request) - _PLAIN_BATCH_GET_FIELDS or any(
+            key in keys[:position] for position, key in enumerate(keys)
+        ):
+            return None
+        names = request.get("ExpressionAttributeNames", {})
+        parser = ProjectionExpressionParser(request.get("ProjectionExpression"), names)
+        paths: list[list[str]] = parser.parse()
+        validate_attributes_used(names, parser.expr_attr_names_found, validation_error_prefix=False)
+        if any(len(path) != 1 or "[" in path[0] for path in paths):
+            return None  # a nested path or a list element: moto's projection
+        wanted = [path[0] for path in paths]
+        items = []
+        for key in keys:
+            item = backend.get_item(table_name, key)
+            if item is not None:
+                attributes = (
+                    item.attrs
+                    if not wanted
+                    else {name: item.attrs[name] for name in wanted if name in item.attrs}
+                )
+                items.append({name: _wire(value) for name, value in attributes.items()})
+        answer["Responses"][table_name] = items
+        answer["ConsumedCapacity"].append(
+            {"CapacityUnits": float(len(keys)), "TableName": table_name}
+        )
+    body = json.dumps(answer)
+    # The JSON of every value is at least as long as DynamoDB counts its size, so an answer
+    # this short fits in one response; a longer one may not, and moto cuts it short itself.
+    return body if len(body) <= _BATCH_GET_BYTES else None
+
+
+def _wire(value: Any) -> dict[str, Any]:
+    """A stored moto ``DynamoType`` as DynamoDB writes it in JSON (binary in base64)."""
+    kind, inner = value.type, value.value
+    if kind == "L":  # the status read's letters: scalars written inline, a call each saved
+        return {
+            kind: [
+                {element.type: element.value} if element.type in _SCALARS else _wire(element)
+                for element in inner
+            ]
+        }
+    if kind == "M":
+        return {kind: {name: _wire(element) for name, element in inner.items()}}
+    if kind == "B":
+        return {kind: _base64(inner)}
+    if kind == "BS":
+        return {kind: [_base64(element) for element in inner]}
+    return {kind: inner}
+
+
+def _base64(binary: bytes | str) -> str:
+    """moto keeps a binary value as bytes or as the base64 text it was sent as."""
+    raw = binary if isinstance(binary, bytes) else base64.b64decode(binary)
+    return base64.b64encode(raw).decode("ascii")
+
+
+class _NotPlain(Exception):
+    """A DynamoDB value not of the plain one-member form: botocore parses it."""
+
+
+def _attribute_value(blob: Callable[[str], bytes], value: Any) -> Any:
+    """What botocore's JSON parser makes of a plain DynamoDB value (binary decoded)."""
+    if value is None:
+        return None
+    if type(value) is not dict or len(value) != 1:
+        raise _NotPlain
+    [(kind, inner)] = value.items()
+    if inner is None:
+        raise _NotPlain
+    if kind in _SCALARS:
+        return value  # parsed as it came: botocore's parse would only copy it
+    if kind in ("SS", "NS"):
+        return {kind: list(inner)}
+    if kind == "L":
+        return {kind: [_list_element(blob, element) for element in inner]}
+    if kind == "M":
+        return {kind: {name: _attribute_value(blob, element) for name, element in inner.items()}}
+    if kind == "B":
+        return {kind: blob(inner)}
+    if kind == "BS":
+        return {kind: [None if element is None else blob(element) for element in inner]}
+    raise _NotPlain
+
+
+def _list_element(blob: Callable[[str], bytes], element: Any) -> Any:
+    """`_attribute_value` of a list element, a scalar (the common case) without another call."""
+    if type(element) is dict and len(element) == 1:
+        for kind, inner in element.items():
+            if kind in _SCALARS and inner is not None:
+                return element
+    return _attribute_value(blob, element)
 
 
 def _eventually_consistent(handler: Any) -> bool:
