@@ -1,0 +1,242 @@
+"""The engine's changes to moto and botocore: each finds what it replaces, and each still
+answers as moto and botocore would without it (so a change in either makes these fail)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.session
+import pytest
+from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError, create_parser
+from moto import mock_aws
+
+from tilefan.local.moto_patches import MotoPatches
+
+pytestmark = pytest.mark.integration
+
+TABLE = "patched"
+OTHER_TABLE = "patched-too"
+
+EVERY_TYPE: dict[str, Any] = {
+    "s": {"S": 'ünïcødé 🎉 and "quotes"'},
+    "empty_s": {"S": ""},
+    "n": {"N": "-12.50"},
+    "big_n": {"N": "1E+30"},
+    "b": {"B": bytes(range(256))},
+    "ss": {"SS": ["b", "a", "ç"]},
+    "ns": {"NS": ["1", "2.5", "-3"]},
+    "bs": {"BS": [b"\x00", b"\xff\xfe"]},
+    "yes": {"BOOL": True},
+    "no": {"BOOL": False},
+    "nothing": {"NULL": True},
+    "letters": {"L": [{"S": "P"}, {"S": "R"}, {"N": "3"}, {"NULL": True}, {"BOOL": False}]},
+    "empty_l": {"L": []},
+    "empty_m": {"M": {}},
+    "nested": {
+        "M": {
+            "l": {"L": [{"M": {"b": {"B": b"\x01\x02"}, "ss": {"SS": ["x"]}}}, {"L": []}]},
+            "n": {"N": "0"},
+        }
+    },
+}
+
+
+def _key(pk: str) -> dict[str, Any]:
+    return {"pk": {"S": pk}, "sk": {"S": "BAND"}}
+
+
+@pytest.fixture
+def dynamodb() -> Iterator[Any]:
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name="us-east-1")
+        for name in (TABLE, OTHER_TABLE):
+            client.create_table(
+                TableName=name,
+                KeySchema=[
+                    {"AttributeName": "pk", "KeyType": "HASH"},
+                    {"AttributeName": "sk", "KeyType": "RANGE"},
+                ],
+                AttributeDefinitions=[
+                    {"AttributeName": "pk", "AttributeType": "S"},
+                    {"AttributeName": "sk", "AttributeType": "S"},
+                ],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        for number in range(3):
+            client.put_item(TableName=TABLE, Item={**_key(f"item-{number}"), **EVERY_TYPE})
+        client.put_item(TableName=OTHER_TABLE, Item={**_key("other"), "g": {"L": [{"S": "D"}]}})
+        yield client
+
+
+def _answer(client: Any, request_items: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The JSON body DynamoDB's stand-in wrote and what the client parsed from it."""
+    bodies: list[bytes] = []
+
+    def keep_body(response_dict: dict[str, Any], **kwargs: Any) -> None:
+        bodies.append(response_dict["body"])
+
+    client.meta.events.register("before-parse.dynamodb.BatchGetItem", keep_body)
+    try:
+        parsed = client.batch_get_item(RequestItems=request_items)
+    except ClientError as e:
+        return {"refused": e.response["Error"]}, {}
+    finally:
+        client.meta.events.unregister("before-parse.dynamodb.BatchGetItem", keep_body)
+    parsed.pop("ResponseMetadata")
+    return json.loads(bodies[-1]), parsed
+
+
+def _patched_and_not(client: Any, request_items: dict[str, Any]) -> list[Any]:
+    patches = MotoPatches()
+    patches.install()
+    try:
+        patched = _answer(client, request_items)
+    finally:
+        patches.uninstall()
+    return [patched, _answer(client, request_items)]
+
+
+def _sorted_items(answer: Any) -> Any:
+    """Responses in key order: DynamoDB promises no order within a BatchGetItem answer."""
+    body, parsed = answer
+    for side in (body, parsed):
+        for items in side.get("Responses", {}).values():
+            items.sort(key=lambda item: str(item.get("pk")))
+    return answer
+
+
+PLAIN_REQUESTS: dict[str, dict[str, Any]] = {
+    "whole items": {TABLE: {"Keys": [_key("item-0"), _key("item-2")]}},
+    "a projection": {TABLE: {"Keys": [_key("item-1")], "ProjectionExpression": "pk, letters"}},
+    "a projection by name, read consistently": {
+        TABLE: {
+            "Keys": [_key("item-0"), _key("item-1")],
+            "ProjectionExpression": "#p, #b, nested",
+            "ExpressionAttributeNames": {"#p": "pk", "#b": "bs"},
+            "ConsistentRead": True,
+        }
+    },
+    "an attribute no item has": {TABLE: {"Keys": [_key("item-0")], "ProjectionExpression": "x"}},
+    "keys with no item": {TABLE: {"Keys": [_key("missing"), _key("item-2")]}},
+    "two tables": {
+        TABLE: {"Keys": [_key("item-0")], "ProjectionExpression": "pk, b"},
+        OTHER_TABLE: {"Keys": [_key("other")]},
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN_REQUESTS))
+def test_plain_batch_reads_answer_as_moto_does(dynamodb: Any, case: str) -> None:
+    patched, moto = (
+        _sorted_items(answer) for answer in _patched_and_not(dynamodb, PLAIN_REQUESTS[case])
+    )
+    assert patched == moto
+
+
+OTHER_REQUESTS: dict[str, dict[str, Any]] = {
+    "a nested path and a list element": {
+        TABLE: {"Keys": [_key("item-0")], "ProjectionExpression": "nested.n, letters[1]"}
+    },
+    "AttributesToGet": {TABLE: {"Keys": [_key("item-0")], "AttributesToGet": ["pk", "n"]}},
+    "duplicate keys": {TABLE: {"Keys": [_key("item-0"), _key("item-0")]}},
+    "more than 100 keys": {TABLE: {"Keys": [_key(f"k{number}") for number in range(101)]}},
+    "an unknown table": {"no-such-table": {"Keys": [_key("item-0")]}},
+    "a name the projection does not use": {
+        TABLE: {
+            "Keys": [_key("item-0")],
+            "ProjectionExpression": "pk",
+            "ExpressionAttributeNames": {"#unused": "n"},
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_REQUESTS))
+def test_other_batch_reads_are_left_to_moto(dynamodb: Any, case: str) -> None:
+    patched, moto = (
+        _sorted_items(answer) for answer in _patched_and_not(dynamodb, OTHER_REQUESTS[case])
+    )
+    assert patched == moto
+
+
+def test_an_answer_past_16_mb_is_cut_short_as_moto_cuts_it(dynamodb: Any) -> None:
+    # 45 items of 390 KB: moto puts what passes 16 MB in UnprocessedKeys.
+    blob = "x" * 390_000
+    keys = [_key(f"big-{number:02d}") for number in range(45)]
+    for key in keys:
+        dynamodb.put_item(TableName=TABLE, Item={**key, "blob": {"S": blob}})
+    patched, moto = _patched_and_not(dynamodb, {TABLE: {"Keys": keys}})
+    assert moto[1]["UnprocessedKeys"], "moto no longer cuts an answer past 16 MB short"
+    assert len(patched[1]["Responses"][TABLE]) == len(moto[1]["Responses"][TABLE])
+    assert patched[1]["UnprocessedKeys"] == moto[1]["UnprocessedKeys"]
+
+
+def test_the_batch_read_and_the_value_parse_replace_moto_and_botocore_while_installed() -> None:
+    from botocore.parsers import BaseJSONParser
+    from moto.dynamodb.responses import DynamoHandler
+
+    originals = (DynamoHandler.batch_get_item, BaseJSONParser.__dict__["_handle_structure"])
+    patches = MotoPatches()
+    patches.install()
+    try:
+        assert DynamoHandler.batch_get_item is not originals[0]
+        assert BaseJSONParser.__dict__["_handle_structure"] is not originals[1]
+    finally:
+        patches.uninstall()
+    assert (DynamoHandler.batch_get_item, BaseJSONParser.__dict__["_handle_structure"]) == originals
+
+
+def _parse(body: dict[str, Any]) -> dict[str, Any]:
+    model = botocore.session.get_session().get_service_model("dynamodb")
+    shape = model.operation_model("GetItem").output_shape
+    try:
+        parsed: dict[str, Any] = create_parser("json").parse(
+            {"body": json.dumps(body).encode(), "headers": {}, "status_code": 200}, shape
+        )
+    except ResponseParserError as e:
+        return {"refused": str(e)}
+    return parsed
+
+
+def _wire(value: Any) -> Any:
+    """A test value as DynamoDB's JSON carries it (binary in base64)."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {name: _wire(inner) for name, inner in value.items()}
+    if isinstance(value, list):
+        return [_wire(inner) for inner in value]
+    return value
+
+
+VALUE_BODIES: dict[str, dict[str, Any]] = {
+    "every type": {"Item": _wire(EVERY_TYPE)},
+    "null list elements": {
+        "Item": {
+            "l": {"L": [None, {"S": "a"}, {"M": {"m": None}}]},
+            "bs": {"BS": [None, "AAE="]},
+            "ss": {"SS": [None, "a"]},
+        }
+    },
+    "a member this botocore does not know": {"Item": {"x": {"XX": "1"}, "l": {"L": [{"XX": 1}]}}},
+    "a member with no value": {"Item": {"l": {"L": [{"S": None, "N": "1"}]}}},
+    "a list element of null": {"Item": {"l": {"L": [{"S": None}]}}},
+    "two members set": {"Item": {"l": {"L": [{"S": "a", "N": "1"}]}, "m": {"S": "a", "N": "1"}}},
+}
+
+
+@pytest.mark.parametrize("case", list(VALUE_BODIES))
+def test_dynamodb_values_parse_as_botocore_parses_them(case: str) -> None:
+    body = VALUE_BODIES[case]
+    patches = MotoPatches()
+    patches.install()
+    try:
+        patched = _parse(body)
+    finally:
+        patches.uninstall()
+    assert patched == _parse(body)
