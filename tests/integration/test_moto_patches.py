@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +18,8 @@ from botocore.exceptions import ClientError
 from botocore.parsers import ResponseParserError, create_parser
 from moto import mock_aws
 
+from tilefan.errors import TileFailed
+from tilefan.local.engine import EmbeddedEngine
 from tilefan.local.moto_patches import MotoPatches
 
 pytestmark = pytest.mark.integration
@@ -240,3 +245,116 @@ def test_dynamodb_values_parse_as_botocore_parses_them(case: str) -> None:
     finally:
         patches.uninstall()
     assert patched == _parse(body)
+
+
+class _Job:
+    """Stand-in handlers for the pipeline: a split of ``batches`` items, a worker given by
+    the test, and a merger that records what it is asked to do."""
+
+    def __init__(self, batches: int, worker: Any) -> None:
+        self.batches = batches
+        self.worker = worker
+        self.merger_actions: list[str] = []
+
+    def splitter(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        key = f"jobs/{event['job_id']}/manifest.json"
+        manifest = [{"batch": number, "tiles": [number]} for number in range(self.batches)]
+        boto3.client("s3").put_object(
+            Bucket=os.environ["TILEFAN_BUCKET"], Key=key, Body=json.dumps(manifest).encode()
+        )
+        return {
+            "manifest_key": key,
+            "tile_count": self.batches,
+            "batch_count": self.batches,
+            "statistics_manifest_key": None,
+        }
+
+    def merger(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        self.merger_actions.append(event["action"])
+        return {"action": event["action"]}
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "SplitterFunction": self.splitter,
+            "TileWorkerFunction": self.worker,
+            "MergerFunction": self.merger,
+        }
+
+
+def _broken_worker(event: dict[str, Any], context: Any) -> None:
+    raise TileFailed(f"batch {event['item']['batch']} cannot be processed")
+
+
+def _run_failing_map(monkeypatch: pytest.MonkeyPatch, *, with_patch: bool) -> tuple[str, _Job]:
+    if not with_patch:
+        monkeypatch.setattr(MotoPatches, "_install_failure_threshold", lambda patches: None)
+    job = _Job(batches=3, worker=_broken_worker)
+    with EmbeddedEngine(handlers=job.handlers()) as engine:
+        arn = engine.start_job("job-1", max_concurrency=3)
+        status = str(engine.wait(arn, timeout=60)["status"])
+    return status, job
+
+
+def test_a_failed_map_item_fails_the_map_with_the_patch_and_not_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    status, job = _run_failing_map(monkeypatch, with_patch=True)
+    assert (status, job.merger_actions) == ("FAILED", ["abort"])
+    # moto as it is lets every item fail and the Map succeed; if it stops doing so, the
+    # patch has nothing left to do and this says so.
+    status, job = _run_failing_map(monkeypatch, with_patch=False)
+    assert (status, job.merger_actions) == ("SUCCEEDED", ["merge"])
+
+
+def _stop_while_the_split_runs(monkeypatch: pytest.MonkeyPatch, *, with_patch: bool) -> str:
+    if not with_patch:
+        monkeypatch.setattr(MotoPatches, "_keep_stops", lambda patches: None)
+    running, stopped = threading.Event(), threading.Event()
+
+    def splitter(event: dict[str, Any], context: Any) -> None:
+        running.set()
+        stopped.wait(timeout=30)
+        raise TileFailed("failed after the execution was stopped")
+
+    job = _Job(batches=1, worker=_broken_worker)
+    handlers = {**job.handlers(), "SplitterFunction": splitter}
+    with EmbeddedEngine(handlers=handlers) as engine:
+        arn = engine.start_job("job-1", max_concurrency=1)
+        assert running.wait(timeout=30)
+        engine.client("stepfunctions").stop_execution(executionArn=arn, cause="cancelled")
+        stopped.set()
+        time.sleep(1)  # the split's failure reaches the interpreter after the stop
+        status = str(engine.wait(arn, timeout=60)["status"])
+    assert job.merger_actions == []  # no Abort after a stop, either way
+    return status
+
+
+def test_a_stopped_execution_stays_aborted_with_the_patch_and_not_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _stop_while_the_split_runs(monkeypatch, with_patch=True) == "ABORTED"
+    # moto as it is lets a task that fails after the stop turn the execution FAILED; if it
+    # stops doing so, the patch has nothing left to do and this says so.
+    assert _stop_while_the_split_runs(monkeypatch, with_patch=False) == "FAILED"
+
+
+def test_the_map_and_stop_patches_replace_moto_while_installed() -> None:
+    from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration import (
+        distributed_iteration_component as distributed,
+    )
+    from moto.stepfunctions.parser.asl.eval import environment
+
+    def targets() -> tuple[Any, Any]:
+        return (
+            distributed.DistributedIterationComponent.__dict__["_map_run"],
+            environment.Environment.__dict__["set_error"],
+        )
+
+    originals = targets()
+    patches = MotoPatches()
+    patches.install()
+    try:
+        assert all(now is not before for now, before in zip(targets(), originals, strict=True))
+    finally:
+        patches.uninstall()
+    assert targets() == originals
