@@ -181,6 +181,22 @@ def test_an_answer_past_16_mb_is_cut_short_as_moto_cuts_it(dynamodb: Any) -> Non
     assert patched[1]["UnprocessedKeys"] == moto[1]["UnprocessedKeys"]
 
 
+def test_plain_batch_reads_are_stale_or_fresh_as_they_ask(dynamodb: Any) -> None:
+    # The answer is made inside the engine's DynamoDB lock, where stale reads swap the tables.
+    read = {"Keys": [_key("item-0")], "ProjectionExpression": "g"}
+    patches = MotoPatches()
+    patches.install()
+    try:
+        with patches.stale_reads():
+            dynamodb.put_item(TableName=TABLE, Item={**_key("item-0"), "g": {"L": [{"S": "D"}]}})
+            stale = dynamodb.batch_get_item(RequestItems={TABLE: read})
+            fresh = dynamodb.batch_get_item(RequestItems={TABLE: {**read, "ConsistentRead": True}})
+    finally:
+        patches.uninstall()
+    assert stale["Responses"][TABLE] == [{}]  # item-0 as it was: no "g" yet
+    assert fresh["Responses"][TABLE] == [{"g": {"L": [{"S": "D"}]}}]
+
+
 def test_the_batch_read_and_the_value_parse_replace_moto_and_botocore_while_installed() -> None:
     from botocore.parsers import BaseJSONParser
     from moto.dynamodb.responses import DynamoHandler
