@@ -275,7 +275,7 @@ def start_job(
     """Check the upload and start processing; a job starts once."""
     service.start(_owner(), job_id, max_concurrency=max_concurrency)
     view = service.view(_owner(), job_id)
-    document = job_document(view.job, view.progress, _link_prefix())
+    document = job_document(view.job, view.progress, _link_prefix(), passes=view.passes)
     return Response(
         status_code=202,
         content_type=content_types.APPLICATION_JSON,
@@ -289,7 +289,11 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> JobDocument:
     owner = _owner()
     view = service.view(owner, job_id)
     return job_document(
-        view.job, view.progress, _link_prefix(), view_token=_view_token(job_id, owner)
+        view.job,
+        view.progress,
+        _link_prefix(),
+        view_token=_view_token(job_id, owner),
+        passes=view.passes,
     )
 
 
@@ -447,7 +451,9 @@ def job_page_state(
     """The job document, for the page."""
     job = _viewed(job_id, token)
     view = service.view(job.owner, job_id)
-    return job_document(view.job, view.progress, _link_prefix(), view_token=token)
+    return job_document(
+        view.job, view.progress, _link_prefix(), view_token=token, passes=view.passes
+    )
 
 
 @app.get("/jobs/<job_id>/view/tiles", include_in_schema=False)

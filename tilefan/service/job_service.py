@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -91,6 +91,8 @@ class JobView:
 
     job: Job
     progress: TileProgress | None
+    passes: Mapping[int, TileProgress] = field(default_factory=dict)
+    """Each statistics pass's progress, by the step it gathers statistics for."""
 
 
 class JobService:
@@ -196,11 +198,15 @@ class JobService:
         return self.jobs.get(job_id)
 
     def view(self, owner: str | None, job_id: str) -> JobView:
-        """The job and, once split, its tile progress."""
+        """The job and, once split, its tile progress and its statistics passes' (two reads)."""
         job = self.jobs.get(job_id, owner=owner)
-        total = (job.grid or {}).get("tile_count")
-        progress = self.jobs.progress(job_id, int(total)) if total else None
-        return JobView(job, progress)
+        grid = job.grid or {}
+        total = grid.get("tile_count")
+        if not total:
+            return JobView(job, None)
+        passes = {int(p["upto"]): int(p["tile_count"]) for p in grid.get("passes", [])}
+        progress, pass_progress = self.jobs.progress_with_passes(job_id, int(total), passes)
+        return JobView(job, progress, pass_progress)
 
     def cancel(self, owner: str, job_id: str) -> Job:
         """Stop a running job (CANCELLED, intermediates removed); a finished one is left as is."""
