@@ -327,7 +327,12 @@ def progress_svg(job_id: Annotated[str, Path(max_length=64)]) -> Response[str]:
     view = service.view(_owner(), job_id)
     grid = view.progress.grid if view.progress else ""
     columns = int((view.job.grid or {}).get("columns", 1))
-    svg = render_progress_svg(grid, columns, f"job {job_id}: {view.job.status.value}")
+    title = f"job {job_id}: {view.job.status.value}"
+    under_way = view.pass_under_way()  # while the statistics passes run, the pass's grid
+    if under_way is not None:
+        grid, columns = under_way[1].grid, int(under_way[0]["columns"])
+        title += f": statistics pass before step {under_way[0]['upto']}"
+    svg = render_progress_svg(grid, columns, title)
     return Response(status_code=200, content_type="image/svg+xml", body=svg)
 
 

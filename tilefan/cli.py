@@ -109,9 +109,8 @@ class _Progress:
     def on_view(self, view: JobView) -> None:
         """From the job records (the embedded engine)."""
         # While the statistics passes run, the bar follows the pass under way.
-        running = [p for p in view.passes.values() if p.done < p.total]
-        progress = running[0] if running and view.job.status is JobStatus.STATISTICS else None
-        progress = progress or view.progress
+        under_way = view.pass_under_way()
+        progress = under_way[1] if under_way else view.progress
         done, total = (progress.done, progress.total) if progress else (0, 0)
         self.update(view.job.status.value, done, total)
 

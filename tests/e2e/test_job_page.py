@@ -215,6 +215,7 @@ def test_page_follows_the_statistics_pass_then_the_processing_tiles(
     page.goto(absolute(api, job["links"]["view"]))
     page.wait_for_selector('main:not([data-job-status=""])')
     during: list[tuple[int, str]] = []
+    svg_titles: list[str] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         data = main_data(page)
@@ -222,6 +223,12 @@ def test_page_follows_the_statistics_pass_then_the_processing_tiles(
             during.append((int(data["stats_done"]), page.locator("#status").inner_text()))
             assert data["stats_total"] == "48" and data["done"] == "0", data
             assert page.locator('#stages li[data-stage="stats"]').is_visible()
+            if not svg_titles:  # progress.svg draws the pass too
+                request = urllib.request.Request(
+                    f"{api.url}/jobs/{job['job_id']}/progress.svg", headers={"x-api-key": KEY}
+                )
+                with urllib.request.urlopen(request) as response:
+                    svg_titles.append(response.read().decode())
         if data["status"] == "SUCCEEDED":
             break
         time.sleep(0.2)
@@ -230,6 +237,7 @@ def test_page_follows_the_statistics_pass_then_the_processing_tiles(
     assert [done for done in counts if 0 < done < 48], f"no pass count seen mid-run: {during}"
     assert counts == sorted(counts), counts  # never goes back
     assert all("statistics pass 1 of 1" in text for _, text in during), during
+    assert svg_titles and "statistics pass before step 0" in svg_titles[0], svg_titles
     final = main_data(page)
     assert (final["done"], final["total"], final["stats_done"]) == ("48", "48", "0")
     page.close()

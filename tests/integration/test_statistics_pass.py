@@ -200,6 +200,7 @@ def test_a_status_read_during_a_statistics_pass_shows_its_tiles_done(
         # The passes' letters come in the same band items: still two requests.
         assert requests == Counter({"GetItem": 1, "BatchGetItem": 1}), requests
         document = job_document(view.job, view.progress, "", passes=view.passes)
+        under_way = view.pass_under_way()  # what the CLI bar and progress.svg draw
     finally:
         opened.set()
 
@@ -210,6 +211,7 @@ def test_a_status_read_during_a_statistics_pass_shows_its_tiles_done(
     assert first.grid[0] == "DDDDP" and set("".join(first.grid[1:])) == {"P"}
     assert (second.before_step, second.done, second.pending) == (1, 0, 20)
     assert document.tiles is not None and document.tiles.done == 0  # processing has not begun
+    assert under_way is not None and under_way[0]["upto"] == 0 and under_way[1].done == 4
 
     execution = stack.engine.wait(str(service.jobs.get(job.job_id).execution_arn), timeout=120)
     assert execution["status"] == "SUCCEEDED"

@@ -94,6 +94,20 @@ class JobView:
     passes: Mapping[int, TileProgress] = field(default_factory=dict)
     """Each statistics pass's progress, by the step it gathers statistics for."""
 
+    def pass_under_way(self) -> tuple[Mapping[str, Any], TileProgress] | None:
+        """While the job is in its statistics passes, the pass under way: its grid (rows,
+        columns, tile count) and its progress; the last pass once all are done."""
+        if self.job.status is not JobStatus.STATISTICS:
+            return None
+        grids = (self.job.grid or {}).get("passes", [])
+        passes = [
+            (grid, self.passes[grid["upto"]]) for grid in grids if grid["upto"] in self.passes
+        ]
+        for grid, progress in passes:
+            if progress.done < progress.total:
+                return grid, progress
+        return passes[-1] if passes else None
+
 
 class JobService:
     """Creates and starts jobs; reads their state from the table, never from Step Functions."""
