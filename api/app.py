@@ -275,7 +275,7 @@ def start_job(
     """Check the upload and start processing; a job starts once."""
     service.start(_owner(), job_id, max_concurrency=max_concurrency)
     view = service.view(_owner(), job_id)
-    document = job_document(view.job, view.progress, _link_prefix())
+    document = job_document(view.job, view.progress, _link_prefix(), passes=view.passes)
     return Response(
         status_code=202,
         content_type=content_types.APPLICATION_JSON,
@@ -289,7 +289,11 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> JobDocument:
     owner = _owner()
     view = service.view(owner, job_id)
     return job_document(
-        view.job, view.progress, _link_prefix(), view_token=_view_token(job_id, owner)
+        view.job,
+        view.progress,
+        _link_prefix(),
+        view_token=_view_token(job_id, owner),
+        passes=view.passes,
     )
 
 
@@ -323,7 +327,12 @@ def progress_svg(job_id: Annotated[str, Path(max_length=64)]) -> Response[str]:
     view = service.view(_owner(), job_id)
     grid = view.progress.grid if view.progress else ""
     columns = int((view.job.grid or {}).get("columns", 1))
-    svg = render_progress_svg(grid, columns, f"job {job_id}: {view.job.status.value}")
+    title = f"job {job_id}: {view.job.status.value}"
+    under_way = view.pass_under_way()  # while the statistics passes run, the pass's grid
+    if under_way is not None:
+        grid, columns = under_way[1].grid, int(under_way[0]["columns"])
+        title += f": statistics pass before step {under_way[0]['upto']}"
+    svg = render_progress_svg(grid, columns, title)
     return Response(status_code=200, content_type="image/svg+xml", body=svg)
 
 
@@ -447,7 +456,9 @@ def job_page_state(
     """The job document, for the page."""
     job = _viewed(job_id, token)
     view = service.view(job.owner, job_id)
-    return job_document(view.job, view.progress, _link_prefix(), view_token=token)
+    return job_document(
+        view.job, view.progress, _link_prefix(), view_token=token, passes=view.passes
+    )
 
 
 @app.get("/jobs/<job_id>/view/tiles", include_in_schema=False)

@@ -108,7 +108,9 @@ class _Progress:
 
     def on_view(self, view: JobView) -> None:
         """From the job records (the embedded engine)."""
-        progress = view.progress
+        # While the statistics passes run, the bar follows the pass under way.
+        under_way = view.pass_under_way()
+        progress = under_way[1] if under_way else view.progress
         done, total = (progress.done, progress.total) if progress else (0, 0)
         self.update(view.job.status.value, done, total)
 
@@ -120,7 +122,10 @@ class _Progress:
             # The API's links are root-relative; a browser needs the whole address.
             self.stream.write(f"watch it in a browser: {urljoin(self.api_url + '/', view)}\n")
             self.stream.flush()
-        tiles = job.get("tiles") or {}
+        running = [p for p in job.get("statistics") or [] if p["done"] < p["total"]]
+        tiles = (running[0] if running and job["status"] == "STATISTICS" else None) or (
+            job.get("tiles") or {}
+        )
         self.update(str(job["status"]), int(tiles.get("done", 0)), int(tiles.get("total", 0)))
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ import pytest
 import pyvips
 
 import tilefan.stages.process
+import tilefan.stages.statistics
 from tests.e2e.support import serving, wait_until_ended
 from tests.support import noise_image
 from tilefan.local.serve import LocalApi
@@ -87,14 +88,19 @@ class SlowTiles:
         return self.real(chain, spec, block, out)
 
 
-def start_job(client: TilefanClient, tmp_path: Path, output_format: str = "png") -> dict[str, Any]:
+def start_job(
+    client: TilefanClient,
+    tmp_path: Path,
+    output_format: str = "png",
+    operations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     source = tmp_path / "noise.png"
     noise_image(512, 384, 3, seed=5).pngsave(str(source))
     created = client.request(
         "POST",
         "/jobs",
         {
-            "operations": [{"op": "gaussblur", "sigma": 1.5}],
+            "operations": operations or [{"op": "gaussblur", "sigma": 1.5}],
             "output": {"format": output_format},
             "tile_size": 64,
             "input": {"size_bytes": source.stat().st_size},
@@ -128,7 +134,9 @@ def main_data(page: Any) -> dict[str, str]:
     values: dict[str, str] = page.eval_on_selector(
         "main",
         "m => ({status: m.dataset.jobStatus, done: m.dataset.tilesDone,"
-        " total: m.dataset.tilesTotal})",
+        " total: m.dataset.tilesTotal, stats_done: m.dataset.statsDone,"
+        " stats_total: m.dataset.statsTotal,"
+        " text: document.getElementById('status').textContent})",
     )
     return values
 
@@ -186,6 +194,56 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
     # The page and its script load from the API alone; only the result's own presigned
     # download (the viewer's image) comes from storage.
     assert all(f"/results/{job['job_id']}/" in url for url in foreign), foreign
+    page.close()
+
+
+def test_page_follows_the_statistics_pass_then_the_processing_tiles(
+    api: LocalApi,
+    client: TilefanClient,
+    browser: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = tilefan.stages.statistics.tile_statistics
+
+    def slow(plan: Any, block: Any, tile: Any, *, histogram: bool) -> Any:
+        time.sleep(0.3 * (1 + tile.index / 8))  # batches end apart, as in SlowTiles
+        return real(plan, block, tile, histogram=histogram)
+
+    monkeypatch.setattr(tilefan.stages.statistics, "tile_statistics", slow)
+    job = start_job(client, tmp_path, operations=[{"op": "hist_equal"}])
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(absolute(api, job["links"]["view"]))
+    page.wait_for_selector('main:not([data-job-status=""])')
+    during: list[tuple[int, str]] = []
+    svg_titles: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        data = main_data(page)
+        if data["status"] == "STATISTICS" and data["stats_total"] != "0":
+            during.append((int(data["stats_done"]), data["text"]))  # read together
+            assert data["stats_total"] == "48" and data["done"] == "0", data
+            assert page.locator('#stages li[data-stage="stats"]').is_visible()
+            if not svg_titles:  # progress.svg draws the pass too, while the job is in it
+                request = urllib.request.Request(
+                    f"{api.url}/jobs/{job['job_id']}/progress.svg", headers={"x-api-key": KEY}
+                )
+                with urllib.request.urlopen(request) as response:
+                    svg = response.read().decode()
+                if ": STATISTICS" in svg:  # the page's last poll may be a second behind
+                    svg_titles.append(svg)
+        if data["status"] == "SUCCEEDED":
+            break
+        time.sleep(0.2)
+    assert main_data(page)["status"] == "SUCCEEDED"
+    counts = [done for done, _ in during]
+    assert [done for done in counts if 0 < done < 48], f"no pass count seen mid-run: {during}"
+    assert counts == sorted(counts), counts  # never goes back
+    odd = [text for _, text in during if "statistics pass 1 of 1" not in text]
+    assert not odd, odd
+    assert svg_titles and "statistics pass before step 0" in svg_titles[0], svg_titles
+    final = main_data(page)
+    assert (final["done"], final["total"], final["stats_done"]) == ("48", "48", "0")
     page.close()
 
 

@@ -122,9 +122,9 @@ def calls(api: LocalApi) -> Calls:
     return recorded
 
 
-def create(client: TilefanClient, source: Path) -> str:
+def create(client: TilefanClient, source: Path, op: str = "invert") -> str:
     body = {
-        "operations": [{"op": "invert"}],
+        "operations": [{"op": op}],
         "output": {"format": "tiff"},
         "tile_size": TILE,
         "input": {"size_bytes": source.stat().st_size},
@@ -143,9 +143,10 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
     noise_image(1400, 1300, 3, seed=2).tiffsave(str(large))  # two multipart parts
     jobs: list[str] = []
 
-    # Succeeds, uploaded by one PUT and by parts; every read route is used on it.
-    for source in (small, large):
-        job_id = create(client, source)
+    # Succeeds, uploaded by one PUT and by parts; every read route is used on it. The second
+    # has a statistics pass (its map, its band writes, the merger's reduce).
+    for source, op in ((small, "invert"), (large, "hist_equal")):
+        job_id = create(client, source, op)
         client.request("POST", f"/jobs/{job_id}/start")
         assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
         client.request("GET", f"/jobs/{job_id}/tiles")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from functools import reduce
 from pathlib import Path
@@ -15,7 +18,8 @@ import pyvips
 import tilefan.stages.statistics
 from tests.support import assert_identical, libvips_error, noise_image
 from tilefan import parse_chain
-from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
+from tilefan.service.schema import job_document
 from tilefan.state.jobs import JobStatus
 from tilefan.state.storage import keys
 
@@ -151,3 +155,67 @@ def test_a_failing_statistics_tile_fails_the_job_and_removes_intermediates(
     assert view.job.error["code"] == "TILE_FAILED"
     assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
     assert not output.exists()
+
+
+def test_a_status_read_during_a_statistics_pass_shows_its_tiles_done(
+    stack: LocalStack, skewed_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first pass's first batch (tiles 0-3) runs; every later statistics tile waits.
+    opened = threading.Event()
+    real = tilefan.stages.statistics.tile_statistics
+
+    def held(plan: Any, block: Any, tile: Any, *, histogram: bool) -> Any:
+        if tile.index >= 4:
+            assert opened.wait(60), "the test never let the pass go on"
+        return real(plan, block, tile, histogram=histogram)
+
+    monkeypatch.setattr(tilefan.stages.statistics, "tile_statistics", held)
+    service = stack.service
+    ops = [{"op": "hist_equal"}, {"op": "scale"}]  # two passes, one per whole-image step
+    job = service.create(
+        LOCAL_OWNER,
+        ops,
+        "png",
+        tile_size=64,
+        input_info={"size_bytes": skewed_source.stat().st_size},
+    )
+    service.store.upload(skewed_source, keys.upload(job.job_id), "image/tiff")
+    service.start(LOCAL_OWNER, job.job_id, max_concurrency=4)
+    try:
+        deadline = time.monotonic() + 60
+        while not (view := service.view(LOCAL_OWNER, job.job_id)).passes.get(0, None) or (
+            view.passes[0].done < 4
+        ):
+            assert time.monotonic() < deadline, f"no statistics tile was shown done: {view.job}"
+            time.sleep(0.05)
+
+        requests: Counter[str] = Counter()
+        events = service.jobs.resource.meta.client.meta.events
+        count = lambda model, **kwargs: requests.update([model.name])  # noqa: E731
+        events.register("before-call.dynamodb", count)
+        try:
+            view = service.view(LOCAL_OWNER, job.job_id)
+        finally:
+            events.unregister("before-call.dynamodb", count)
+        # The passes' letters come in the same band items: still two requests.
+        assert requests == Counter({"GetItem": 1, "BatchGetItem": 1}), requests
+        document = job_document(view.job, view.progress, "", passes=view.passes)
+        under_way = view.pass_under_way()  # what the CLI bar and progress.svg draw
+    finally:
+        opened.set()
+
+    assert document.status is JobStatus.STATISTICS and document.stage == "stats"
+    first, second = document.statistics
+    assert (first.before_step, first.total, first.done) == (0, 20, 4)
+    assert (first.rows, first.columns, first.pixels) == (4, 5, 310 * 230)
+    assert first.grid[0] == "DDDDP" and set("".join(first.grid[1:])) == {"P"}
+    assert (second.before_step, second.done, second.pending) == (1, 0, 20)
+    assert document.tiles is not None and document.tiles.done == 0  # processing has not begun
+    assert under_way is not None and under_way[0]["upto"] == 0 and under_way[1].done == 4
+
+    execution = stack.engine.wait(str(service.jobs.get(job.job_id).execution_arn), timeout=120)
+    assert execution["status"] == "SUCCEEDED"
+    view = service.view(LOCAL_OWNER, job.job_id)
+    finished = job_document(view.job, view.progress, "", passes=view.passes)
+    assert [(p.before_step, p.done) for p in finished.statistics] == [(0, 20), (1, 20)]
+    assert finished.tiles is not None and finished.tiles.done == finished.tiles.total

@@ -132,9 +132,23 @@ def test_every_storage_call_failing_on_the_network_is_transient(
         ("UpdateItem", lambda jobs: jobs.tiles_finished("j", [TileOutcome(0, TileState.DONE, 10)])),
         ("UpdateItem", lambda jobs: jobs.finish_failed("j", "TILE_FAILED", "tile 0: broken")),
         ("BatchWriteItem", lambda jobs: jobs.create_tiles("j", 3)),
+        ("UpdateItem", lambda jobs: jobs.create_pass_tiles("j", {0: 3})),
+        ("UpdateItem", lambda jobs: jobs.pass_tiles_done("j", 0, [0, 1])),
+        ("BatchGetItem", lambda jobs: jobs.progress_with_passes("j", 3, {0: 5})),
         ("Query", lambda jobs: jobs.list_for_owner("o", limit=5)),
     ],
-    ids=["get", "tiles", "tile-started", "tile-finished", "finish-failed", "create-tiles", "list"],
+    ids=[
+        "get",
+        "tiles",
+        "tile-started",
+        "tile-finished",
+        "finish-failed",
+        "create-tiles",
+        "create-pass-tiles",
+        "pass-tiles-done",
+        "pass-progress",
+        "list",
+    ],
 )
 def test_every_job_table_call_failing_on_the_network_is_transient(
     name: str, operation: str, call: Callable[[JobRepository], Any]

@@ -90,7 +90,8 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         # CompleteMultipartUpload, is PutObject on the destination.
         "s3:GetObject": {JOBS},
         "s3:DeleteObject": {JOBS, RESULTS, UPLOADS},
-        "s3:PutObject": {RESULTS},
+        # The reduce of a statistics pass stores the combined statistics under jobs/.
+        "s3:PutObject": {JOBS, RESULTS},
         "s3:AbortMultipartUpload": {RESULTS},
         "s3:ListBucket": {BUCKET},
     },

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -91,6 +91,22 @@ class JobView:
 
     job: Job
     progress: TileProgress | None
+    passes: Mapping[int, TileProgress] = field(default_factory=dict)
+    """Each statistics pass's progress, by the step it gathers statistics for."""
+
+    def pass_under_way(self) -> tuple[Mapping[str, Any], TileProgress] | None:
+        """While the job is in its statistics passes, the pass under way: its grid (rows,
+        columns, tile count) and its progress; the last pass once all are done."""
+        if self.job.status is not JobStatus.STATISTICS:
+            return None
+        grids = (self.job.grid or {}).get("passes", [])
+        passes = [
+            (grid, self.passes[grid["upto"]]) for grid in grids if grid["upto"] in self.passes
+        ]
+        for grid, progress in passes:
+            if progress.done < progress.total:
+                return grid, progress
+        return passes[-1] if passes else None
 
 
 class JobService:
@@ -196,11 +212,15 @@ class JobService:
         return self.jobs.get(job_id)
 
     def view(self, owner: str | None, job_id: str) -> JobView:
-        """The job and, once split, its tile progress."""
+        """The job and, once split, its tile progress and its statistics passes' (two reads)."""
         job = self.jobs.get(job_id, owner=owner)
-        total = (job.grid or {}).get("tile_count")
-        progress = self.jobs.progress(job_id, int(total)) if total else None
-        return JobView(job, progress)
+        grid = job.grid or {}
+        total = grid.get("tile_count")
+        if not total:
+            return JobView(job, None)
+        passes = {int(p["upto"]): int(p["tile_count"]) for p in grid.get("passes", [])}
+        progress, pass_progress = self.jobs.progress_with_passes(job_id, int(total), passes)
+        return JobView(job, progress, pass_progress)
 
     def cancel(self, owner: str, job_id: str) -> Job:
         """Stop a running job (CANCELLED, intermediates removed); a finished one is left as is."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlencode
 
@@ -198,6 +199,22 @@ class TileSummary(BaseModel):
     )
 
 
+class PassSummary(BaseModel):
+    """One statistics pass's progress: its tiles cover the image before a whole-image step."""
+
+    before_step: int = Field(
+        description="the chain step whose statistics the pass gathers; the chain's length "
+        "for a stats output"
+    )
+    total: int
+    done: int
+    pending: int
+    rows: int
+    columns: int
+    pixels: int = Field(description="pixels the pass reads, over all its tiles")
+    grid: list[str] = Field(description="one string per tile row; P pending, D done")
+
+
 class JobDocument(BaseModel):
     """Answer to `GET /jobs/{job_id}`."""
 
@@ -213,6 +230,11 @@ class JobDocument(BaseModel):
     error: dict[str, str] | None = None
     output: dict[str, Any] | None = None
     tiles: TileSummary | None = None
+    statistics: list[PassSummary] = Field(
+        default_factory=list,
+        description="the statistics passes, in order, for a chain with whole-image steps or a "
+        "stats output; their tiles are done while the stage is stats",
+    )
     links: Links
 
 
@@ -288,9 +310,14 @@ def links(base: str, job_id: str, *, view_token: str | None = None) -> Links:
 
 
 def job_document(
-    job: Job, progress: TileProgress | None, base: str, *, view_token: str | None = None
+    job: Job,
+    progress: TileProgress | None,
+    base: str,
+    *,
+    view_token: str | None = None,
+    passes: Mapping[int, TileProgress] | None = None,
 ) -> JobDocument:
-    """The status document of a job."""
+    """The status document of a job; ``passes``: each statistics pass's progress, by ``upto``."""
     tiles = None
     if progress is not None and job.grid:
         columns = int(job.grid["columns"])
@@ -318,8 +345,33 @@ def job_document(
         error=job.error,
         output=job.output,
         tiles=tiles,
+        statistics=_pass_summaries(job, passes or {}),
         links=links(base, job.job_id, view_token=view_token),
     )
+
+
+def _pass_summaries(job: Job, passes: Mapping[int, TileProgress]) -> list[PassSummary]:
+    summaries = []
+    for grid in (job.grid or {}).get("passes", []):
+        progress = passes.get(int(grid["upto"]))
+        if progress is None:
+            continue
+        columns = int(grid["columns"])
+        summaries.append(
+            PassSummary(
+                before_step=int(grid["upto"]),
+                total=progress.total,
+                done=progress.done,
+                pending=progress.counts.get(TileState.PENDING, 0),
+                rows=int(grid["rows"]),
+                columns=columns,
+                pixels=int(grid["width"]) * int(grid["height"]),
+                grid=[
+                    progress.grid[i : i + columns] for i in range(0, len(progress.grid), columns)
+                ],
+            )
+        )
+    return summaries
 
 
 def tile_document(record: TileRecord, columns: int) -> TileDocument:

@@ -77,12 +77,13 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         edge = transcode_tile_edge(job.tile_size)
         written = transcode(header, origin, pipeline.store, read_key, edge)
     passes = statistics.passes_for(chain, spec, job.output_format)
-    statistics.prepare(pipeline, job_id, spec, chain, job.tile_size, passes)
+    pass_grids = statistics.prepare(pipeline, job_id, spec, chain, job.tile_size, passes)
     manifest = plan.manifest(_tiles_per_item(plan, job, pipeline.settings.tiles_per_item))
     for item in manifest:
         item["job_id"] = job_id
     pipeline.store.put_json(keys.manifest(job_id), manifest)
     pipeline.jobs.create_tiles(job_id, plan.tile_count)
+    statistics.track(pipeline, job_id, pass_grids)
     try:
         pipeline.jobs.transition(
             job_id,
@@ -94,6 +95,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
                 # What the workers open by range: the upload itself, or its transcode.
                 "read": {"key": read_key, "page": 0},
                 "bytes_read": origin.remote.bytes_fetched,
+                "passes": pass_grids,
             },
             t_split=time.monotonic() - started,
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pyvips
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
 
 __all__ = [
+    "REDUCE_THREADS",
     "STATS_FORMAT",
     "passes_for",
     "prepare",
@@ -37,12 +39,15 @@ __all__ = [
     "statistics_batch",
     "stored_failure",
     "stored_statistics",
+    "track",
 ]
 
 STATS_FORMAT = "stats"
 """The output format that is the statistics of the chain's result instead of an image."""
 
-_IO_THREADS = 16
+REDUCE_THREADS = 16
+"""Partials the reduce reads at once: S3 answers each GET in 100-200 ms, so at 10 GP (2,401
+partials) reading them one after another would take six minutes."""
 
 
 def passes_for(chain: Chain, spec: ImageSpec, output_format: str) -> list[StatisticsPass]:
@@ -57,12 +62,13 @@ def prepare(
     chain: Chain,
     tile_size: int,
     passes: Sequence[StatisticsPass],
-) -> None:
+) -> list[dict[str, int]]:
     """Write every pass's manifest; its workers read their blocks of the source by range.
 
     A pass's grid depends on the shape of the steps before it, never on statistics, so all
-    passes are planned here, once.
+    passes are planned here, once. Returns each pass's grid, for the job's record (`track`).
     """
+    grids: list[dict[str, int]] = []
     for step in passes:
         plan = pass_plan(chain, spec, tile_size, {}, step.upto)
         if plan.tile_count > MAX_TILES:
@@ -75,6 +81,23 @@ def prepare(
             item["job_id"] = job_id
             item["upto"] = step.upto
         pipeline.store.put_json(keys.statistics_manifest(job_id, step.upto), manifest)
+        grids.append(
+            {
+                "upto": step.upto,
+                "tile_count": plan.tile_count,
+                "rows": plan.rows,
+                "columns": plan.columns,
+                "width": plan.output_width,
+                "height": plan.output_height,
+            }
+        )
+    return grids
+
+
+def track(pipeline: Pipeline, job_id: str, grids: Sequence[Mapping[str, int]]) -> None:
+    """Every pass's tiles PENDING in the job's tile records, so a status read shows each pass
+    as its batches finish (after the tiles' own records are made, which this must follow)."""
+    pipeline.jobs.create_pass_tiles(job_id, {grid["upto"]: grid["tile_count"] for grid in grids})
 
 
 def stored_statistics(
@@ -102,13 +125,12 @@ def statistics_batch(
     plan = pass_plan(chain, spec, job.tile_size, earlier, upto)
     read = job.grid["read"]
     try:
-        parts = [
-            _tile_part(pipeline, read, plan, Tile.from_compact(compact), step.histogram)
-            for compact in tiles
-        ]
+        batch_tiles = [Tile.from_compact(compact) for compact in tiles]
+        parts = [_tile_part(pipeline, read, plan, tile, step.histogram) for tile in batch_tiles]
         pipeline.store.put_bytes(
             keys.statistics_part(job_id, upto, batch), Statistics.combine(parts).to_bytes()
         )
+        pipeline.jobs.pass_tiles_done(job_id, upto, [tile.index for tile in batch_tiles])
     except TileFailed as e:
         pipeline.store.put_json(
             keys.statistics_failure(job_id), {"code": e.code, "message": str(e)}
@@ -152,10 +174,16 @@ def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dic
         raise TilefanError(f"job {job_id} has no tile grid: it was never split")
     manifest = pipeline.store.get_json(manifest_key)
     upto = int(manifest[0]["upto"])
-    parts = [
-        Statistics.from_bytes(pipeline.store.get_bytes(keys.statistics_part(job_id, upto, n)))
-        for n in range(len(manifest))
-    ]
+    with ThreadPoolExecutor(REDUCE_THREADS) as pool:
+        # map keeps batch order, which is tile order: the sums are combined in one order.
+        parts = list(
+            pool.map(
+                lambda n: Statistics.from_bytes(
+                    pipeline.store.get_bytes(keys.statistics_part(job_id, upto, n))
+                ),
+                range(len(manifest)),
+            )
+        )
     combined = Statistics.combine(parts)
     pipeline.store.put_bytes(keys.statistics(job_id, upto), combined.to_bytes())
     chain = parse_chain(job.operations)

@@ -329,6 +329,24 @@ def _band_records(band: int, item: Mapping[str, Any]) -> list[TileRecord]:
     ]
 
 
+def _pass_letters(upto: int) -> str:
+    """The band items' attribute holding the letters of the statistics pass before ``upto``."""
+    return f"s{upto}"
+
+
+def _progress(bands: Mapping[int, Mapping[str, Any]], attribute: str, total: int) -> TileProgress:
+    """Counts and the row-major grid of the letters in ``attribute`` of every band item."""
+    letters = [TileState.PENDING.letter] * total  # as are bands not written yet
+    for band, item in bands.items():
+        for offset, letter in enumerate(item.get(attribute, [])):
+            letters[_index(band, offset)] = str(letter)
+    grid = "".join(letters)
+    counts = {state: grid.count(state.letter) for state in TileState}
+    return TileProgress(
+        total=total, counts={state: n for state, n in counts.items() if n}, grid=grid
+    )
+
+
 _JSON_FIELDS = ("operations", "input", "output_options", "source", "grid", "output", "error")
 
 
@@ -631,16 +649,76 @@ class JobRepository:
         Two requests whatever the job's size or state (the job's, then its bands');
         ``consistent`` for a read that decides something, such as the merger's.
         """
-        letters = [TileState.PENDING.letter] * total  # as are bands not written yet
-        bands = self._read_bands(job_id, total, consistent=consistent, attributes="g")
-        for band, item in bands.items():
-            for offset, letter in enumerate(item["g"]):
-                letters[_index(band, offset)] = str(letter)
-        grid = "".join(letters)
-        counts = {state: grid.count(state.letter) for state in TileState}
-        return TileProgress(
-            total=total, counts={state: n for state, n in counts.items() if n}, grid=grid
+        progress, _ = self.progress_with_passes(job_id, total, {}, consistent=consistent)
+        return progress
+
+    def progress_with_passes(
+        self,
+        job_id: str,
+        total: int,
+        passes: Mapping[int, int],
+        *,
+        consistent: bool = False,
+    ) -> tuple[TileProgress, dict[int, TileProgress]]:
+        """The tiles' progress and each statistics pass's (``passes``: tile count by ``upto``),
+        from the same band items in the same one BatchGetItem."""
+        attributes = ["g", *(_pass_letters(upto) for upto in passes)]
+        bands = self._read_bands(
+            job_id,
+            max([total, *passes.values()]),
+            consistent=consistent,
+            attributes=", ".join(attributes),
         )
+        tiles = _progress(bands, "g", total)
+        return tiles, {upto: _progress(bands, _pass_letters(upto), n) for upto, n in passes.items()}
+
+    # --- statistics passes --------------------------------------------------------------------
+
+    def create_pass_tiles(self, job_id: str, passes: Mapping[int, int]) -> None:
+        """Every statistics pass's tiles PENDING (``passes``: tile count by ``upto``), in the
+        band items beside the tiles' (after `create_tiles`, which replaces the band items)."""
+        expires_at = int(time.time()) + self.ttl_days * 86_400
+        sizes = {upto: Counter(_band(index) for index in range(n)) for upto, n in passes.items()}
+        for band in range(_band_count(max(passes.values(), default=0))):
+            names = {f"#s{upto}": _pass_letters(upto) for upto in passes}
+            values: dict[str, Any] = {":expires": expires_at}
+            for upto, counts in sizes.items():
+                values[f":s{upto}"] = [TileState.PENDING.letter] * counts[band]
+            try:
+                self.table.update_item(
+                    Key=_band_key(job_id, band),
+                    UpdateExpression="SET expires_at = if_not_exists(expires_at, :expires), "
+                    + ", ".join(f"#s{upto} = :s{upto}" for upto in passes),
+                    ExpressionAttributeNames=names,
+                    ExpressionAttributeValues=values,
+                )
+            except AWS_ERRORS as e:
+                raise _translate(e) from e
+
+    def pass_tiles_done(self, job_id: str, upto: int, indices: Iterable[int]) -> None:
+        """Mark a statistics pass's tiles DONE, one write per band touched.
+
+        A pass tile has no attempts or errors to keep (a failed one fails the job), so a write
+        sets letters only; writing DONE again, on a duplicated delivery, changes nothing.
+        """
+        for band, tiles in _by_band(sorted(set(indices))).items():
+            for start in range(0, len(tiles), _TILES_PER_WRITE):
+                offsets = [_offset(index) for index in tiles[start : start + _TILES_PER_WRITE]]
+                try:
+                    self.table.update_item(
+                        Key=_band_key(job_id, band),
+                        UpdateExpression="SET "
+                        + ", ".join(f"#s[{offset}] = :done" for offset in offsets),
+                        ConditionExpression="attribute_exists(#s)",
+                        ExpressionAttributeNames={"#s": _pass_letters(upto)},
+                        ExpressionAttributeValues={":done": TileState.DONE.letter},
+                    )
+                except ClientError as e:
+                    if _is_condition_failure(e):
+                        return  # the job's records were deleted: nothing left to show
+                    raise _translate(e) from e
+                except BotoCoreError as e:
+                    raise _translate(e) from e
 
     def _read_bands(
         self, job_id: str, total: int, *, consistent: bool, attributes: str | None = None

@@ -22,6 +22,7 @@
   let details = new Map(); // tile index -> detail document
   let detailsLoadedAt = 0;
   let samples = []; // [time ms, tiles done] for the rate and the estimate
+  let sampled = null; // which grid the samples count: "tiles" or a statistics pass
   let viewerShown = false;
 
   function route(path, extra) {
@@ -40,16 +41,36 @@
     return value < 60 ? value.toFixed(1) + " s" : Math.floor(value / 60) + " min " + Math.round(value % 60) + " s";
   }
 
+  // While the statistics passes run, the grid and the numbers follow the pass under way;
+  // the processing tiles' own counts stay in data-tiles-done and data-tiles-total.
+  function currentPass() {
+    const passes = job.statistics || [];
+    if (job.stage !== "stats" || passes.length === 0) return null;
+    const running = passes.find((pass) => pass.done < pass.total) || passes[passes.length - 1];
+    return { summary: running, number: passes.indexOf(running) + 1, of: passes.length };
+  }
+
+  function shown() {
+    const pass = currentPass();
+    return pass ? pass.summary : job.tiles;
+  }
+
   function render() {
     const tiles = job.tiles;
+    const pass = currentPass();
     main.dataset.jobStatus = job.status;
     main.dataset.tilesDone = tiles ? String(tiles.done) : "0";
     main.dataset.tilesTotal = tiles ? String(tiles.total) : "0";
+    main.dataset.statsDone = pass ? String(pass.summary.done) : "0";
+    main.dataset.statsTotal = pass ? String(pass.summary.total) : "0";
     document.getElementById("job-id").textContent = job.job_id;
     document.title = "tilefan job " + job.status.toLowerCase();
     let status = job.status;
-    if (tiles) status += ": " + tiles.done + " of " + tiles.total + " tiles done";
-    if (tiles && tiles.failed) status += ", " + tiles.failed + " failed";
+    if (pass) {
+      status += ": statistics pass " + pass.number + " of " + pass.of + ", " +
+        pass.summary.done + " of " + pass.summary.total + " tiles read";
+    } else if (tiles) status += ": " + tiles.done + " of " + tiles.total + " tiles done";
+    if (!pass && tiles && tiles.failed) status += ", " + tiles.failed + " failed";
     document.getElementById("status").textContent = status;
     renderStages();
     renderNumbers();
@@ -60,9 +81,10 @@
   }
 
   function renderStages() {
-    const order = ["split", "process", "merge"];
+    const order = ["split", "stats", "process", "merge"];
     const at = job.stage === "done" ? order.length : order.indexOf(job.stage);
     for (const item of document.querySelectorAll("#stages li")) {
+      if (item.dataset.stage === "stats") item.hidden = (job.statistics || []).length === 0;
       const index = order.indexOf(item.dataset.stage);
       item.classList.toggle("active", index === at && !TERMINAL.has(job.status));
       const took = job.timings[item.dataset.stage];
@@ -72,17 +94,20 @@
   }
 
   function renderNumbers() {
-    const tiles = job.tiles;
+    const tiles = shown();
     if (!tiles) return;
     document.getElementById("tiles").textContent = tiles.done + " / " + tiles.total;
     const now = Date.now();
+    const counting = tiles === job.tiles ? "tiles" : "pass " + tiles.before_step;
+    if (counting !== sampled) samples = [];
+    sampled = counting;
     samples.push([now, tiles.done]);
     samples = samples.filter((sample) => now - sample[0] < 30000);
     const first = samples[0];
     const elapsed = (now - first[0]) / 1000;
     const rate = elapsed > 0 ? (tiles.done - first[1]) / elapsed : 0;
     document.getElementById("rate").textContent = rate > 0 ? rate.toFixed(1) : "–";
-    const pixelsPerTile = tiles.output_pixels / tiles.total;
+    const pixelsPerTile = (tiles.output_pixels || tiles.pixels) / tiles.total;
     document.getElementById("throughput").textContent =
       rate > 0 ? ((rate * pixelsPerTile) / 1e6).toPrecision(3) + " MP/s" : "–";
     const left = tiles.total - tiles.done;
@@ -120,7 +145,7 @@
   // --- the tile grid -----------------------------------------------------------------------
 
   function drawGrid() {
-    const tiles = job.tiles;
+    const tiles = shown();
     if (!tiles) return;
     const width = Math.min(canvas.parentElement.clientWidth || 600, 1200);
     cell = Math.max(1, Math.min(28, Math.floor(width / tiles.columns)));
@@ -136,7 +161,7 @@
     for (let row = 0; row < tiles.rows; row++) {
       const line = tiles.grid[row];
       for (let column = 0; column < tiles.columns; column++) {
-        drawCell(context, row, column, line[column], maxima);
+        drawCell(context, row, column, line[column], maxima, tiles);
       }
     }
   }
@@ -157,11 +182,11 @@
     return "hsl(" + Math.round(210 - share * 210) + ", 70%, " + light + "%)";
   }
 
-  function drawCell(context, row, column, letter, maxima) {
+  function drawCell(context, row, column, letter, maxima, tiles) {
     const x = column * cell;
     const y = row * cell;
-    const index = row * job.tiles.columns + column;
-    const tile = details.get(index);
+    const index = row * tiles.columns + column;
+    const tile = tiles === job.tiles ? details.get(index) : undefined;
     let fill = COLOURS[letter] || "#fff";
     if (mode !== "state" && tile) {
       fill = mode === "duration"
@@ -210,14 +235,15 @@
     const box = canvas.getBoundingClientRect();
     const column = Math.floor((event.clientX - box.left) / cell);
     const row = Math.floor((event.clientY - box.top) / cell);
-    const tiles = job && job.tiles;
+    const tiles = job && shown();
     if (!tiles || row < 0 || column < 0 || row >= tiles.rows || column >= tiles.columns) return null;
-    return { row: row, column: column, index: row * tiles.columns + column, letter: tiles.grid[row][column] };
+    const index = row * tiles.columns + column;
+    return { row: row, column: column, index: index, letter: tiles.grid[row][column], pass: tiles !== job.tiles };
   }
 
   function describe(place) {
-    const tile = details.get(place.index);
-    let text = "Tile " + place.index + " (row " + place.row + ", column " + place.column + "): " + NAMES[place.letter];
+    const tile = place.pass ? undefined : details.get(place.index);
+    let text = (place.pass ? "Statistics tile " : "Tile ") + place.index + " (row " + place.row + ", column " + place.column + "): " + NAMES[place.letter];
     if (tile) {
       text += ", " + tile.attempts + " attempt" + (tile.attempts === 1 ? "" : "s");
       if (tile.duration_ms !== null && tile.duration_ms !== undefined) text += ", " + tile.duration_ms + " ms";
@@ -232,6 +258,7 @@
     if (!place) { tip.hidden = true; return; }
     describe(place);
     clearTimeout(hoverTimer);
+    if (place.pass) return; // a statistics tile has no detail beyond its state
     // One detail request per resting pointer, not one per pixel moved.
     hoverTimer = setTimeout(async () => {
       try {
@@ -261,7 +288,8 @@
     let changed = true;
     try {
       const next = await getJson("state");
-      changed = !job || JSON.stringify(next.tiles) !== JSON.stringify(job.tiles) || next.status !== job.status;
+      changed = !job || next.status !== job.status ||
+        JSON.stringify([next.tiles, next.statistics]) !== JSON.stringify([job.tiles, job.statistics]);
       job = next;
       render();
       if (mode !== "state" && Date.now() - detailsLoadedAt > 15000) await loadDetails();
