@@ -74,7 +74,9 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def dzsave_files(image: pyvips.Image, tmp_path: Path, output_format: str, **options: Any) -> dict[str, bytes]:
+def dzsave_files(
+    image: pyvips.Image, tmp_path: Path, output_format: str, **options: Any
+) -> dict[str, bytes]:
     """What libvips' dzsave writes for the whole image, by path (its properties file left out)."""
     layout = TileSetLayout.from_options(output_format, options)
     folder = tmp_path / "libvips"
@@ -92,9 +94,7 @@ def got_files(output: Path, output_format: str) -> dict[str, bytes]:
         return {f"out/{name}": data for name, data in files_under(output).items()}
     with zipfile.ZipFile(output) as archive:
         assert archive.testzip() is None
-        return {
-            name.replace("result", "out", 1): archive.read(name) for name in archive.namelist()
-        }
+        return {name.replace("result", "out", 1): archive.read(name) for name in archive.namelist()}
 
 
 def assert_same_tiles(expected: dict[str, bytes], got: dict[str, bytes]) -> None:
@@ -280,8 +280,6 @@ def test_jpeg_tiles_of_a_float_result_are_refused_with_a_code(
     image = noise_image(300, 200, 3, fmt="float", seed=1)
     path = tmp_path / "source.tif"
     image.tiffsave(str(path))
-    view = run_job(
-        stack, path, tmp_path / "out.dzi", BLUR, output_format="dzi", poll_seconds=0.05
-    )
+    view = run_job(stack, path, tmp_path / "out.dzi", BLUR, output_format="dzi", poll_seconds=0.05)
     assert view.job.status is JobStatus.FAILED
     assert view.job.error is not None and view.job.error["code"] == "INVALID_TILE_SET"
