@@ -58,10 +58,11 @@ class TileSetLayout:
     def from_options(cls, output_format: str, options: Mapping[str, Any]) -> TileSetLayout:
         """The layout a job's format and output options ask for, dzsave's defaults elsewhere."""
         iiif = output_format == "iiif"
+        overlap = options.get("overlap")
         layout = cls(
             iiif=iiif,
             tile_size=int(options.get("tile_size") or (512 if iiif else 254)),
-            overlap=int(options.get("overlap", 0 if iiif else 1)),
+            overlap=(0 if iiif else 1) if overlap is None else int(overlap),
             suffix=str(options.get("suffix") or "jpeg"),
             quality=int(options.get("quality") or 75),
         )
