@@ -122,14 +122,15 @@ def calls(api: LocalApi) -> Calls:
     return recorded
 
 
-def create(client: TilefanClient, source: Path) -> str:
+def create(client: TilefanClient, source: Path, output_format: str = "tiff") -> str:
     body = {
         "operations": [{"op": "invert"}],
-        "output": {"format": "tiff"},
+        "output": {"format": output_format},
         "tile_size": TILE,
         "input": {"size_bytes": source.stat().st_size},
     }
-    created = client.request("POST", "/jobs", body, {"Idempotency-Key": source.name})
+    key = f"{source.name}-{output_format}"
+    created = client.request("POST", "/jobs", body, {"Idempotency-Key": key})
     client.upload(source, created)
     return str(created["job_id"])
 
@@ -143,9 +144,10 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
     noise_image(1400, 1300, 3, seed=2).tiffsave(str(large))  # two multipart parts
     jobs: list[str] = []
 
-    # Succeeds, uploaded by one PUT and by parts; every read route is used on it.
-    for source in (small, large):
-        job_id = create(client, source)
+    # Succeeds, uploaded by one PUT and by parts, and as a DeepZoom set (the workers write
+    # its tiles under results/); every read route is used on it.
+    for source, output_format in ((small, "tiff"), (large, "tiff"), (small, "dzi")):
+        job_id = create(client, source, output_format)
         client.request("POST", f"/jobs/{job_id}/start")
         assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
         client.request("GET", f"/jobs/{job_id}/tiles")
