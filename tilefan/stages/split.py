@@ -125,9 +125,12 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
 
 
 def _tiles_per_item(plan: TilePlan, job: Job, default: int) -> int:
-    """Batch size: TIFF workers write one object per batch, sized to be copied on S3."""
+    """Batch size: TIFF and DeepZoom zip workers write one object per batch, sized to be
+    copied on S3 (a zip's JPEG tiles shrink about as JPEG-in-TIFF does)."""
     if job.output_format == "tiff":
         return tiles_per_item(plan, job.output_options, default)
+    if job.output_format == "dz":
+        return tiles_per_item(plan, {"compression": "jpeg"}, default)
     return default
 
 
