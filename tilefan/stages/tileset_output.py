@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,7 +88,6 @@ class TileSetBatchWriter:
         self.layout = TileSetLayout.from_options(job.output_format, job.output_options)
         self.zipped = job.output_format == "dz"
         self.tiles_root = tileset_paths(job.output_format)[0]
-        self.root = keys.result_prefix(job.job_id) + self.tiles_root
         self.width, self.height = grid["output_width"], grid["output_height"]
         self.block, self.columns = grid["output_tile"], grid["columns"]
         self.sizes = self.layout.level_sizes(self.width, self.height)
@@ -100,10 +99,9 @@ class TileSetBatchWriter:
         self.pieces: list[list[int]] = []
         self.piece_data = bytearray()
         self.pixels: dict[str, Any] = {}
+        self.blocks = 0
         self.tiles = 0
         self.tile_bytes = 0
-        self._uploads: list[Future[None]] = []
-        self._pool = ThreadPoolExecutor(_IO_THREADS) if not self.zipped else None
 
     def expand(self, tile: Tile) -> Tile:
         """The tile grown by the overlap its coarsest level needs, with that rectangle's source."""
@@ -118,6 +116,8 @@ class TileSetBatchWriter:
             self.width, self.height
         )
         image = self.layout.saveable(block)
+        tiles: list[tuple[str, bytes]] = []
+        self.blocks += 1
         self.pixels = {
             "bands": block.bands,
             "format": block.format,
@@ -134,9 +134,11 @@ class TileSetBatchWriter:
                 data = self.layout.encode(
                     image.crop(rect.x - origin_x, rect.y - origin_y, rect.w, rect.h)
                 )
-                self._write(self.layout.tile_name(self.sizes, level, tile_column, tile_row), data)
+                name = self.layout.tile_name(self.sizes, level, tile_column, tile_row)
+                tiles.append((self.tiles_root + name, data))
             if level + 1 < self.levels:
                 image = halve_padded(image)
+        self._write(tiles)
         if len(self.sizes) > self.levels:
             scale = 2 ** (self.levels - 1)
             last = _scaled(core, scale)
@@ -150,30 +152,35 @@ class TileSetBatchWriter:
             )
             self.piece_data += piece.write_to_memory()
 
-    def _write(self, name: str, data: bytes) -> None:
-        self.tiles += 1
-        self.tile_bytes += len(data)
-        if self._pool is None:
-            entry, crc = local_entry(self.tiles_root + name, data)
-            self.entries.append([self.tiles_root + name, crc, len(data), len(self.entry_data)])
-            self.entry_data += entry
+    def _write(self, tiles: list[tuple[str, bytes]]) -> None:
+        """A block's tiles: zip entries of the batch's object, or objects written now (so
+        none is still uploading when the batch ends, even by an error)."""
+        self.tiles += len(tiles)
+        self.tile_bytes += sum(len(data) for _, data in tiles)
+        if self.zipped:
+            for name, data in tiles:
+                entry, crc = local_entry(name, data)
+                self.entries.append([name, crc, len(data), len(self.entry_data)])
+                self.entry_data += entry
             return
-        key = self.root + name
+        prefix, store = keys.result_prefix(self.job_id), self.pipeline.store
         content_type = _CONTENT_TYPES[self.layout.suffix]
-        self._uploads.append(
-            self._pool.submit(self.pipeline.store.put_bytes, key, data, content_type)
-        )
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            list(
+                pool.map(
+                    lambda tile: store.put_bytes(prefix + tile[0], tile[1], content_type), tiles
+                )
+            )
 
     def finish(self) -> None:
         """Write the batch's entries and pieces, then its index (last: it says all is there)."""
         store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
-        if self._pool is not None:
-            try:
-                for upload in self._uploads:
-                    upload.result()
-            finally:
-                self._pool.shutdown()
-        index: dict[str, Any] = {"tiles": self.tiles, "tile_bytes": self.tile_bytes, **self.pixels}
+        index: dict[str, Any] = {
+            "blocks": self.blocks,
+            "tiles": self.tiles,
+            "tile_bytes": self.tile_bytes,
+            **self.pixels,
+        }
         if self.zipped:
             index["entries_key"] = keys.encoded(job_id, first, "tiles")
             index["entries"] = self.entries
@@ -201,8 +208,9 @@ def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
     )
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         indexes = list(pool.map(store.get_json, index_keys))
-    if not indexes:
-        raise TilefanError("the workers' tiles are missing")
+    blocks = sum(index["blocks"] for index in indexes)
+    if blocks != plan.tile_count:
+        raise TilefanError(f"the workers wrote {blocks} of the {plan.tile_count} blocks")
     layout = TileSetLayout.from_options(job.output_format, job.output_options)
     width, height = plan.output_width, plan.output_height
     sizes = layout.level_sizes(width, height)
