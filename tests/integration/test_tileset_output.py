@@ -15,9 +15,10 @@ import botocore.client
 import pytest
 import pyvips
 
+import tilefan.stages.process
 import tilefan.stages.tileset_output
 from tests.support import assert_identical, noise_image, shared_image
-from tilefan import parse_chain
+from tilefan import TransientError, parse_chain
 from tilefan.formats.dz_tiles import TileSetLayout
 from tilefan.formats.source import upright
 from tilefan.local.stack import LocalStack, local_stack, run_job
@@ -283,3 +284,25 @@ def test_jpeg_tiles_of_a_float_result_are_refused_with_a_code(
     view = run_job(stack, path, tmp_path / "out.dzi", BLUR, output_format="dzi", poll_seconds=0.05)
     assert view.job.status is JobStatus.FAILED
     assert view.job.error is not None and view.job.error["code"] == "INVALID_TILE_SET"
+
+
+@pytest.mark.parametrize("output_format", ["dzi", "dz"])
+def test_a_batch_retried_after_a_transient_failure_leaves_the_same_set(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_format: str
+) -> None:
+    """Tiles already written by the failed attempt are written again, to the same keys."""
+    real = tilefan.stages.process.execute_tile
+    failed: list[int] = []
+
+    def flaky(chain: Any, spec: Any, block: Any, out: Any) -> Any:
+        if out.x > 0 and out.y > 0 and not failed:
+            failed.append(1)
+            raise TransientError("injected: storage hiccup")
+        return real(chain, spec, block, out)
+
+    monkeypatch.setattr(tilefan.stages.process, "execute_tile", flaky)
+    image = noise_image(700, 500, 3, seed=9)
+    output = run_set(stack, image, tmp_path, output_format, 256)
+    assert failed == [1]
+    expected = dzsave_files(whole(image, BLUR), tmp_path, output_format)
+    assert_same_tiles(expected, got_files(output, output_format))
