@@ -423,7 +423,12 @@ def _quality(text: str) -> int:
 
 def _output_options(args: argparse.Namespace, output_format: str) -> dict[str, Any]:
     """The output options of a run, checked as the API checks them."""
-    tileset = {"tile_size": args.dz_tile_size, "overlap": args.overlap, "suffix": args.suffix}
+    tileset = {
+        "tile_size": args.dz_tile_size,
+        "overlap": args.overlap,
+        "suffix": args.suffix,
+        "iiif_id": args.iiif_id,
+    }
     if output_format in TILESET_FORMATS:
         TileSetLayout.from_options(
             output_format, {**tileset, "quality": args.quality}
@@ -481,6 +486,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--suffix", choices=_SUFFIXES, help="dz, dzi and iiif: the tiles' encoding (jpeg)"
+    )
+    run.add_argument(
+        "--iiif-id",
+        help="iiif: the URL the set will be served from, less its last part: info.json's id "
+        "is this followed by /result (default: https://example.com/iiif, as dzsave)",
     )
     run.set_defaults(func=_run)
 

@@ -90,10 +90,19 @@ def test_any_size_tile_size_and_overlap_decode_as_dzsave_does(
         )
 
 
-@pytest.mark.parametrize("output_format", ["dzi", "iiif"])
-def test_the_descriptor_is_dzsaves(tmp_path: Path, output_format: str) -> None:
+@pytest.mark.parametrize(
+    ("output_format", "options"),
+    [
+        ("dzi", {"quality": 80}),
+        ("iiif", {}),
+        ("iiif", {"iiif_id": "https://tiles.example.org/iiif/job-7"}),
+    ],
+)
+def test_the_descriptor_is_dzsaves(
+    tmp_path: Path, output_format: str, options: dict[str, Any]
+) -> None:
     image = noise_image(700, 301, 3, seed=1)
-    layout = TileSetLayout.from_options(output_format, {"quality": 80})
+    layout = TileSetLayout.from_options(output_format, options)
     image.dzsave(str(tmp_path / "result"), **layout.dzsave_arguments())
     written = tmp_path / ("result/info.json" if layout.iiif else "result.dzi")
     assert layout.descriptor(700, 301, "result") == written.read_bytes()
@@ -120,6 +129,9 @@ def test_workers_hold_the_levels_where_a_block_is_whole_tiles() -> None:
         ("dzi", {"tile_size": 64, "overlap": 33}, "overlap must be from 0 to 32"),
         ("iiif", {"overlap": 1}, "IIIF tiles have no overlap"),
         ("dz", {"suffix": "gif"}, "suffix must be one of"),
+        ("iiif", {"iiif_id": "https://x.org/a b"}, "iiif_id must be"),
+        ("iiif", {"iiif_id": "https://x.org/"}, "iiif_id must be"),
+        ("iiif", {"iiif_id": "ftp://x.org"}, "iiif_id must be"),
     ],
 )
 def test_options_a_set_cannot_be_written_with_are_refused_with_a_code(

@@ -13,6 +13,7 @@ when it encodes it. `TileSetLayout.dzsave_arguments` is the ``dzsave`` call a ti
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from tilefan.formats.tiff_tiles import halve
 from tilefan.imaging.geometry import Rect
 
 __all__ = [
+    "IIIF_ID_PATTERN",
     "TILESET_FORMATS",
     "InvalidTileSet",
     "TileSetLayout",
@@ -36,6 +38,10 @@ TILESET_FORMATS = frozenset({"dz", "dzi", "iiif"})
 _SUFFIXES = ("jpeg", "png", "webp")
 _IIIF_ID = "https://example.com/iiif"
 """libvips' default IIIF id; the ``id`` of a set is this followed by ``/`` and its name."""
+
+IIIF_ID_PATTERN = r"^https?://[!#-\[\]-~]*[!#-.0-\[\]-~]$"
+"""An IIIF id tilefan writes as libvips does: printable ASCII without a space, a quote or a
+backslash (which JSON would escape and libvips does not), not ending in ``/``."""
 
 
 class InvalidTileSet(TilefanError):
@@ -53,6 +59,8 @@ class TileSetLayout:
     overlap: int = 1
     suffix: str = "jpeg"
     quality: int = 75
+    iiif_id: str = _IIIF_ID
+    """Where an IIIF set is served from: its ``info.json`` id is this, ``/``, and its name."""
 
     @classmethod
     def from_options(cls, output_format: str, options: Mapping[str, Any]) -> TileSetLayout:
@@ -65,6 +73,7 @@ class TileSetLayout:
             overlap=(0 if iiif else 1) if overlap is None else int(overlap),
             suffix=str(options.get("suffix") or "jpeg"),
             quality=int(options.get("quality") or 75),
+            iiif_id=str(options.get("iiif_id") or _IIIF_ID),
         )
         layout.check()
         return layout
@@ -82,6 +91,11 @@ class TileSetLayout:
             raise InvalidTileSet("IIIF tiles have no overlap")
         if not 0 <= self.overlap <= self.tile_size // 2:
             raise InvalidTileSet(f"overlap must be from 0 to {self.tile_size // 2}")
+        if not re.fullmatch(IIIF_ID_PATTERN, self.iiif_id) or len(self.iiif_id) > 1000:
+            raise InvalidTileSet(
+                "iiif_id must be an http or https URL of printable ASCII, without spaces, "
+                "quotes or backslashes, not ending in /, at most 1,000 characters"
+            )
 
     @property
     def direct(self) -> bool:
@@ -98,6 +112,7 @@ class TileSetLayout:
         arguments: dict[str, Any] = {"tile_size": self.tile_size, "overlap": self.overlap}
         if self.iiif:
             arguments["layout"] = "iiif3"
+            arguments["id"] = self.iiif_id
         if self.direct:
             arguments["Q"] = self.quality
         elif self.suffix == "webp":
@@ -199,7 +214,7 @@ class TileSetLayout:
         levels = len(self.level_sizes(width, height))
         info = {
             "@context": "http://iiif.io/api/image/3/context.json",
-            "id": f"{_IIIF_ID}/{name}",
+            "id": f"{self.iiif_id}/{name}",
             "type": "ImageService3",
             "profile": "level0",
             "protocol": "http://iiif.io/api/image",

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tilefan.formats.dz_tiles import IIIF_ID_PATTERN
 from tilefan.formats.outputs import OutputFormat
 from tilefan.imaging.operations import Step
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
@@ -76,6 +77,14 @@ class OutputSpec(_Strict):
     )
     suffix: Literal["jpeg", "png", "webp"] | None = Field(
         default=None, description="dz, dzi and iiif: the tiles' encoding (jpeg by default)"
+    )
+    iiif_id: str | None = Field(
+        default=None,
+        max_length=1000,
+        pattern=IIIF_ID_PATTERN,
+        description="iiif: the URL the set is served from, without its last part (result); "
+        "info.json's id is this followed by /result (dzsave's https://example.com/iiif by "
+        "default)",
     )
 
     def options(self) -> dict[str, Any]:
