@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tilefan.formats.dz_tiles import IIIF_ID_PATTERN
 from tilefan.formats.outputs import OutputFormat
 from tilefan.imaging.operations import Step
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
@@ -56,9 +57,36 @@ class OutputSpec(_Strict):
         default=False, description="tiff only: every reduced level, laid out as a COG"
     )
     quality: int | None = Field(
-        default=None, ge=1, le=100, description="jpeg, webp, and tiff with jpeg compression"
+        default=None,
+        ge=1,
+        le=100,
+        description="jpeg, webp, tiff with jpeg compression, and jpeg or webp tiles of a tile set",
     )
     lossless: bool = Field(default=False, description="webp only")
+    tile_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=8192,
+        description="dz, dzi and iiif: the tiles' edge, even (dzsave's 254 for DeepZoom, 512 "
+        "for IIIF)",
+    )
+    overlap: int | None = Field(
+        default=None,
+        ge=0,
+        le=4096,
+        description="dz and dzi: pixels each tile takes from its neighbours (1 by default)",
+    )
+    suffix: Literal["jpeg", "png", "webp"] | None = Field(
+        default=None, description="dz, dzi and iiif: the tiles' encoding (jpeg by default)"
+    )
+    iiif_id: str | None = Field(
+        default=None,
+        max_length=1000,
+        pattern=IIIF_ID_PATTERN,
+        description="iiif: the URL the set is served from, without its last part (result); "
+        "info.json's id is this followed by /result (dzsave's https://example.com/iiif by "
+        "default)",
+    )
 
     def options(self) -> dict[str, Any]:
         """The options the merger passes to the saver."""
