@@ -220,7 +220,10 @@ def _run_locally(
 
     route_handler_logs(_service_name(), verbose=args.verbose)
     progress = _Progress(sys.stderr)
-    with local_stack() as stack:
+    # The functions in processes of their own, as Lambda runs them; the pipeline's start warm
+    # while the engine starts (docs/engine.md).
+    warm = {"SplitterFunction": 1, "TileWorkerFunction": args.concurrency, "MergerFunction": 1}
+    with local_stack(processes=True, warm=warm, function_logs=args.verbose) as stack:
         view = run_job(
             stack,
             source,
@@ -295,6 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
                     keys=args.key or (),
                     api_processes=args.api_processes,
                     data_dir=data_dir,
+                    function_logs=args.verbose,
                 )
             )
         except OSError as e:
@@ -472,7 +476,11 @@ def _parser() -> argparse.ArgumentParser:
         "--api-processes",
         type=int,
         default=4,
-        help="API worker processes, each answering one request at a time (default 4)",
+        help=(
+            "API worker processes, each answering one request at a time (default 4); the "
+            "other functions run in processes of their own too. 0 runs every function in "
+            "the server's process"
+        ),
     )
     serve.set_defaults(func=_serve)
 

@@ -54,9 +54,22 @@ def local_stack(
     host: str = "127.0.0.1",
     port: int = 0,
     handlers: Mapping[str, LambdaHandler] | None = None,
+    processes: bool = False,
+    environments: Mapping[str, int] | None = None,
+    warm: Mapping[str, int] | None = None,
+    function_logs: bool = True,
 ) -> Iterator[LocalStack]:
-    """Start the embedded engine and the job service over it."""
-    with EmbeddedEngine(server=server, host=host, port=port, handlers=handlers) as engine:
+    """Start the embedded engine and the job service over it (``EmbeddedEngine``'s arguments)."""
+    with EmbeddedEngine(
+        server=server or processes,
+        host=host,
+        port=port,
+        handlers=handlers,
+        processes=processes,
+        environments=environments,
+        warm=warm,
+        function_logs=function_logs,
+    ) as engine:
         settings = Settings(
             bucket=engine.bucket,
             table=engine.table,
