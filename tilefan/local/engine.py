@@ -3,7 +3,8 @@
 S3, DynamoDB and Step Functions are moto's; every resource is built from ``template.yaml`` and
 the ASL file it names, so the engine cannot drift from what is deployed. moto's Step Functions
 interpreter runs the state machine; its Lambda tasks call ``lambda:Invoke`` through boto3, and
-the engine answers those calls by running the template's handlers in this process.
+the engine answers those calls by running the template's handlers, in worker processes of
+each function's own (``processes=True``) or in this process's threads.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ _active_engine: EmbeddedEngine | None = None
 
 
 class EmbeddedEngine:
-    """S3, DynamoDB and Step Functions on moto, with the template's Lambda handlers run in-process.
+    """S3, DynamoDB and Step Functions on moto, running the template's Lambda handlers.
 
     ``server=False`` patches botocore in this process (moto's ``mock_aws``); ``server=True``
     starts moto's threaded HTTP server on loopback ``host:port`` (0 picks a free port), so
