@@ -43,8 +43,8 @@ __all__ = ["main", "parse_op"]
 DEMO_CHAIN = [{"op": "gaussblur", "sigma": 2}, {"op": "sharpen", "sigma": 1}]
 DEFAULT_CONCURRENCY = 4
 MAX_LOCAL_CONCURRENCY = 64
-"""The embedded engine runs every worker as a thread of one process on one machine: past a few
-dozen they only queue for its cores and its memory (docs/engine.md)."""
+"""The embedded engine runs every worker on one machine, at most twice its cores at once in
+processes: past a few dozen they only queue for its cores and its memory (docs/engine.md)."""
 
 
 def parse_op(text: str) -> dict[str, Any]:

@@ -130,6 +130,9 @@ class EmbeddedEngine:
     twice the cores), with only its own variables and its Timeout, MemorySize and ephemeral
     storage enforced (``tilefan.local.lambda_processes``); ``warm[logical_id]`` of them start
     in the background as the engine starts, and ``function_logs=False`` silences their output.
+    ``background_nice`` is the niceness of the functions that serve no API events (the
+    pipeline's): the engine stands in for separate machines, and a user's status read should
+    not wait behind a tile worker for this one's cores.
     Otherwise handlers run in threads of this process.
     """
 
@@ -153,6 +156,7 @@ class EmbeddedEngine:
         environments: Mapping[str, int] | None = None,
         warm: Mapping[str, int] | None = None,
         function_logs: bool = True,
+        background_nice: int = 0,
     ) -> None:
         if server and host not in _LOOPBACK:
             raise ValueError(f"the engine's endpoint listens on loopback only, not {host}")
@@ -176,6 +180,7 @@ class EmbeddedEngine:
         self._environment_limits = dict(environments or {})
         self._warm = dict(warm or {})
         self._function_logs = function_logs
+        self._background_nice = background_nice
         self._pools: dict[str, FunctionEnvironments] = {}
         self._kept_settings: dict[str, str] = {}
         self.scratch_root: Path | None = None
@@ -286,6 +291,7 @@ class EmbeddedEngine:
         if not self._in_processes:
             return
         self.scratch_root = Path(tempfile.mkdtemp(prefix="tilefan-lambda-"))
+        serving = self.template.api_functions()
         for logical_id in self._in_processes:
             self._pools[logical_id] = FunctionEnvironments(
                 self.template.functions[logical_id],
@@ -293,6 +299,7 @@ class EmbeddedEngine:
                 self.scratch_root,
                 limit=self._environment_limits.get(logical_id, _DEFAULT_ENVIRONMENTS),
                 quiet=not self._function_logs,
+                nice=0 if logical_id in serving else self._background_nice,
             )
             self._pools[logical_id].warm(self._warm.get(logical_id, 0), wait=False)
 

@@ -63,11 +63,12 @@ class FunctionError(Exception):
 
 
 def _serve(
-    spec: FunctionSpec, environment: Mapping[str, str], conn: Connection, quiet: bool
+    spec: FunctionSpec, environment: Mapping[str, str], conn: Connection, quiet: bool, nice: int
 ) -> None:
     """A worker process: load the handler, then answer one invocation at a time."""
     os.environ.clear()
     os.environ.update(environment)
+    os.nice(nice)
     # stdout is the user's (a CLI run prints its result there): a function's log lines go to
     # stderr, or nowhere when the engine's owner asked for quiet.
     sink = os.open(os.devnull, os.O_WRONLY) if quiet else 2
@@ -134,7 +135,7 @@ class _Environment:
     """One execution environment: a worker process and its /tmp, which outlives the process."""
 
     def __init__(
-        self, spec: FunctionSpec, environment: Mapping[str, str], tmp: Path, quiet: bool
+        self, spec: FunctionSpec, environment: Mapping[str, str], tmp: Path, quiet: bool, nice: int
     ) -> None:
         self.spec = spec
         self.tmp = tmp
@@ -144,6 +145,7 @@ class _Environment:
             "TMPDIR": str(tmp),
         }
         self._quiet = quiet
+        self._nice = nice
         self._process: Any = None
         self._conn: Connection | None = None
         self._starting = threading.Lock()
@@ -157,7 +159,7 @@ class _Environment:
         ours, theirs = context.Pipe()
         process = context.Process(
             target=_serve,
-            args=(self.spec, self._environment, theirs, self._quiet),
+            args=(self.spec, self._environment, theirs, self._quiet, self._nice),
             name=f"tilefan-{self.spec.logical_id}",
             daemon=True,
         )
@@ -240,6 +242,8 @@ def _warm(environment: _Environment) -> None:
 class FunctionEnvironments:
     """Warm worker processes for one template function, up to ``limit`` at once.
 
+    ``nice`` lowers their CPU priority (``os.nice``).
+
     An invocation takes an idle environment, or starts one while fewer than ``limit`` exist,
     or waits for one (its Timeout counts from when an environment takes it).
     """
@@ -252,6 +256,7 @@ class FunctionEnvironments:
         *,
         limit: int,
         quiet: bool = False,
+        nice: int = 0,
     ) -> None:
         if limit < 1:
             raise ValueError(f"{spec.logical_id}: at least one environment is needed")
@@ -260,6 +265,7 @@ class FunctionEnvironments:
         self._environment = dict(environment)
         self._root = scratch_root
         self._quiet = quiet
+        self._nice = nice
         self._slots = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
         self._idle: list[_Environment] = []
@@ -277,7 +283,7 @@ class FunctionEnvironments:
             if self._closed:
                 raise RuntimeError(f"{self.spec.logical_id}: the engine has stopped")
             tmp = self._root / f"{self.spec.logical_id}-{len(self._all) + 1}"
-            environment = _Environment(self.spec, self._environment, tmp, self._quiet)
+            environment = _Environment(self.spec, self._environment, tmp, self._quiet, self._nice)
             self._all.append(environment)
             return environment
 

@@ -209,7 +209,9 @@ def serve_api(
 
     ``api_processes`` > 0 runs every function in worker processes of its own, as Lambda does
     (``EmbeddedEngine(processes=True)``), the API in that many warm ones, so that many requests
-    are answered at once; 0 runs every handler in this process, the API one request at a time,
+    are answered at once, and the pipeline's functions at a lower CPU priority (niceness 10) so
+    that status reads do not wait behind tile work; 0 runs every handler in this process, the API
+    one request at a time,
     where a test can patch what they call. ``data_dir`` keeps jobs, objects and keys across
     restarts (``tilefan.local.persistence``); without it they live as long as the server.
     """
@@ -219,6 +221,8 @@ def serve_api(
             processes=api_processes > 0,
             environments={"ApiFunction": api_processes} if api_processes else None,
             function_logs=function_logs,
+            # The pipeline's functions yield the cores to the API and the storage it reads.
+            background_nice=10,
         ) as stack,
         contextlib.ExitStack() as cleanup,
     ):

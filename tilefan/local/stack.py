@@ -60,6 +60,7 @@ def local_stack(
     environments: Mapping[str, int] | None = None,
     warm: Mapping[str, int] | None = None,
     function_logs: bool = True,
+    background_nice: int = 0,
 ) -> Iterator[LocalStack]:
     """Start the embedded engine and the job service over it (``EmbeddedEngine``'s arguments)."""
     with EmbeddedEngine(
@@ -73,6 +74,7 @@ def local_stack(
         environments=environments,
         warm=warm,
         function_logs=function_logs,
+        background_nice=background_nice,
     ) as engine:
         settings = Settings(
             bucket=engine.bucket,

@@ -104,6 +104,18 @@ class StackTemplate:
         """The name the engine gives a resource, as ``Ref`` returns it."""
         return _Resolver(self).ref(logical_id)
 
+    def api_functions(self) -> frozenset[str]:
+        """The functions with API events: those that answer users' requests."""
+        return frozenset(
+            logical_id
+            for logical_id, resource in self.resources.items()
+            if logical_id in self.functions
+            and any(
+                event.get("Type") == "Api"
+                for event in resource.get("Properties", {}).get("Events", {}).values()
+            )
+        )
+
     def keyless_routes(self) -> list[tuple[str, re.Pattern[str]]]:
         """The API routes the template serves without an API key: (method, pattern on the path).
 
