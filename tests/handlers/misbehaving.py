@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import time
 from pathlib import Path
@@ -55,8 +56,8 @@ def _held(stage: str) -> str | None:
 
 
 def _misbehave(how: str | None) -> None:
-    """In a scratch directory of the invocation's own, as a stage that writes there: sleep or
-    allocate (with a finally) when told how, else nothing."""
+    """In a scratch directory of the invocation's own, as a stage that writes there: sleep,
+    allocate or fill the scratch (with a finally) when told how, else nothing."""
     with invocation_scratch(os.environ["TILEFAN_SCRATCH_DIR"]) as scratch:
         if how is None:
             return
@@ -64,6 +65,9 @@ def _misbehave(how: str | None) -> None:
         try:
             if how == "sleep":
                 time.sleep(3600)
+            for number in itertools.count() if how == "fill" else ():
+                (scratch / f"fill-{number}").write_bytes(b"\0" * 2**20)
+                time.sleep(0.05)
             held = []
             while True:  # pages written, not only reserved: resident memory grows
                 held.append(b"\1" * 32 * 2**20)

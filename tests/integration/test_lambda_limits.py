@@ -40,7 +40,12 @@ PROPERTIES = {
         "Handler": "misbehaving.tile_worker",
         "MemorySize": MEMORY_MB,
     },
-    "ApiFunction": {"CodeUri": HANDLERS, "Handler": "misbehaving.probe", "MemorySize": MEMORY_MB},
+    "ApiFunction": {
+        "CodeUri": HANDLERS,
+        "Handler": "misbehaving.probe",
+        "MemorySize": MEMORY_MB,
+        "EphemeralStorage": {"Size": 4},  # MB: below Lambda's least (512), to fill it quickly
+    },
 }
 """The merger is the real one, with its real limits: Abort runs there."""
 OPS = [{"op": "gaussblur", "sigma": 1.5}]
@@ -145,6 +150,16 @@ def test_an_invocation_past_its_memory_is_killed_as_lambda_kills_it(stack: Local
     assert answer["errorType"] == "Runtime.OutOfMemory"
     assert answer["errorMessage"].endswith("Error: Runtime exited with error: signal: killed")
     assert not finally_ran(stack)
+
+
+def test_an_invocation_past_its_ephemeral_storage_is_killed(stack: LocalStack) -> None:
+    error, answer = invoke("ApiFunction", {"misbehave": "fill"})
+    assert error == "Unhandled"
+    # On Lambda the write would fail with ENOSPC; the engine kills the runtime instead.
+    assert answer["errorType"] == "Runtime.ExitError"
+    assert answer["errorMessage"].endswith("Error: Runtime exited with error: signal: killed")
+    assert not finally_ran(stack)
+    assert len(leftovers(stack, "ApiFunction")) > 4  # the filled /tmp stays with its environment
 
 
 def run(stack: LocalStack, source: Path, tmp_path: Path) -> Any:

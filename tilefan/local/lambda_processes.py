@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
@@ -62,19 +63,36 @@ class FunctionError(Exception):
         self.message = message
 
 
+class _Stderr:
+    """The engine's stderr as it is now, handed to a process forked from the fork server (whose
+    own stderr is the engine's when the server started: a test's capture may have moved it)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        # Pickled while the process starts: the fd travels with it, as a Connection's does.
+        return _detach, (reduction.DupFd(sys.stderr.fileno()),)
+
+
+def _detach(duplicate: Any) -> int:
+    fd: int = duplicate.detach()
+    return fd
+
+
 def _serve(
-    spec: FunctionSpec, environment: Mapping[str, str], conn: Connection, quiet: bool, nice: int
+    spec: FunctionSpec,
+    environment: Mapping[str, str],
+    conn: Connection,
+    stderr: int | None,
+    nice: int,
 ) -> None:
     """A worker process: load the handler, then answer one invocation at a time."""
     os.environ.clear()
     os.environ.update(environment)
     os.nice(nice)
     # stdout is the user's (a CLI run prints its result there): a function's log lines go to
-    # stderr, or nowhere when the engine's owner asked for quiet.
-    sink = os.open(os.devnull, os.O_WRONLY) if quiet else 2
+    # the engine's stderr, or nowhere (``stderr`` None) when the engine's owner asked for quiet.
+    sink = os.open(os.devnull, os.O_WRONLY) if stderr is None else stderr
     os.dup2(sink, 1)
-    if quiet:
-        os.dup2(sink, 2)
+    os.dup2(sink, 2)
     code_dir = str(spec.code_uri)
     if code_dir not in sys.path:  # as on Lambda, a handler imports its siblings
         sys.path.append(code_dir)
@@ -159,7 +177,13 @@ class _Environment:
         ours, theirs = context.Pipe()
         process = context.Process(
             target=_serve,
-            args=(self.spec, self._environment, theirs, self._quiet, self._nice),
+            args=(
+                self.spec,
+                self._environment,
+                theirs,
+                None if self._quiet else _Stderr(),
+                self._nice,
+            ),
             name=f"tilefan-{self.spec.logical_id}",
             daemon=True,
         )
