@@ -45,8 +45,8 @@ __all__ = ["main", "parse_op"]
 DEMO_CHAIN = [{"op": "gaussblur", "sigma": 2}, {"op": "sharpen", "sigma": 1}]
 DEFAULT_CONCURRENCY = 4
 MAX_LOCAL_CONCURRENCY = 64
-"""The embedded engine runs every worker as a thread of one process on one machine: past a few
-dozen they only queue for its cores and its memory (docs/engine.md)."""
+"""The embedded engine runs every worker on one machine, at most twice its cores at once in
+processes: past a few dozen they only queue for its cores and its memory (docs/engine.md)."""
 
 
 def parse_op(text: str) -> dict[str, Any]:
@@ -232,7 +232,10 @@ def _run_locally(
 
     route_handler_logs(_service_name(), verbose=args.verbose)
     progress = _Progress(sys.stderr)
-    with local_stack() as stack:
+    # The functions in processes of their own, as Lambda runs them; the pipeline's start warm
+    # while the engine starts (docs/engine.md).
+    warm = {"SplitterFunction": 1, "TileWorkerFunction": args.concurrency, "MergerFunction": 1}
+    with local_stack(processes=True, warm=warm, function_logs=args.verbose) as stack:
         view = run_job(
             stack,
             source,
@@ -307,6 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
                     keys=args.key or (),
                     api_processes=args.api_processes,
                     data_dir=data_dir,
+                    function_logs=args.verbose,
                 )
             )
         except OSError as e:
@@ -526,7 +530,11 @@ def _parser() -> argparse.ArgumentParser:
         "--api-processes",
         type=int,
         default=4,
-        help="API worker processes, each answering one request at a time (default 4)",
+        help=(
+            "API worker processes, each answering one request at a time (default 4); the "
+            "other functions run in processes of their own too. 0 runs every function in "
+            "the server's process"
+        ),
     )
     serve.set_defaults(func=_serve)
 

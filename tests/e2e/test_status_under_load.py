@@ -4,8 +4,9 @@ Each job has its own poller reading `GET /jobs/{id}` as a client would; every re
 recorded, and every job should be seen mid-run (some tiles done, not all): the test reports
 XFAIL while that is not met. The latencies are printed (p50, p95, max), not asserted: CI
 machines differ. Figures from one run are in
-docs/reliability.md. ``TILEFAN_LOAD_API_PROCESSES=0`` runs the API in the engine's process, one
-request at a time, for comparison.
+docs/reliability.md. ``serve_api`` with API processes runs every function in processes of its
+own, as ``tilefan serve`` does; ``TILEFAN_LOAD_API_PROCESSES=0`` runs every handler in the
+engine's process instead (the API one request at a time), for comparison.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def test_status_reads_answer_and_show_progress_while_eight_jobs_run(
     assert set(ended) == set(job_ids) and not failed, failed
     for job in ended.values():
         assert job["tiles"]["done"] == job["tiles"]["total"] == (SIDE // TILE) ** 2
-    # Progress was seen mid-run for every job, not only its start and its end. Not yet met: a
-    # status read waits on moto's server, which shares the engine's process (and its GIL) with
-    # the interpreter and every tile worker (docs/reliability.md, "Status reads under load").
+    # Progress was seen mid-run for every job, not only its start and its end. With handlers in
+    # threads, a status read waits on moto's server, which shares the engine's process (and
+    # its GIL) with every tile worker (docs/reliability.md, "Status reads under load").
     if set(mid_run) != set(job_ids):
         pytest.xfail(f"progress seen mid-run for {len(mid_run)} of {JOBS} jobs")

@@ -141,10 +141,11 @@ def test_a_damaged_input_fails_the_job_with_one_line_and_no_log_lines(
 
 
 def test_with_verbose_the_handlers_logs_go_to_stderr_not_stdout(
-    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    files: dict[str, Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
+    # capfd: the handlers run in processes of their own, which write to the file descriptors.
     argv = ["run", "{damaged}", "-o", "{tmp}/out.tif", "--op", "invert", "--tile-size", "64", "-v"]
-    status, captured = run_cli(argv, files, capsys)
+    status, captured = run_cli(argv, files, capfd)
     assert status == 1
     assert captured.out == ""
     lines = captured.err.splitlines()

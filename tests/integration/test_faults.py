@@ -53,12 +53,6 @@ OPS = [{"op": "gaussblur", "sigma": 1.5}, {"op": "invert"}]
 # Interval before jitter of each Task's Retry (statemachine/tilefan.asl.json).
 WORKER, SPLIT, MERGE, ABORT = 1.0, 2.0, 2.0, 2.0
 
-SandboxTimedout = type("Sandbox.Timedout", (Exception,), {})
-"""What a Lambda timeout reaches Step Functions as: the error name Lambda reports for a killed
-invocation (`Sandbox.Timedout`). The engine does not enforce a function's Timeout, so the row
-raises an exception of that name instead; like a real timeout it skips the worker's own error
-handling, leaving the tile RUNNING with nothing recorded."""
-
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[LocalStack]:
@@ -262,8 +256,6 @@ class Row:
     backoff: list[float] = field(default_factory=list)
     """Sorted intervals (before jitter) of every retry the state machine made."""
     condition_failures: list[str] = field(default_factory=list)
-    split: bool = True
-    """Whether the splitter finished (the job has a tile grid and tile records)."""
 
 
 def _worker(tile: int, error: Callable[[], BaseException], times: int) -> Any:
@@ -332,15 +324,6 @@ def _throttle_reads_of_tile(index: int, times: int) -> Any:
     return inject
 
 
-def _splitter_times_out(
-    aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]
-) -> None:
-    def transcode(image: Any, *args: Any) -> Any:
-        raise SandboxTimedout("Task timed out after 900.00 seconds")
-
-    monkeypatch.setattr(tilefan.stages.split, "transcode", transcode)
-
-
 def _duplicates(aws: AwsFaults, monkeypatch: pytest.MonkeyPatch, seen: dict[str, Any]) -> None:
     seen["skipped"] = []
     deliver_twice(monkeypatch, seen["skipped"])
@@ -373,21 +356,6 @@ MATRIX = {
         tile_states={7: TileState.RUNNING},
         backoff=[WORKER, 2 * WORKER, 4 * WORKER, 8 * WORKER, 16 * WORKER],
         condition_failures=[BATCH_4_TO_7] * 5,
-    ),
-    "worker-times-out": Row(
-        _worker(7, lambda: SandboxTimedout("Task timed out after 300.00 seconds"), ALWAYS),
-        JobStatus.FAILED,
-        code="TILE_FAILED",
-        message="tile 7: its worker stopped before finishing it",
-        attempts={7: 1},
-        tile_states={7: TileState.RUNNING},
-    ),
-    "splitter-times-out": Row(
-        _splitter_times_out,
-        JobStatus.FAILED,
-        code="TIMEOUT",
-        message="a stage of the job ran out of time",
-        split=False,
     ),
     "s3-throttles-the-workers": Row(
         _both(
@@ -532,11 +500,8 @@ def test_fault_ends_the_job_cleanly(
 
     # Counts: the grid, each tile's state and attempts, the retries and their backoff.
     records = {record.index: record for record in stack.service.jobs.tiles(job.job_id, TILES)}
-    if row.split:
-        assert job.grid is not None and job.grid["tile_count"] == TILES
-        assert sorted(records) == list(range(TILES))
-    else:
-        assert job.grid is None and records == {}
+    assert job.grid is not None and job.grid["tile_count"] == TILES
+    assert sorted(records) == list(range(TILES))
     for index, record in records.items():
         if index in row.tile_states:
             assert record.state is row.tile_states[index], (index, record)

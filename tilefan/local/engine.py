@@ -3,7 +3,8 @@
 S3, DynamoDB and Step Functions are moto's; every resource is built from ``template.yaml`` and
 the ASL file it names, so the engine cannot drift from what is deployed. moto's Step Functions
 interpreter runs the state machine; its Lambda tasks call ``lambda:Invoke`` through boto3, and
-the engine answers those calls by running the template's handlers in this process.
+the engine answers those calls by running the template's handlers, in worker processes of
+each function's own (``processes=True``) or in this process's threads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -26,9 +29,11 @@ from typing import Any, Final, cast
 import boto3
 from botocore.config import Config
 
+from tilefan.local.lambda_processes import FunctionEnvironments, FunctionError
 from tilefan.local.lambda_runtime import (
     INVOKE_EVENT,
     INVOKE_HOOK_ID,
+    Invocable,
     LambdaContext,
     LambdaFunction,
     LambdaHandler,
@@ -49,6 +54,7 @@ __all__ = [
     "ACCOUNT_ID",
     "REGION",
     "EmbeddedEngine",
+    "FunctionError",
     "FunctionSpec",
     "LambdaContext",
     "LambdaHandler",
@@ -74,6 +80,11 @@ _OBJECT_BUFFER_BYTES: Final = 64 * 1024
 engine's memory does not grow with the image (moto's default is about 5 MB). A value already in
 the environment is kept (benchmarks/engine_memory.py compares the two)."""
 _LOOPBACK: Final = ("127.0.0.1", "localhost")
+_DEFAULT_ENVIRONMENTS: Final = max(2, 2 * (os.cpu_count() or 1))
+"""Worker processes per function at most, by default: more would only share the same cores."""
+_PASSED_TO_FUNCTIONS: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+"""Of the engine's own environment, what a function's process sees besides its variables (Lambda
+sets these too); the rest of the caller's environment is not the function's."""
 
 
 class _Environment:
@@ -103,14 +114,26 @@ _active_engine: EmbeddedEngine | None = None
 
 
 class EmbeddedEngine:
-    """S3, DynamoDB and Step Functions on moto, with the template's Lambda handlers run in-process.
+    """S3, DynamoDB and Step Functions on moto, running the template's Lambda handlers.
 
     ``server=False`` patches botocore in this process (moto's ``mock_aws``); ``server=True``
     starts moto's threaded HTTP server on loopback ``host:port`` (0 picks a free port), so
     presigned URLs work from any HTTP client on this machine; it answers only requests signed
     with ``credentials``, a key pair made afresh at each start. ``handlers`` maps a function's
     logical id to a handler used instead of the one its CodeUri and Handler name.
-    ``parameters`` override the template's parameter defaults.
+    ``parameters`` override the template's parameter defaults, and ``function_properties``
+    a function's properties (``CodeUri``, ``Timeout``, ``MemorySize``, ...: what a test deploys
+    instead).
+
+    ``processes=True`` (server mode only) runs every function whose handler is not injected in
+    warm worker processes of its own, at most ``environments[logical_id]`` at once (by default
+    twice the cores), with only its own variables and its Timeout, MemorySize and ephemeral
+    storage enforced (``tilefan.local.lambda_processes``); ``warm[logical_id]`` of them start
+    in the background as the engine starts, and ``function_logs=False`` silences their output.
+    ``background_nice`` is the niceness of the functions that serve no API events (the
+    pipeline's): the engine stands in for separate machines, and a user's status read should
+    not wait behind a tile worker for this one's cores.
+    Otherwise handlers run in threads of this process.
     """
 
     bucket: str
@@ -128,11 +151,20 @@ class EmbeddedEngine:
         port: int = 0,
         handlers: Mapping[str, LambdaHandler] | None = None,
         parameters: Mapping[str, str] | None = None,
+        function_properties: Mapping[str, Mapping[str, Any]] | None = None,
+        processes: bool = False,
+        environments: Mapping[str, int] | None = None,
+        warm: Mapping[str, int] | None = None,
+        function_logs: bool = True,
+        background_nice: int = 0,
     ) -> None:
         if server and host not in _LOOPBACK:
             raise ValueError(f"the engine's endpoint listens on loopback only, not {host}")
+        if processes and not server:
+            # Another process reaches moto only through the server's endpoint.
+            raise ValueError("functions run in processes only with server=True")
         self.project_root = (project_root or Path(__file__).resolve().parents[2]).resolve()
-        self.template = load_template(self.project_root, parameters)
+        self.template = load_template(self.project_root, parameters, function_properties)
         unknown = set(handlers or {}) - set(self.template.functions)
         if unknown:
             raise ValueError(f"no such functions in the template: {sorted(unknown)}")
@@ -140,6 +172,18 @@ class EmbeddedEngine:
             logical_id: LambdaFunction(spec, (handlers or {}).get(logical_id))
             for logical_id, spec in self.template.functions.items()
         }
+        self._in_processes = [
+            logical_id
+            for logical_id in self.template.functions
+            if processes and logical_id not in (handlers or {})
+        ]
+        self._environment_limits = dict(environments or {})
+        self._warm = dict(warm or {})
+        self._function_logs = function_logs
+        self._background_nice = background_nice
+        self._pools: dict[str, FunctionEnvironments] = {}
+        self._kept_settings: dict[str, str] = {}
+        self.scratch_root: Path | None = None
         self._server_mode = server
         self._host = host
         self._port = port
@@ -197,6 +241,7 @@ class EmbeddedEngine:
         settings = self.template.setting_variables()
         for name, value in self.template.environment().items():
             if name in settings and name in os.environ:
+                self._kept_settings[name] = os.environ[name]
                 continue  # the caller's setting beats the template's default
             self._env.set(name, value)
         if self._server_mode:
@@ -210,6 +255,7 @@ class EmbeddedEngine:
             self._mock.start()
         self._patches.install()
         self._undo_interpreter_key = sign_interpreter_clients(self.credentials)
+        self._start_function_processes()
         self._install_invoke_hook()
         self._session = boto3.Session(region_name=REGION)
         for spec in self.template.functions.values():
@@ -241,6 +287,38 @@ class EmbeddedEngine:
             {"stepfunctions": {"execute_state_machine": True}},
         )
 
+    def _start_function_processes(self) -> None:
+        if not self._in_processes:
+            return
+        self.scratch_root = Path(tempfile.mkdtemp(prefix="tilefan-lambda-"))
+        serving = self.template.api_functions()
+        for logical_id in self._in_processes:
+            self._pools[logical_id] = FunctionEnvironments(
+                self.template.functions[logical_id],
+                self._function_environment(logical_id),
+                self.scratch_root,
+                limit=self._environment_limits.get(logical_id, _DEFAULT_ENVIRONMENTS),
+                quiet=not self._function_logs,
+                nice=0 if logical_id in serving else self._background_nice,
+            )
+            self._pools[logical_id].warm(self._warm.get(logical_id, 0), wait=False)
+
+    def _function_environment(self, logical_id: str) -> dict[str, str]:
+        """What a function's process sees: its own variables and how to reach the engine."""
+        variables = {
+            name: self._kept_settings.get(name, value)
+            for name, value in self.template.function_environment(logical_id).items()
+        }
+        assert self.endpoint_url is not None
+        return {
+            **{name: os.environ[name] for name in _PASSED_TO_FUNCTIONS if name in os.environ},
+            **_ENGINE_ENVIRONMENT,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.credentials.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.credentials.secret_key,
+            **variables,
+        }
+
     def _post(self, url: str, body: Mapping[str, Any]) -> None:
         # moto's control API is behind the signature check too: only the engine may reset it.
         data = json.dumps(body).encode()
@@ -261,7 +339,8 @@ class EmbeddedEngine:
         assert session is not None
         # botocore's stubs type every handler as returning None; a before-call handler may
         # return (http_response, parsed_response) to stand in for the request.
-        hook = cast(Callable[..., None], LambdaService(self._functions))
+        invocables: dict[str, Invocable] = {**self._functions, **self._pools}
+        hook = cast(Callable[..., None], LambdaService(invocables))
         session.events.register(INVOKE_EVENT, hook, unique_id=INVOKE_HOOK_ID)
         # Build the session's shared components once, before worker threads race to.
         session.client("lambda", region_name=REGION)
@@ -341,6 +420,12 @@ class EmbeddedEngine:
     def _teardown(self) -> None:
         if self._session is not None:
             self._stop_running_executions()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        if self.scratch_root is not None:
+            shutil.rmtree(self.scratch_root, ignore_errors=True)
+            self.scratch_root = None
         if self._hooked_default_session:
             hooked = boto3.DEFAULT_SESSION
             if hooked is not None:
@@ -389,12 +474,24 @@ class EmbeddedEngine:
     # -- use --
 
     def handler(self, logical_id: str) -> LambdaHandler:
-        """The handler the engine runs for a template function (loaded on first use)."""
+        """What runs a template function's invocations, called as its handler is.
+
+        For a function in processes, a call invokes it in one of its environments and raises
+        ``FunctionError`` for an error answer; otherwise it is the handler (loaded on first use).
+        """
         if self._session is None:
             raise RuntimeError("the engine is not running; use it as a context manager")
         if logical_id not in self._functions:
             raise KeyError(f"no function {logical_id} in the template")
+        if logical_id in self._pools:
+            return self._pools[logical_id]
         return self._functions[logical_id].handler()
+
+    def environments(self, logical_id: str) -> FunctionEnvironments:
+        """The worker processes of a function run in processes."""
+        if logical_id not in self._pools:
+            raise KeyError(f"{logical_id} does not run in processes")
+        return self._pools[logical_id]
 
     def client(self, service: str) -> Any:
         """A boto3 client for ``service`` bound to the engine (created once, thread-safe)."""

@@ -1,4 +1,7 @@
-"""Lambda in this process: the context object, loading a handler, answering lambda:Invoke."""
+"""Lambda in this process: the context object, loading a handler, answering lambda:Invoke.
+
+``tilefan.local.lambda_processes`` runs the same ``LambdaFunction`` in worker processes.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from botocore.response import StreamingBody
 
@@ -26,6 +29,7 @@ from tilefan.local.template import ACCOUNT_ID, REGION, FunctionSpec
 __all__ = [
     "INVOKE_EVENT",
     "INVOKE_HOOK_ID",
+    "Invocable",
     "LambdaContext",
     "LambdaFunction",
     "LambdaHandler",
@@ -71,7 +75,7 @@ class LambdaContext:
         return f"embedded/[{self.function_version}]{self.aws_request_id}"
 
     def get_remaining_time_in_millis(self) -> int:
-        """Milliseconds left before the function's Timeout (not enforced by the engine)."""
+        """Milliseconds left before the function's Timeout (enforced for functions in processes)."""
         elapsed = time.monotonic() - self.started_at
         return max(0, int((self.timeout_s - elapsed) * 1000))
 
@@ -151,6 +155,14 @@ class LambdaFunction:
             return json.dumps(error).encode(), "Unhandled"
 
 
+class Invocable(Protocol):
+    """What answers a function's invocations: a JSON payload in, a payload and FunctionError out."""
+
+    def invoke(self, payload: bytes) -> tuple[bytes, str | None]:
+        """Run one invocation."""
+        ...
+
+
 @dataclass(frozen=True)
 class _HttpResponse:
     """What botocore reads of the HTTP response when a before-call handler answers."""
@@ -162,7 +174,7 @@ class _HttpResponse:
 class LambdaService:
     """Answers ``lambda:Invoke`` from a botocore ``before-call`` hook, in this process."""
 
-    def __init__(self, functions: Mapping[str, LambdaFunction]) -> None:
+    def __init__(self, functions: Mapping[str, Invocable]) -> None:
         self._functions = functions
 
     def __call__(self, params: Mapping[str, Any], **_: Any) -> tuple[_HttpResponse, dict[str, Any]]:

@@ -11,7 +11,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import threading
@@ -25,8 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tilefan.local.api_processes import ApiProcesses
-from tilefan.local.engine import LambdaContext
+from tilefan.local.engine import FunctionError, LambdaContext
 from tilefan.local.persistence import DataDir, Restored
 from tilefan.local.stack import LocalStack, local_stack
 
@@ -51,6 +49,15 @@ def api_key_id(key: str) -> str:
 def _forbidden() -> tuple[int, dict[str, str], bytes]:
     body = {"code": "FORBIDDEN", "message": "send a valid API key in the x-api-key header"}
     return 403, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+def _function_failed(error: FunctionError) -> tuple[int, dict[str, str], bytes]:
+    """API Gateway's answer when the function's invocation fails (the template's responses)."""
+    if error.error_type == "Sandbox.Timedout":
+        status, body = 504, {"code": "TIMEOUT", "message": "the request took too long; try again"}
+    else:
+        status, body = 502, {"code": "INTERNAL_ERROR", "message": "the API function failed"}
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
 
 
 class _Gateway:
@@ -105,7 +112,10 @@ class _Gateway:
             "body": text,
             "isBase64Encoded": False,
         }
-        answer = self.handler(event, LambdaContext(function_name="ApiFunction"))
+        try:
+            answer = self.handler(event, LambdaContext(function_name="ApiFunction"))
+        except FunctionError as e:
+            return _function_failed(e)
         out_headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
         for name, values in (answer.get("multiValueHeaders") or {}).items():
             out_headers[str(name)] = ", ".join(str(v) for v in values)
@@ -193,15 +203,29 @@ def serve_api(
     keys: Iterable[str] = (),
     api_processes: int = 0,
     data_dir: Path | None = None,
+    function_logs: bool = True,
 ) -> Iterator[LocalApi]:
     """Run the API on ``host:port`` (0 picks a free port) over the engine in server mode.
 
-    ``api_processes`` > 0 runs the API handler in that many warm worker processes, so that many
-    requests are answered at once; 0 runs it in this process, one request at a time, where a
-    test can patch what it calls. ``data_dir`` keeps jobs, objects and keys across restarts
-    (``tilefan.local.persistence``); without it they live as long as the server.
+    ``api_processes`` > 0 runs every function in worker processes of its own, as Lambda does
+    (``EmbeddedEngine(processes=True)``), the API in that many warm ones, so that many requests
+    are answered at once, and the pipeline's functions at a lower CPU priority (niceness 10) so
+    that status reads do not wait behind tile work; 0 runs every handler in this process, the API
+    one request at a time,
+    where a test can patch what they call. ``data_dir`` keeps jobs, objects and keys across
+    restarts (``tilefan.local.persistence``); without it they live as long as the server.
     """
-    with local_stack(server=True) as stack, contextlib.ExitStack() as cleanup:
+    with (
+        local_stack(
+            server=True,
+            processes=api_processes > 0,
+            environments={"ApiFunction": api_processes} if api_processes else None,
+            function_logs=function_logs,
+            # The pipeline's functions yield the cores to the API and the storage it reads.
+            background_nice=10,
+        ) as stack,
+        contextlib.ExitStack() as cleanup,
+    ):
         kept = DataDir(data_dir) if data_dir is not None else None
         restored = None
         if kept is None:
@@ -210,14 +234,9 @@ def serve_api(
             accepted = kept.api_keys(keys, new_api_key)
             restored = kept.restore(stack)
             cleanup.callback(kept.save, stack)  # runs last: after the API has stopped
-        handler: ApiHandler
         if api_processes:
-            spec = stack.engine.template.functions["ApiFunction"]
-            processes = ApiProcesses(spec, os.environ, api_processes)
-            cleanup.callback(processes.close)
-            handler = processes
-        else:
-            handler = stack.engine.handler("ApiFunction")
+            stack.engine.environments("ApiFunction").warm(api_processes)
+        handler: ApiHandler = stack.engine.handler("ApiFunction")
         gateway = _Gateway(handler, accepted, stack.engine.template.keyless_routes())
         server = ThreadingHTTPServer((host, port), _request_handler(gateway))
         server.daemon_threads = True

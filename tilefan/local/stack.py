@@ -58,9 +58,28 @@ def local_stack(
     host: str = "127.0.0.1",
     port: int = 0,
     handlers: Mapping[str, LambdaHandler] | None = None,
+    parameters: Mapping[str, str] | None = None,
+    function_properties: Mapping[str, Mapping[str, Any]] | None = None,
+    processes: bool = False,
+    environments: Mapping[str, int] | None = None,
+    warm: Mapping[str, int] | None = None,
+    function_logs: bool = True,
+    background_nice: int = 0,
 ) -> Iterator[LocalStack]:
-    """Start the embedded engine and the job service over it."""
-    with EmbeddedEngine(server=server, host=host, port=port, handlers=handlers) as engine:
+    """Start the embedded engine and the job service over it (``EmbeddedEngine``'s arguments)."""
+    with EmbeddedEngine(
+        server=server or processes,
+        host=host,
+        port=port,
+        handlers=handlers,
+        parameters=parameters,
+        function_properties=function_properties,
+        processes=processes,
+        environments=environments,
+        warm=warm,
+        function_logs=function_logs,
+        background_nice=background_nice,
+    ) as engine:
         settings = Settings(
             bucket=engine.bucket,
             table=engine.table,

@@ -73,6 +73,8 @@ class FunctionSpec:
     memory_mb: int
     timeout_s: int
     environment: Mapping[str, Any]
+    ephemeral_mb: int = 512
+    """``EphemeralStorage.Size``: the function's /tmp, in MB (Lambda's default is 512)."""
 
     @property
     def arn(self) -> str:
@@ -101,6 +103,18 @@ class StackTemplate:
     def physical_name(self, logical_id: str) -> str:
         """The name the engine gives a resource, as ``Ref`` returns it."""
         return _Resolver(self).ref(logical_id)
+
+    def api_functions(self) -> frozenset[str]:
+        """The functions with API events: those that answer users' requests."""
+        return frozenset(
+            logical_id
+            for logical_id, resource in self.resources.items()
+            if logical_id in self.functions
+            and any(
+                event.get("Type") == "Api"
+                for event in resource.get("Properties", {}).get("Events", {}).values()
+            )
+        )
 
     def keyless_routes(self) -> list[tuple[str, re.Pattern[str]]]:
         """The API routes the template serves without an API key: (method, pattern on the path).
@@ -178,6 +192,11 @@ class StackTemplate:
         json.loads(definition)  # fail here, not inside moto, if substitution broke the JSON
         return definition
 
+    def function_environment(self, logical_id: str) -> dict[str, str]:
+        """One function's environment variables (Globals and its own), resolved."""
+        spec = self.functions[logical_id]
+        return {name: _as_text(self.resolve(value)) for name, value in spec.environment.items()}
+
     def environment(self) -> dict[str, str]:
         """Every function's environment variables, resolved and merged.
 
@@ -210,13 +229,26 @@ class StackTemplate:
         return frozenset(settings)
 
 
-def load_template(project_root: Path, parameters: Mapping[str, str] | None = None) -> StackTemplate:
-    """Read ``template.yaml`` under ``project_root``; ``parameters`` override its defaults."""
+def load_template(
+    project_root: Path,
+    parameters: Mapping[str, str] | None = None,
+    function_properties: Mapping[str, Mapping[str, Any]] | None = None,
+) -> StackTemplate:
+    """Read ``template.yaml`` under ``project_root``; ``parameters`` override its defaults.
+
+    ``function_properties`` replace properties of the template's functions (``{"TileWorkerFunction":
+    {"CodeUri": "tests/handlers/sleeper/", "Timeout": 2}}``): what a test deploys instead.
+    """
     path = project_root / TEMPLATE_FILE
     document = yaml.load(path.read_text(encoding="utf-8"), Loader=_CfnLoader)
     if not isinstance(document, dict) or "Resources" not in document:
         raise TemplateError(f"{path} is not a CloudFormation template")
     resources: dict[str, dict[str, Any]] = document["Resources"]
+    for logical_id, properties in (function_properties or {}).items():
+        if resources.get(logical_id, {}).get("Type") != "AWS::Serverless::Function":
+            raise TemplateError(f"template has no function {logical_id}")
+        resource = resources[logical_id]
+        resource["Properties"] = {**resource.get("Properties", {}), **properties}
 
     values: dict[str, str] = {}
     for name, declaration in document.get("Parameters", {}).items():
@@ -265,11 +297,13 @@ def _function_spec(
 ) -> FunctionSpec:
     props = resource.get("Properties", {})
 
-    def setting(name: str, default: Any) -> Any:
-        value = props.get(name, globals_.get(name, default))
+    def parameter(value: Any) -> Any:
         if isinstance(value, dict) and set(value) == {"Ref"} and value["Ref"] in parameters:
             return parameters[value["Ref"]]  # MemorySize: !Ref TileWorkerMemorySize
         return value
+
+    def setting(name: str, default: Any) -> Any:
+        return parameter(props.get(name, globals_.get(name, default)))
 
     environment = {
         **globals_.get("Environment", {}).get("Variables", {}),
@@ -285,6 +319,7 @@ def _function_spec(
         memory_mb=int(setting("MemorySize", 128)),
         timeout_s=int(setting("Timeout", 3)),
         environment=environment,
+        ephemeral_mb=int(parameter(setting("EphemeralStorage", {}).get("Size", 512))),
     )
 
 
