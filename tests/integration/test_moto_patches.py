@@ -107,12 +107,27 @@ def _patched_and_not(client: Any, request_items: dict[str, Any]) -> list[Any]:
 
 
 def _sorted_items(answer: Any) -> Any:
-    """Responses in key order: DynamoDB promises no order within a BatchGetItem answer."""
+    """Responses in key order and sets' members sorted: DynamoDB promises neither order (a
+    set's members come out in whatever order the hash seed gives)."""
     body, parsed = answer
     for side in (body, parsed):
         for items in side.get("Responses", {}).values():
             items.sort(key=lambda item: str(item.get("pk")))
+        _sort_sets(side)
     return answer
+
+
+def _sort_sets(value: Any) -> None:
+    """Sort the members of every string, number and binary set in a DynamoDB answer."""
+    if isinstance(value, dict):
+        for name, member in value.items():
+            if name in ("SS", "NS", "BS") and isinstance(member, list):
+                member.sort()
+            else:
+                _sort_sets(member)
+    elif isinstance(value, list):
+        for member in value:
+            _sort_sets(member)
 
 
 PLAIN_REQUESTS: dict[str, dict[str, Any]] = {
