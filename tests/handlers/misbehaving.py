@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import itertools
 import os
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +24,6 @@ import boto3
 
 import tilefan.stages.process
 import tilefan.stages.split
-from tilefan.stages.scratch import invocation_scratch
 
 HOLD = "test/hold"
 FINALLY = "test/finally-ran"
@@ -56,23 +56,23 @@ def _held(stage: str) -> str | None:
 
 
 def _misbehave(how: str | None) -> None:
-    """In a scratch directory of the invocation's own, as a stage that writes there: sleep,
-    allocate or fill the scratch (with a finally) when told how, else nothing."""
-    with invocation_scratch(os.environ["TILEFAN_SCRATCH_DIR"]) as scratch:
-        if how is None:
-            return
-        (scratch / "partial.tif").write_bytes(b"\0" * 2**20)
-        try:
-            if how == "sleep":
-                time.sleep(3600)
-            for number in itertools.count() if how == "fill" else ():
-                (scratch / f"fill-{number}").write_bytes(b"\0" * 2**20)
-                time.sleep(0.05)
-            held = []
-            while True:  # pages written, not only reserved: resident memory grows
-                held.append(b"\1" * 32 * 2**20)
-        finally:
-            _s3().put_object(Bucket=os.environ["TILEFAN_BUCKET"], Key=FINALLY, Body=b"")
+    """Write to the environment's /tmp, then sleep, allocate or fill it (with a finally) when
+    told how, else nothing. No stage writes to /tmp any more: this stands in for one that did."""
+    if how is None:
+        return
+    scratch = Path(tempfile.gettempdir())
+    (scratch / "partial.tif").write_bytes(b"\0" * 2**20)
+    try:
+        if how == "sleep":
+            time.sleep(3600)
+        for number in itertools.count() if how == "fill" else ():
+            (scratch / f"fill-{number}").write_bytes(b"\0" * 2**20)
+            time.sleep(0.05)
+        held = []
+        while True:  # pages written, not only reserved: resident memory grows
+            held.append(b"\1" * 32 * 2**20)
+    finally:
+        _s3().put_object(Bucket=os.environ["TILEFAN_BUCKET"], Key=FINALLY, Body=b"")
 
 
 _real_transcode = tilefan.stages.split.transcode
