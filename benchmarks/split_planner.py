@@ -49,7 +49,7 @@ print(json.dumps({"wall_s": wall, "baseline_rss_mb": baseline, "peak_rss_mb": pe
 """
 
 
-def _image(kind: str, megapixels: int, folder: Path) -> Path:
+def make_image(kind: str, megapixels: int, folder: Path) -> Path:
     """A square test image: a tiled deflate TIFF or a JPEG, of a cheap but not flat pattern."""
     import pyvips
 
@@ -131,7 +131,7 @@ def run(
         cases = [("tiled", mp) for mp in tiled] + [("jpeg", mp) for mp in jpeg]
         for kind, megapixels in cases:
             made = time.monotonic()
-            path = _image(kind, megapixels, Path(folder))
+            path = make_image(kind, megapixels, Path(folder))
             made_s = time.monotonic() - made
             trees = [("new", ROOT)] + ([("old", baseline)] if baseline else [])
             for variant, tree in trees:
