@@ -65,7 +65,7 @@ def make_image(kind: str, megapixels: int, folder: Path) -> Path:
     return path
 
 
-def _scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
+def scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         peak[0] = max(peak[0], size)
@@ -75,7 +75,7 @@ def _scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
 def _split(tree: Path, job_id: str, env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="split-scratch-") as scratch:
         stop, peak = threading.Event(), [0]
-        watcher = threading.Thread(target=_scratch_peak, args=(Path(scratch), stop, peak))
+        watcher = threading.Thread(target=scratch_peak, args=(Path(scratch), stop, peak))
         watcher.start()
         try:
             done = subprocess.run(
