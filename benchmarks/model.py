@@ -168,6 +168,8 @@ IO_THREADS = 16
 """Concurrent S3 requests of the merger (index reads, part copies, small range reads)."""
 PART_BYTES = 8 * 2**20
 """The transcode's and the merger's plain multipart parts."""
+PLAIN_PARTS_IN_FLIGHT = 4
+"""The merger's plain parts in flight (`tilefan.state.multipart`), plus the one gathering."""
 TIFF_TILE = 256
 """The TIFF tile edge of the transcoded intermediate and of the result."""
 HEADER_REQUESTS = 4
@@ -453,12 +455,12 @@ def predict(
         + (units["worker_job_reads"] + units["merge_check_read_units"] + 5) * _a("price_ddb_read"),
     }
     # The merger holds every batch's index (about 40 bytes per tile and level), the coarse
-    # level's raw pixels (COG), and the parts in flight.
+    # level's raw pixels (COG), and the plain parts in flight.
     merge_memory_mb = (
         150
         + tiles * levels * 40 / 2**20
         + pieces_bytes / 2**20
-        + 2 * IO_THREADS * PART_BYTES / 2**20
+        + (PLAIN_PARTS_IN_FLIGHT + 1) * PART_BYTES / 2**20
     )
     limits = {
         "split_within_timeout": split_s <= _a("timeout_s"),

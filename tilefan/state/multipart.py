@@ -46,6 +46,10 @@ _PLAIN_PART = 8 * 2**20
 _TRANSFERS = 16
 """Requests `assemble_object` keeps in flight: parts copied or sent, and ranges read."""
 
+_PLAIN_PARTS_IN_FLIGHT = 4
+"""Of those, plain parts (8 MiB each, held until sent): the merger holds at most about
+five parts' bytes however large the result."""
+
 
 class TooManyParts(TilefanError):
     """The result would need more than S3's 10,000 multipart parts."""
@@ -69,7 +73,7 @@ def assemble_object(
 
     Parts are copied and sent, and small ranges read, ``_TRANSFERS`` at a time: each is a
     request with S3's latency, and a large result has thousands. What is held is bounded by
-    the parts in flight.
+    the plain parts in flight (``_PLAIN_PARTS_IN_FLIGHT``) and the one being gathered.
     """
     client, bucket = store.client, store.bucket
     try:
@@ -81,6 +85,7 @@ def assemble_object(
     reads = ThreadPoolExecutor(_TRANSFERS)
     writes = ThreadPoolExecutor(_TRANSFERS)
     parts: list[Future[CompletedPartTypeDef]] = []
+    plain: list[Future[CompletedPartTypeDef]] = []
     size = 0
     gathered: list[bytes | Future[bytes]] = []
     gathered_bytes = 0
@@ -116,7 +121,12 @@ def assemble_object(
 
     def send() -> None:
         nonlocal gathered_bytes
+        # Plain parts hold their bytes until sent: fewer of them in flight than copies.
+        pending = [part for part in plain[-_PLAIN_PARTS_IN_FLIGHT:] if not part.done()]
+        if len(pending) >= _PLAIN_PARTS_IN_FLIGHT:
+            pending[0].result()
         submit(upload, list(gathered))
+        plain.append(parts[-1])
         gathered.clear()
         gathered_bytes = 0
 
