@@ -84,11 +84,13 @@ def _measure(
         )
         source = upright(open_checked(transcoded))
         pixels = source.width * source.height
+        # The splitter's transcode: decode, and write the tiled deflate intermediate.
         result["split_decode"] = {
             "megapixels": pixels / 1e6,
             "cpu_s": cpu,
             "wall_s": wall,
             "mp_per_cpu_s": pixels / 1e6 / cpu,
+            "bytes_per_pixel": transcoded.stat().st_size / pixels,
         }
         spec = ImageSpec.of(source)
         for tile_size in tile_sizes:

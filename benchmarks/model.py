@@ -5,6 +5,14 @@ seconds per tile on one thread, bytes per tile, the serial stages' decode and en
 handler import time) and the published numbers in ``ASSUMPTIONS`` (each with its source), and
 predicts each stage of a job on Lambda. Numbers marked ``assumed`` have no published source that
 we found; their effect is stated next to them.
+
+The stages are the ones built: the splitter reads a tiled TIFF's header by range (or transcodes
+any other input once, on one thread, into a tiled deflate TIFF uploaded by multipart), workers
+read their blocks by ranged GETs and write their result tiles already encoded (one object per
+manifest item, with their pyramid levels), and the merger writes the TIFF's header and IFDs
+and assembles the result by multipart upload, copying the workers' objects server-side.
+
+    python -m benchmarks.model benchmarks/results/500mp/results.json   # the headline figures
 """
 
 from __future__ import annotations
@@ -12,11 +20,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
+
+from tilefan.state.multipart import MIN_PART
+
+if TYPE_CHECKING:
+    from tilefan.imaging.plan import TilePlan
 
 __all__ = [
     "ASSUMPTIONS",
+    "LARGEST_JPEG_GP",
     "Measured",
+    "headline",
     "largest_within",
     "limits_table",
     "predict",
@@ -35,6 +51,34 @@ ASSUMPTIONS: dict[str, dict[str, Any]] = {
         "value": 0.15,
         "note": "first-byte latency of one S3 request (small objects 100-200 ms)",
         "source": "https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance.html",
+    },
+    "s3_small_get_latency_s": {
+        "value": 0.05,
+        "note": (
+            "one ranged GET of under 512 KB (a TIFF tile of the source): 'median latency often "
+            "in the tens of milliseconds'; at 150 ms the map of a 10 GP job at 2048 px tiles "
+            "takes about 3x longer (the reads are serial, one TIFF tile at a time)"
+        ),
+        "source": "https://docs.aws.amazon.com/whitepapers/latest/s3-optimizing-performance-"
+        "best-practices/timeouts-and-retries-for-latency-sensitive-applications.html",
+    },
+    "copy_mb_per_s": {
+        "value": 100.0,
+        "note": (
+            "assumed: server-side bytes per second of one UploadPartCopy request, after its "
+            "request latency; no published figure found. At 25 MB/s the 10 GP merge's copies "
+            "take about 4x as long (they run 16 at a time)"
+        ),
+        "source": "assumed",
+    },
+    "complete_multipart_s": {
+        "value": 2.0,
+        "note": (
+            "assumed: CompleteMultipartUpload of a few thousand parts. The API reference says "
+            "only that it 'could take several minutes'; each +10 s adds 10 s to the merge"
+        ),
+        "source": "assumed; https://docs.aws.amazon.com/AmazonS3/latest/API/"
+        "API_CompleteMultipartUpload.html",
     },
     "dynamodb_request_latency_s": {
         "value": 0.010,
@@ -93,7 +137,10 @@ ASSUMPTIONS: dict[str, dict[str, Any]] = {
     },
     "price_s3_put": {
         "value": 0.005 / 1000,
-        "note": "S3 Standard PUT/COPY/POST/LIST, per request",
+        "note": (
+            "S3 Standard PUT/COPY/POST/LIST, per request: UploadPart, UploadPartCopy, "
+            "Create/CompleteMultipartUpload and ListObjectsV2 are each one"
+        ),
         "source": "https://aws.amazon.com/s3/pricing/",
     },
     "price_s3_get": {
@@ -118,7 +165,19 @@ WORKER_MB = 2048
 MERGER_MB = 3008
 TILES_PER_ITEM = 4
 IO_THREADS = 16
-PART_BYTES = 64 * 2**20
+"""Concurrent S3 requests of the merger (index reads, part copies, small range reads)."""
+PART_BYTES = 8 * 2**20
+"""The transcode's and the merger's plain multipart parts."""
+PLAIN_PARTS_IN_FLIGHT = 4
+"""The merger's plain parts in flight (`tilefan.state.multipart`), plus the one gathering."""
+TIFF_TILE = 256
+"""The TIFF tile edge of the transcoded intermediate and of the result."""
+HEADER_REQUESTS = 4
+"""Ranged GETs the splitter makes to read a tiled TIFF's header and directory (measured: at
+most 4, tests/integration/test_range_reads.py)."""
+SPLITTER_PEAK_MB = 190.0
+"""The splitter's peak resident memory, measured flat: 88-90 MB for a tiled TIFF from 100 MP to
+2 GP, 180 MB for the JPEG transcode at 100 MP (docs/benchmarks.md)."""
 BANDS = 3
 
 
@@ -131,15 +190,20 @@ class Measured:
     """What the harness measured on this machine, per unit of work, for one chain."""
 
     tile_cpu_s_per_mp: Mapping[int, float]
-    """CPU seconds per output megapixel of a tile worker, by tile size (one thread)."""
+    """CPU seconds per output megapixel of a tile worker, by tile size (one thread): decoding
+    its source block, the chain, encoding its result tiles."""
     tile_bytes_in_per_px: Mapping[int, float]
+    """Bytes of the (compressed) source read per source pixel."""
     tile_bytes_out_per_px: Mapping[int, float]
-    split_decode_mp_per_cpu_s: float
-    split_cut_cpu_s_per_mp: float
-    merge_decode_cpu_s_per_mp: float
+    """Bytes of encoded result tiles per output pixel."""
+    transcode_mp_per_cpu_s: float
+    """The splitter's transcode of a JPEG (decode, then the tiled deflate-1 TIFF), one thread."""
+    transcode_bytes_per_px: float
     merge_encode_mp_per_cpu_s: float
+    """libvips' deflate TIFF encode, one thread: the merger encodes the coarse pyramid levels."""
     output_bytes_per_px: float
     source_bytes_per_px: float
+    """The JPEG upload's bytes per pixel."""
     init_s: float
     worker_peak_mb: Mapping[int, float]
 
@@ -152,16 +216,21 @@ class Measured:
         source_bytes_per_px: float,
         init_s: float,
         worker_peak_mb: Mapping[int, float],
+        transcode: Mapping[str, float] | None = None,
     ) -> Measured:
-        """From ``benchmarks.kernel``'s result for one tile encoding."""
+        """From ``benchmarks.kernel``'s result for one tile encoding (the result's compression).
+
+        ``transcode`` (``mp_per_cpu_s``, ``bytes_per_pixel``) replaces the kernel's own
+        transcode figures, for results measured before the kernel recorded its bytes.
+        """
         rows = [row for row in kernel["tiles"] if row["encoding"] == encoding]
         by_size = {int(row["tile_size"]): row for row in rows}
 
         def per_mp(row: Mapping[str, Any], field: str) -> float:
             return float(row[field]) / (float(row["output_pixels"]) / 1e6)
 
-        largest = by_size[max(by_size)]
         deflate = kernel["merge_encode"]["deflate"]
+        split = transcode or kernel["split_decode"]
         return cls(
             tile_cpu_s_per_mp={size: per_mp(row, "cpu_s") for size, row in by_size.items()},
             tile_bytes_in_per_px={
@@ -170,12 +239,10 @@ class Measured:
             tile_bytes_out_per_px={
                 size: row["bytes_out"] / row["output_pixels"] for size, row in by_size.items()
             },
-            split_decode_mp_per_cpu_s=float(kernel["split_decode"]["mp_per_cpu_s"]),
-            split_cut_cpu_s_per_mp=float(largest["split_encode_cpu_s"])
-            / (float(largest["source_pixels"]) / 1e6),
-            merge_decode_cpu_s_per_mp=per_mp(largest, "merge_decode_cpu_s"),
+            transcode_mp_per_cpu_s=float(split["mp_per_cpu_s"]),
+            transcode_bytes_per_px=float(split["bytes_per_pixel"]),
             merge_encode_mp_per_cpu_s=float(deflate["mp_per_cpu_s"]),
-            output_bytes_per_px=float(deflate["bytes_per_pixel"]),
+            output_bytes_per_px=float(kernel["merge_encode"][encoding]["bytes_per_pixel"]),
             source_bytes_per_px=source_bytes_per_px,
             init_s=init_s,
             worker_peak_mb=dict(worker_peak_mb),
@@ -215,98 +282,207 @@ def _vcpu(memory_mb: int) -> float:
     return memory_mb / _a("mb_per_vcpu")
 
 
+def _tiles_per_item(tile_size: int, compression: str) -> int:
+    """The splitter's batch size for a TIFF result (`tilefan.stages.tiff_output`'s rule)."""
+    from tilefan.stages.tiff_output import tiles_per_item
+
+    plan = SimpleNamespace(output_tile=tile_size, spec=SimpleNamespace(bands=BANDS, format="uchar"))
+    return tiles_per_item(cast("TilePlan", plan), {"compression": compression}, TILES_PER_ITEM)
+
+
+def _worker_levels(tile_size: int, pyramid: bool) -> int:
+    """Pyramid levels a worker encodes for its own block (`tiff_output.worker_levels`)."""
+    return int(math.log2(tile_size // TIFF_TILE)) + 1 if pyramid else 1
+
+
 def predict(
-    measured: Measured, gigapixels: float, tile_size: int, concurrency: int
+    measured: Measured,
+    gigapixels: float,
+    tile_size: int,
+    concurrency: int,
+    *,
+    source: str = "tiled",
+    pyramid: bool = False,
+    compression: str = "deflate",
+    reads_in_flight: int = 1,
+    batch_tiles: int | None = None,
 ) -> dict[str, Any]:
-    """Predicted stage times, cost and limits for a square image of ``gigapixels``."""
+    """Predicted stage times, cost and limits for a square image of ``gigapixels``.
+
+    ``source`` is ``"tiled"`` (a tiled TIFF upload, read where it is) or ``"jpeg"``
+    (transcoded once by the splitter); the result is a tiled TIFF, a COG when ``pyramid``.
+    Two options model changes that are not built: ``reads_in_flight`` ranged GETs of a
+    worker's block at once (as built, libtiff reads one TIFF tile at a time), and
+    ``batch_tiles`` tiles per manifest item instead of the splitter's rule.
+    """
     pixels = gigapixels * 1e9
     mp = pixels / 1e6
     side = math.sqrt(pixels)
     tiles = math.ceil(side / tile_size) ** 2
-    items = math.ceil(tiles / TILES_PER_ITEM)
+    per_item = batch_tiles or _tiles_per_item(tile_size, compression)
+    items = math.ceil(tiles / per_item)
     net = _a("network_mb_per_s") * 1e6
     s3 = _a("s3_request_latency_s")
+    small_get = _a("s3_small_get_latency_s")
     ddb = _a("dynamodb_request_latency_s")
     tile_px = tile_size * tile_size
-    bytes_in = measured.tile_bytes_in_per_px[tile_size] * tile_px
-    bytes_out = measured.tile_bytes_out_per_px[tile_size] * tile_px
-    source_bytes = measured.source_bytes_per_px * pixels
-    output_bytes = measured.output_bytes_per_px * pixels
     cold = measured.init_s + _a("runtime_init_s")
+    levels = _worker_levels(tile_size, pyramid)
+    units = tile_state_units(tiles, per_item)
 
-    # Splitter: fetch the upload, decode it once (one thread), cut and store the tiles (16
-    # threads: CPU-, network- or latency-bound, whichever is slowest), write the tile items.
+    # Splitter: the header by a few ranged GETs, the job's records and the manifest; a JPEG
+    # is first transcoded on one thread while its bytes stream in and the parts go out.
     split_vcpu = _vcpu(SPLITTER_MB)
+    transcode_bytes = measured.transcode_bytes_per_px * pixels if source == "jpeg" else 0.0
+    transcode_s = 0.0
+    if source == "jpeg":
+        transcode_s = max(
+            mp / measured.transcode_mp_per_cpu_s / min(1.0, split_vcpu),
+            (measured.source_bytes_per_px * pixels + transcode_bytes) / net,
+        )
     split = {
-        "fetch": source_bytes / net + s3,
-        "decode": mp / measured.split_decode_mp_per_cpu_s / min(1.0, split_vcpu),
-        "cut_and_store": max(
-            mp * measured.split_cut_cpu_s_per_mp / split_vcpu,
-            tiles * bytes_in / net,
-            tiles * s3 / IO_THREADS,
-        ),
-        "tile_items": math.ceil(tile_state_units(tiles)["band_items"] / 25) * ddb,
         "cold_start": cold,
+        "header": HEADER_REQUESTS * small_get,
+        "transcode": transcode_s,
+        "records": math.ceil(units["band_items"] / 25) * ddb + 3 * ddb,
+        "manifest": s3,
     }
-    # A tile: fetch, compute, store. An item: its dispatch, two job reads and two tile-state
-    # writes (the batch's start and end).
+
+    # A tile: its source block by ranged GETs of whole TIFF tiles, one after another (libtiff
+    # reads a tile at a time), the chain, its result tiles and (for a COG) its levels encoded.
+    reads_per_tile = (tile_size / TIFF_TILE + 2) ** 2
+    read_px = reads_per_tile * TIFF_TILE**2
+    bytes_in = measured.tile_bytes_in_per_px[tile_size] * read_px
+    # A COG's worker levels add a third to the encoded bytes.
+    bytes_out = measured.tile_bytes_out_per_px[tile_size] * tile_px * (4 / 3 if levels > 1 else 1)
     worker_vcpu = _vcpu(WORKER_MB)
+    pyramid_cpu = (levels > 1) * tile_px / 3 / 1e6 / measured.merge_encode_mp_per_cpu_s
     tile_s = (
-        2 * s3
-        + (bytes_in + bytes_out) / net
-        + measured.tile_cpu_s_per_mp[tile_size] * tile_px / 1e6 / min(worker_vcpu, 2.0)
+        math.ceil(reads_per_tile / reads_in_flight) * small_get
+        + bytes_in / net
+        + (measured.tile_cpu_s_per_mp[tile_size] * tile_px / 1e6 + pyramid_cpu)
+        / min(worker_vcpu, 2.0)
     )
-    item_s = _a("item_dispatch_s") + 4 * ddb + TILES_PER_ITEM * tile_s
+    # An item: dispatch, two job reads, two tile-state writes, its tiles, then its tiles
+    # object, its levels' pieces (COG) and its index.
+    item_writes = 2 + (levels > 1)
+    item_s = (
+        _a("item_dispatch_s")
+        + 4 * ddb
+        + per_item * tile_s
+        + item_writes * s3
+        + per_item * bytes_out / net
+    )
     lanes = max(1, min(concurrency, items))
     # Above 1,000 environments, each further thousand arrives 10 s later.
     ramp = max(0, math.ceil(lanes / _a("scaling_envs_per_10s")) - 1) * 10.0
     waves = math.ceil(items / lanes)
     map_s = cold + ramp + waves * item_s
-    # Merger: fetch the output tiles (16 threads), decode them into strips, encode the output
-    # on one thread, upload it in 64 MiB parts.
+
+    # Merger: list and read the batches' indexes (16 at a time), for a COG fetch the blocks'
+    # coarsest level and encode the levels above them on one thread, then assemble: each
+    # item's level ranges of at least 5 MiB copied server-side, smaller ones read and sent as
+    # plain parts, 16 requests in flight.
     merge_vcpu = _vcpu(MERGER_MB)
+    item_bytes = per_item * tile_px * measured.tile_bytes_out_per_px[tile_size]
+    copies, copied, gathered = 0, 0.0, 0.0
+    for level in range(levels):
+        level_bytes = item_bytes / 4**level
+        if level_bytes >= MIN_PART:
+            copies, copied = copies + items, copied + items * level_bytes
+        else:
+            gathered += items * level_bytes
+    small_reads = items * sum(item_bytes / 4**level < MIN_PART for level in range(levels))
+    # The levels coarser than a block, down to one TIFF tile: encoded by the merger.
+    coarse_px = (
+        sum(pixels / 4**level for level in range(levels, 64) if pixels / 4**level >= TIFF_TILE**2)
+        if pyramid
+        else 0.0
+    )
+    coarse_bytes = coarse_px * measured.output_bytes_per_px
+    pieces_bytes = pixels / 4**levels * BANDS if pyramid else 0.0
+    plain_parts = math.ceil((gathered + coarse_bytes) / PART_BYTES) + 1
     merge = {
-        "fetch": max(tiles * bytes_out / net, tiles * s3 / IO_THREADS),
-        "assemble": mp * measured.merge_decode_cpu_s_per_mp / merge_vcpu,
-        "encode": mp / measured.merge_encode_mp_per_cpu_s / min(1.0, merge_vcpu),
-        "upload": output_bytes / net + s3,
-        "progress_read": 2 * ddb,
         "cold_start": cold,
+        "progress_read": 2 * ddb,
+        "list": math.ceil(3 * items / 1000) * s3,
+        "indexes": items / IO_THREADS * s3,
+        "pieces": (items / IO_THREADS * s3 + pieces_bytes / net) if pyramid else 0.0,
+        "coarse_encode": coarse_px
+        / 1e6
+        / measured.merge_encode_mp_per_cpu_s
+        / min(1.0, merge_vcpu),
+        "assemble": max(
+            (copies * s3 + copied / (_a("copy_mb_per_s") * 1e6)) / IO_THREADS
+            + (small_reads + plain_parts) * s3 / IO_THREADS,
+            # What is gathered comes in and goes out through the merger's network.
+            (2 * gathered + coarse_bytes) / net,
+        ),
+        "complete": _a("complete_multipart_s"),
     }
     split_s, merge_s = sum(split.values()), sum(merge.values())
     wall = split_s + map_s + merge_s
 
-    units = tile_state_units(tiles)
     gb_s = (
         SPLITTER_MB / 1024 * split_s
         + WORKER_MB / 1024 * (items * item_s + lanes * cold)
         + MERGER_MB / 1024 * merge_s
     )
+    transcode_parts = math.ceil(transcode_bytes / PART_BYTES) + 2 if source == "jpeg" else 0
+    puts = (
+        1  # manifest
+        + transcode_parts
+        + items * item_writes
+        + math.ceil(3 * items / 1000)  # the merger's listings
+        + copies
+        + plain_parts
+        + 2  # create and complete the result's upload
+    )
+    gets = (
+        HEADER_REQUESTS
+        + (math.ceil(measured.source_bytes_per_px * pixels / PART_BYTES) if source == "jpeg" else 0)
+        + tiles * reads_per_tile
+        + items * (1 + (levels > 1))  # indexes, pieces
+        + small_reads
+    )
     cost = {
         "lambda_duration": gb_s * _a("price_gb_s_arm64"),
         "lambda_requests": (items + 2) * _a("price_per_request_lambda"),
         "step_functions": (6 + 2 * items) * _a("price_per_transition"),
-        "s3_requests": (2 * tiles + 2 + math.ceil(output_bytes / PART_BYTES)) * _a("price_s3_put")
-        + (2 * tiles + 2) * _a("price_s3_get"),
+        "s3_requests": puts * _a("price_s3_put") + gets * _a("price_s3_get"),
         "dynamodb": (units["split_write_units"] + units["worker_write_units"] + 10)
         * _a("price_ddb_write")
         + (units["worker_job_reads"] + units["merge_check_read_units"] + 5) * _a("price_ddb_read"),
     }
-    tmp_mb = _a("tmp_mb")
+    # The merger holds every batch's index (about 40 bytes per tile and level), the coarse
+    # level's raw pixels (COG), and the plain parts in flight.
+    merge_memory_mb = (
+        150
+        + tiles * levels * 40 / 2**20
+        + pieces_bytes / 2**20
+        + (PLAIN_PARTS_IN_FLIGHT + 1) * PART_BYTES / 2**20
+    )
     limits = {
         "split_within_timeout": split_s <= _a("timeout_s"),
         "merge_within_timeout": merge_s <= _a("timeout_s"),
-        "split_fits_tmp": (source_bytes + pixels * BANDS) / 2**20 <= tmp_mb,
-        "merge_fits_tmp": (pixels * BANDS + output_bytes) / 2**20 <= tmp_mb,
+        "worker_within_timeout": item_s <= _a("timeout_s"),
+        "split_fits_memory": SPLITTER_PEAK_MB <= SPLITTER_MB,
+        "merge_fits_memory": merge_memory_mb <= MERGER_MB,
         "worker_fits_memory": measured.worker_peak_mb.get(tile_size, 0) <= WORKER_MB,
+        "parts_within_10000": copies + plain_parts <= 10_000,
+        # Neither serial stage writes to /tmp any more.
+        "fits_tmp": True,
     }
     stages = {"split": split_s, "map": map_s, "merge": merge_s}
     return {
         "gigapixels": gigapixels,
         "tile_size": tile_size,
         "concurrency": concurrency,
+        "source": source,
+        "pyramid": pyramid,
         "tiles": tiles,
         "items": items,
+        "tiles_per_item": per_item,
         "tile_s": tile_s,
         "item_s": item_s,
         "split_s": split_s,
@@ -314,6 +490,13 @@ def predict(
         "map_s": map_s,
         "merge_s": merge_s,
         "merge_parts": merge,
+        "merge_requests": {
+            "copies": copies,
+            "small_reads": small_reads,
+            "plain_parts": plain_parts,
+        },
+        "merge_gathered_mb": gathered / 1e6,
+        "merge_memory_mb": merge_memory_mb,
         "wall_s": wall,
         "bottleneck": max(stages, key=lambda name: stages[name]),
         "cost_usd": sum(cost.values()),
@@ -377,16 +560,21 @@ def largest_within(
     condition: Any,
     *,
     high: float = 100.0,
+    **options: Any,
 ) -> float | None:
     """The largest image (GP, to 1%) for which ``condition(prediction)`` still holds."""
     low = 0.001
-    if not condition(predict(measured, low, tile_size, concurrency)):
+
+    def holds(gigapixels: float) -> bool:
+        return bool(condition(predict(measured, gigapixels, tile_size, concurrency, **options)))
+
+    if not holds(low):
         return None
-    if condition(predict(measured, high, tile_size, concurrency)):
+    if holds(high):
         return high
     while high / low > 1.01:
         middle = math.sqrt(low * high)
-        if condition(predict(measured, middle, tile_size, concurrency)):
+        if holds(middle):
             low = middle
         else:
             high = middle
@@ -394,34 +582,95 @@ def largest_within(
 
 
 def limits_table(
-    measured: Measured, tile_size: int, concurrencies: Sequence[int]
+    measured: Measured, tile_size: int, concurrencies: Sequence[int], **options: Any
 ) -> list[dict[str, Any]]:
-    """For each concurrency: up to what size the map stage dominates, and where each hard
-    limit of the serial stages is reached."""
+    """For each concurrency: up to what size the map stage is the longest, and where each
+    limit of the serial stages is reached (``options`` as for `predict`)."""
     rows = []
     for workers in concurrencies:
+
+        def upto(condition: Any, workers: int = workers) -> float | None:
+            return largest_within(measured, tile_size, workers, condition, **options)
+
         rows.append(
             {
                 "tile_size": tile_size,
                 "concurrency": workers,
-                "map_dominates_up_to_gp": largest_within(
-                    measured,
-                    tile_size,
-                    workers,
-                    lambda p: p["map_s"] >= max(p["split_s"], p["merge_s"]),
+                "map_dominates_up_to_gp": upto(
+                    lambda p: p["map_s"] >= max(p["split_s"], p["merge_s"])
                 ),
-                "split_within_timeout_up_to_gp": largest_within(
-                    measured, tile_size, workers, lambda p: p["limits"]["split_within_timeout"]
+                "split_within_timeout_up_to_gp": upto(
+                    lambda p: p["limits"]["split_within_timeout"]
                 ),
-                "merge_within_timeout_up_to_gp": largest_within(
-                    measured, tile_size, workers, lambda p: p["limits"]["merge_within_timeout"]
+                "merge_within_timeout_up_to_gp": upto(
+                    lambda p: p["limits"]["merge_within_timeout"]
                 ),
-                "split_fits_tmp_up_to_gp": largest_within(
-                    measured, tile_size, workers, lambda p: p["limits"]["split_fits_tmp"]
-                ),
-                "merge_fits_tmp_up_to_gp": largest_within(
-                    measured, tile_size, workers, lambda p: p["limits"]["merge_fits_tmp"]
-                ),
+                "merge_fits_memory_up_to_gp": upto(lambda p: p["limits"]["merge_fits_memory"]),
+                "parts_within_10000_up_to_gp": upto(lambda p: p["limits"]["parts_within_10000"]),
             }
         )
     return rows
+
+
+LARGEST_JPEG_GP = 65_535**2 / 1e9
+"""JPEG's own limit: 65,535 px a side."""
+
+
+def headline(measured: Measured) -> dict[str, Any]:
+    """The figures issues 10 and 11 ask of the model, with the tile size that meets them.
+
+    A 10 GP tiled TIFF to a COG at concurrency 1,000 (each tile size the kernel measured),
+    and the largest JPEG (65,535 px a side) to a COG, with its transcode.
+    """
+    cog = [
+        predict(measured, 10, tile, 1000, pyramid=True)
+        for tile in sorted(measured.tile_cpu_s_per_mp)
+        if tile >= 1024
+    ]
+    best = min(cog, key=lambda p: p["wall_s"])
+    jpeg = predict(measured, LARGEST_JPEG_GP, best["tile_size"], 1000, source="jpeg", pyramid=True)
+    # Not built: workers fetching their block's TIFF tiles 16 at a time, and batches of six
+    # 2048 px tiles, so that every item's second level also passes 5 MiB and is copied.
+    unbuilt = predict(
+        measured, 10, 2048, 1000, pyramid=True, reads_in_flight=IO_THREADS, batch_tiles=6
+    )
+    return {
+        "cog_10gp": cog,
+        "best_tile": best["tile_size"],
+        "largest_jpeg": jpeg,
+        "cog_10gp_with_prefetch_and_larger_batches": unbuilt,
+    }
+
+
+def main() -> None:
+    """Print the headline figures from a run's ``results.json`` (its kernel and memory)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("results", type=Path, help="a results.json with a kernel section")
+    parser.add_argument(
+        "--transcode",
+        help="MP_PER_CPU_S,BYTES_PER_PIXEL of the transcode, for runs that predate its bytes",
+    )
+    args = parser.parse_args()
+    document = json.loads(args.results.read_text())
+    kernel, model = document["kernel"], document["model"]
+    transcode = None
+    if args.transcode:
+        rate, size = (float(value) for value in args.transcode.split(","))
+        transcode = {"mp_per_cpu_s": rate, "bytes_per_pixel": size}
+    measured = Measured.from_kernel(
+        kernel,
+        encoding="deflate",
+        source_bytes_per_px=float(kernel["source_bytes_per_px"]),
+        init_s=float(model["init_s_used"]),
+        worker_peak_mb={int(k): float(v) for k, v in model["worker_peak_mb_used"].items()},
+        transcode=transcode,
+    )
+    print(json.dumps(headline(measured), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -193,11 +193,11 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
         rows,
     )
 
-    model = document.get("model", {}).get("by_encoding", {}).get("none")
+    model = document.get("model", {}).get("by_encoding", {}).get("deflate")
     if model:
         rec = model["recommendation"]
         parts += [
-            "## Lambda model (tile encoding none; see docs/benchmarks.md for sources)",
+            "## Lambda model (a deflate TIFF result; see docs/benchmarks.md for sources)",
             "",
             f"Recommended tile size at concurrency {rec['concurrency']}: **{rec['tile_size']}**. "
             f"A serial stage (split or merge) is the longest stage from "
@@ -211,8 +211,8 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
                 row["map_dominates_up_to_gp"],
                 row["split_within_timeout_up_to_gp"],
                 row["merge_within_timeout_up_to_gp"],
-                row["split_fits_tmp_up_to_gp"],
-                row["merge_fits_tmp_up_to_gp"],
+                row["merge_fits_memory_up_to_gp"],
+                row["parts_within_10000_up_to_gp"],
             ]
             for row in model["limits"]
         ]
@@ -239,8 +239,8 @@ def _markdown(document: dict[str, Any], plots: list[str]) -> str:
                     "map longest up to GP",
                     "split < 15 min up to GP",
                     "merge < 15 min up to GP",
-                    "split /tmp fits up to GP",
-                    "merge /tmp fits up to GP",
+                    "merger memory fits up to GP",
+                    "10,000 parts suffice up to GP",
                 ],
                 limits,
             ),
@@ -471,7 +471,7 @@ def _plot_memory(figure: Any, document: dict[str, Any]) -> bool:
 
 
 def _plot_model(figure: Any, document: dict[str, Any]) -> bool:
-    model = document.get("model", {}).get("by_encoding", {}).get("none")
+    model = document.get("model", {}).get("by_encoding", {}).get("deflate")
     if not model:
         return False
     predictions = model["predictions"]

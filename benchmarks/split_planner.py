@@ -6,6 +6,10 @@ its memory is its own. ``--baseline`` names a checkout of the previous splitter 
 downloaded, decoded to scratch and uploaded source tiles); the same job is split by both.
 
     python -m benchmarks.split_planner --tiled 64,256 --jpeg 16,64 --baseline /path/to/old
+
+``/tmp`` use is the largest the child's scratch folder got, which is also its ``TMPDIR`` (where
+libvips would put a temporary file). Each image is made in ``--images`` (a temporary folder by
+default) just before its splits and deleted after them, so a 2 GP case needs one image on disk.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import pyvips
 from tilefan.stages.pipeline import Pipeline
+pyvips.cache_set_max(0)  # as splitter/app.py does at its cold start
 def hwm():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
     return int(line.split()[1]) / 1024
@@ -44,7 +49,7 @@ print(json.dumps({"wall_s": wall, "baseline_rss_mb": baseline, "peak_rss_mb": pe
 """
 
 
-def _image(kind: str, megapixels: int, folder: Path) -> Path:
+def make_image(kind: str, megapixels: int, folder: Path) -> Path:
     """A square test image: a tiled deflate TIFF or a JPEG, of a cheap but not flat pattern."""
     import pyvips
 
@@ -60,7 +65,7 @@ def _image(kind: str, megapixels: int, folder: Path) -> Path:
     return path
 
 
-def _scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
+def scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         peak[0] = max(peak[0], size)
@@ -70,12 +75,18 @@ def _scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
 def _split(tree: Path, job_id: str, env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="split-scratch-") as scratch:
         stop, peak = threading.Event(), [0]
-        watcher = threading.Thread(target=_scratch_peak, args=(Path(scratch), stop, peak))
+        watcher = threading.Thread(target=scratch_peak, args=(Path(scratch), stop, peak))
         watcher.start()
         try:
             done = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(tree), job_id],
-                env={**env, "TILEFAN_SCRATCH_DIR": scratch},
+                # MALLOC_ARENA_MAX as the template sets it for every function.
+                env={
+                    **env,
+                    "TILEFAN_SCRATCH_DIR": scratch,
+                    "TMPDIR": scratch,
+                    "MALLOC_ARENA_MAX": "2",
+                },
                 capture_output=True,
                 text=True,
                 check=True,
@@ -88,15 +99,26 @@ def _split(tree: Path, job_id: str, env: dict[str, str]) -> dict[str, Any]:
     return report
 
 
-def run(tiled: list[int], jpeg: list[int], baseline: Path | None) -> list[dict[str, Any]]:
-    """Split each image with this checkout's splitter, and with ``baseline``'s if given."""
+def run(
+    tiled: list[int],
+    jpeg: list[int],
+    baseline: Path | None,
+    *,
+    images: Path | None = None,
+    out: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Split each image with this checkout's splitter, and with ``baseline``'s if given.
+
+    Each row is printed, and appended to ``out`` if given, as one JSON line.
+    """
+    from benchmarks.machine import load_average
     from tilefan.local.stack import LOCAL_OWNER, local_stack
     from tilefan.state.jobs import JobStatus
     from tilefan.state.storage import keys
 
     rows = []
     with (
-        tempfile.TemporaryDirectory(prefix="split-images-") as images,
+        tempfile.TemporaryDirectory(prefix="split-images-", dir=images) as folder,
         local_stack(server=True) as stack,
     ):
         service = stack.service
@@ -108,7 +130,9 @@ def run(tiled: list[int], jpeg: list[int], baseline: Path | None) -> list[dict[s
         }
         cases = [("tiled", mp) for mp in tiled] + [("jpeg", mp) for mp in jpeg]
         for kind, megapixels in cases:
-            path = _image(kind, megapixels, Path(images))
+            made = time.monotonic()
+            path = make_image(kind, megapixels, Path(folder))
+            made_s = time.monotonic() - made
             trees = [("new", ROOT)] + ([("old", baseline)] if baseline else [])
             for variant, tree in trees:
                 job = service.create(
@@ -122,6 +146,7 @@ def run(tiled: list[int], jpeg: list[int], baseline: Path | None) -> list[dict[s
                 service.jobs.transition(
                     job.job_id, JobStatus.QUEUED, allowed_from={JobStatus.CREATED}
                 )
+                load_before = load_average()
                 report = _split(tree, job.job_id, env)
                 grid = report.pop("grid")
                 rows.append(
@@ -133,11 +158,18 @@ def run(tiled: list[int], jpeg: list[int], baseline: Path | None) -> list[dict[s
                         **report,
                         "bytes_read": grid.get("bytes_read"),
                         "bytes_written_mb": grid["bytes_split"] / 2**20,
+                        "image_made_s": made_s,
+                        "load_before": load_before,
+                        "load_after": load_average(),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+                if out is not None:
+                    with out.open("a", encoding="utf-8") as lines:
+                        lines.write(json.dumps(rows[-1]) + "\n")
                 service.store.delete_prefix(keys.job_prefix(job.job_id))
                 service.store.delete_prefix(f"uploads/{job.job_id}/")
+            path.unlink()
     return rows
 
 
@@ -146,9 +178,11 @@ def main() -> None:
     parser.add_argument("--tiled", default="64,256", help="tiled TIFF sizes, MP")
     parser.add_argument("--jpeg", default="16,64", help="JPEG sizes, MP")
     parser.add_argument("--baseline", type=Path, help="a checkout of the previous splitter")
+    parser.add_argument("--images", type=Path, help="where the inputs are made (default: /tmp)")
+    parser.add_argument("--out", type=Path, help="append each row to this JSON-lines file")
     args = parser.parse_args()
     sizes = [[int(v) for v in value.split(",") if v] for value in (args.tiled, args.jpeg)]
-    run(sizes[0], sizes[1], args.baseline)
+    run(sizes[0], sizes[1], args.baseline, images=args.images, out=args.out)
 
 
 if __name__ == "__main__":

@@ -261,13 +261,17 @@ def _coarse_levels(
     pixel_format, bands = first["format"], first["bands"]
     width, height = sizes[from_workers]
     mosaic = np.zeros((height, width, bands), dtype=numpy_dtype(pixel_format))
-    for index in indexes:
-        if "pieces" not in index:
-            continue
-        raw = pipeline.store.get_range(index["pieces_key"], 0, index["pieces_bytes"])
-        for x, y, w, h, offset in index["pieces"]:
-            block = np.frombuffer(raw, dtype=mosaic.dtype, count=w * h * bands, offset=offset)
-            mosaic[y : y + h, x : x + w] = block.reshape(h, w, bands)
+    with_pieces = [index for index in indexes if "pieces" in index]
+
+    def fetch(index: Mapping[str, Any]) -> bytes:
+        return pipeline.store.get_range(index["pieces_key"], 0, index["pieces_bytes"])
+
+    # One request per batch: fetched several at a time, as the indexes are.
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        for index, raw in zip(with_pieces, pool.map(fetch, with_pieces), strict=True):
+            for x, y, w, h, offset in index["pieces"]:
+                block = np.frombuffer(raw, dtype=mosaic.dtype, count=w * h * bands, offset=offset)
+                mosaic[y : y + h, x : x + w] = block.reshape(h, w, bands)
     level = from_array(mosaic, pixel_format, interpretation)
     for number in range(from_workers, len(sizes)):
         if number > from_workers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -43,6 +43,13 @@ MAX_PARTS = 10_000
 _PLAIN_PART = 8 * 2**20
 """A plain part is sent once this many bytes are gathered."""
 
+_TRANSFERS = 16
+"""Requests `assemble_object` keeps in flight: parts copied or sent, and ranges read."""
+
+_PLAIN_PARTS_IN_FLIGHT = 4
+"""Of those, plain parts (8 MiB each, held until sent): the merger holds at most about
+five parts' bytes however large the result."""
+
 
 class TooManyParts(TilefanError):
     """The result would need more than S3's 10,000 multipart parts."""
@@ -62,7 +69,12 @@ class Range:
 def assemble_object(
     store: TileStore, key: str, pieces: Iterable[bytes | Range], content_type: str
 ) -> int:
-    """Write ``pieces`` one after the other as object ``key``; returns its size in bytes."""
+    """Write ``pieces`` one after the other as object ``key``; returns its size in bytes.
+
+    Parts are copied and sent, and small ranges read, ``_TRANSFERS`` at a time: each is a
+    request with S3's latency, and a large result has thousands. What is held is bounded by
+    the plain parts in flight (``_PLAIN_PARTS_IN_FLIGHT``) and the one being gathered.
+    """
     client, bucket = store.client, store.bucket
     try:
         upload_id = client.create_multipart_upload(
@@ -70,21 +82,22 @@ def assemble_object(
         )["UploadId"]
     except ClientError as e:
         raise translate_error(e, key) from e
-    parts: list[CompletedPartTypeDef] = []
+    reads = ThreadPoolExecutor(_TRANSFERS)
+    writes = ThreadPoolExecutor(_TRANSFERS)
+    parts: list[Future[CompletedPartTypeDef]] = []
+    plain: list[Future[CompletedPartTypeDef]] = []
     size = 0
-    gathered = bytearray()
+    gathered: list[bytes | Future[bytes]] = []
+    gathered_bytes = 0
 
-    def send(body: bytes) -> None:
-        _check_count(parts)
-        number = len(parts) + 1
+    def upload(number: int, body: Sequence[bytes | Future[bytes]]) -> CompletedPartTypeDef:
+        data = b"".join(piece if isinstance(piece, bytes) else piece.result() for piece in body)
         etag = client.upload_part(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
         )["ETag"]
-        parts.append({"PartNumber": number, "ETag": etag})
+        return {"PartNumber": number, "ETag": etag}
 
-    def copy(piece: Range) -> None:
-        _check_count(parts)
-        number = len(parts) + 1
+    def copy(number: int, piece: Range) -> CompletedPartTypeDef:
         last = piece.start + piece.length - 1
         etag = client.upload_part_copy(
             Bucket=bucket,
@@ -94,47 +107,74 @@ def assemble_object(
             CopySource={"Bucket": bucket, "Key": piece.key},
             CopySourceRange=f"bytes={piece.start}-{last}",
         )["CopyPartResult"]["ETag"]
-        parts.append({"PartNumber": number, "ETag": etag})
+        return {"PartNumber": number, "ETag": etag}
+
+    def submit(task: Callable[..., CompletedPartTypeDef], argument: object) -> None:
+        _check_count(len(parts))
+        in_flight = [part for part in parts[-2 * _TRANSFERS :] if not part.done()]
+        if len(in_flight) >= _TRANSFERS:
+            in_flight[0].result()
+        parts.append(writes.submit(task, len(parts) + 1, argument))
+
+    def read(piece: Range) -> Future[bytes]:
+        return reads.submit(store.get_range, piece.key, piece.start, piece.length)
+
+    def send() -> None:
+        nonlocal gathered_bytes
+        # Plain parts hold their bytes until sent: fewer of them in flight than copies.
+        pending = [part for part in plain[-_PLAIN_PARTS_IN_FLIGHT:] if not part.done()]
+        if len(pending) >= _PLAIN_PARTS_IN_FLIGHT:
+            pending[0].result()
+        submit(upload, list(gathered))
+        plain.append(parts[-1])
+        gathered.clear()
+        gathered_bytes = 0
 
     try:
         for piece in pieces:
             if isinstance(piece, Range):
                 size += piece.length
                 # Top up a short plain part from the range's head, so the rest can be copied.
-                need = max(0, MIN_PART - len(gathered)) if gathered else 0
+                need = max(0, MIN_PART - gathered_bytes) if gathered else 0
                 if piece.length - need >= MIN_PART:
                     if need:
-                        gathered += store.get_range(piece.key, piece.start, need)
+                        gathered.append(read(Range(piece.key, piece.start, need)))
                         piece = Range(piece.key, piece.start + need, piece.length - need)
                     if gathered:
-                        send(bytes(gathered))
-                        gathered.clear()
-                    copy(piece)
+                        send()
+                    submit(copy, piece)
                     continue
-                gathered += store.get_range(piece.key, piece.start, piece.length)
+                gathered.append(read(piece))
+                gathered_bytes += piece.length
             else:
                 size += len(piece)
-                gathered += piece
-            if len(gathered) >= _PLAIN_PART:
-                send(bytes(gathered))
-                gathered.clear()
+                gathered.append(bytes(piece))
+                gathered_bytes += len(piece)
+            if gathered_bytes >= _PLAIN_PART:
+                send()
         if gathered or not parts:
-            send(bytes(gathered))
+            send()
+        completed = [part.result() for part in parts]
         client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": completed}
         )
     except BaseException as e:
+        writes.shutdown(cancel_futures=True)
+        reads.shutdown(cancel_futures=True)
         # A failed assembly leaves no parts behind to be billed.
         with contextlib.suppress(ClientError):
             client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         if isinstance(e, ClientError):
             raise translate_error(e, key) from e
         raise
+    finally:
+        writes.shutdown()
+        reads.shutdown()
     return size
 
 
-def _check_count(parts: list[CompletedPartTypeDef]) -> None:
-    if len(parts) >= MAX_PARTS:
+def _check_count(parts: int) -> None:
+    if parts >= MAX_PARTS:
         raise TooManyParts(
             f"the result needs more than {MAX_PARTS:,} upload parts; use larger tiles"
         )
