@@ -83,7 +83,6 @@ def _split(tree: Path, job_id: str, env: dict[str, str]) -> dict[str, Any]:
                 # MALLOC_ARENA_MAX as the template sets it for every function.
                 env={
                     **env,
-                    "TILEFAN_SCRATCH_DIR": scratch,
                     "TMPDIR": scratch,
                     "MALLOC_ARENA_MAX": "2",
                 },

@@ -109,7 +109,6 @@ def run(
                     [sys.executable, "-c", _CHILD, str(ROOT), str(path)],
                     env={
                         **os.environ,
-                        "TILEFAN_SCRATCH_DIR": scratch,
                         "TMPDIR": scratch,
                         "MALLOC_ARENA_MAX": "2",
                     },

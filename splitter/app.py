@@ -1,4 +1,4 @@
-"""Splitter Lambda: cut the upload into source tiles and write the Distributed Map's manifest."""
+"""Splitter Lambda: plan the tiles from the upload's header (or transcode it once) and write the Distributed Map's manifest."""
 
 from __future__ import annotations
 
