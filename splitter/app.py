@@ -1,4 +1,4 @@
-"""Splitter Lambda: plan the tiles from the upload's header (or transcode it once) and write the Distributed Map's manifest."""
+"""Splitter Lambda: plan tiles from the upload's header (or transcode it), write the manifest."""
 
 from __future__ import annotations
 
