@@ -23,6 +23,7 @@ from tilefan.cli_failures import (
     InvalidOpsFile,
     NoBenchmarks,
     NoOperations,
+    NotOneFile,
     OneLineParser,
     OutputUnwritable,
     UnknownFormat,
@@ -30,6 +31,7 @@ from tilefan.cli_failures import (
     guarded,
     route_handler_logs,
 )
+from tilefan.formats.dz_tiles import TILESET_FORMATS, TileSetLayout
 from tilefan.formats.outputs import OUTPUT_FORMATS, format_for_path
 from tilefan.imaging.operations import operation_names, parse_chain
 from tilefan.imaging.plan import MAX_TILE_SIZE, MIN_TILE_SIZE
@@ -174,15 +176,20 @@ def _job_files(args: argparse.Namespace) -> tuple[Path, Path, str]:
             f"cannot tell the format from {output.name!r}; pass --format "
             f"({', '.join(OUTPUT_FORMATS)})"
         )
-    _check_writable(output)
+    _check_writable(output, folder_allowed=output_format == "iiif")
     return source, output, output_format
 
 
-def _check_writable(output: Path) -> None:
-    """Refuse an output that cannot be written before any work is done for it."""
+def _check_writable(output: Path, *, folder_allowed: bool = False) -> None:
+    """Refuse an output that cannot be written before any work is done for it.
+
+    An IIIF set is a folder: ``output`` may be one already, and is filled.
+    """
     folder = output.parent
-    if output.is_dir():
+    if output.is_dir() and not folder_allowed:
         raise OutputUnwritable(f"{output} is a directory; name a file")
+    if folder_allowed and output.exists() and not output.is_dir():
+        raise OutputUnwritable(f"{output} is a file; name a folder for the IIIF tile set")
     if not folder.is_dir():
         raise OutputUnwritable(f"{folder} does not exist; create it or name another folder")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -333,6 +340,12 @@ def _submit(args: argparse.Namespace) -> int:
     from tilefan.service.client import TilefanClient
 
     source, output, output_format = _job_files(args)
+    if output_format in ("dzi", "iiif"):
+        raise NotOneFile(
+            f"submit downloads one file, and a {output_format} result is a folder of tiles "
+            "under the job's result prefix: name the output .zip for DeepZoom in one zip, "
+            "or use tilefan run"
+        )
     chain = _chain(args)
     progress = _Progress(sys.stderr, api_url=args.api)
     client = TilefanClient(args.api, args.key)
@@ -368,7 +381,10 @@ def _bench(argv: Sequence[str]) -> int:
 
 _OP_HELP = "a step, e.g. gaussblur:sigma=4 (repeat for a chain)"
 _OPS_FILE_HELP = "a JSON file with a list of steps (run before --op); [] re-encodes only"
-_FORMAT_HELP = "the output format (default: from the output's extension)"
+_FORMAT_HELP = (
+    "the output format (default: from the output's extension; .zip is dz, .dzi a DeepZoom "
+    "tile set beside its _files folder; iiif fills the folder named by -o)"
+)
 _VERBOSE_HELP = "also print the Lambda handlers' logs (on stderr)"
 
 
@@ -400,6 +416,7 @@ def _add_concurrency(parser: argparse.ArgumentParser) -> None:
 
 # The API's choices: the field is `Literal[...] | None`.
 _COMPRESSIONS = get_args(get_args(OutputSpec.model_fields["compression"].annotation)[0])
+_SUFFIXES = get_args(get_args(OutputSpec.model_fields["suffix"].annotation)[0])
 
 
 def _quality(text: str) -> int:
@@ -411,12 +428,18 @@ def _quality(text: str) -> int:
 
 def _output_options(args: argparse.Namespace, output_format: str) -> dict[str, Any]:
     """The output options of a run, checked as the API checks them."""
+    tileset = {"tile_size": args.dz_tile_size, "overlap": args.overlap, "suffix": args.suffix}
+    if output_format in TILESET_FORMATS:
+        TileSetLayout.from_options(
+            output_format, {**tileset, "quality": args.quality}
+        )  # its sentence, before the schema's bounds
     return OutputSpec(
         format=output_format,  # type: ignore[arg-type]  # checked by _job_files
         compression=args.compression,
         pyramid=args.pyramid,
         quality=args.quality,
         lossless=args.lossless,
+        **tileset,
     ).options()
 
 
@@ -446,8 +469,24 @@ def _parser() -> argparse.ArgumentParser:
         "--compression", choices=_COMPRESSIONS, help="tiff only (default: deflate, lossless)"
     )
     run.add_argument("--pyramid", action="store_true", help="tiff only: add reduced levels")
-    run.add_argument("--quality", type=_quality, help="jpeg and webp, 1 to 100 (default: 90)")
+    run.add_argument(
+        "--quality",
+        type=_quality,
+        help="jpeg and webp, 1 to 100 (default: 90); jpeg or webp tiles of a tile set "
+        "(default: 75, as dzsave)",
+    )
     run.add_argument("--lossless", action="store_true", help="webp only")
+    run.add_argument(
+        "--dz-tile-size",
+        type=int,
+        help="dz, dzi and iiif: the tiles' edge, even (default: 254 for DeepZoom, 512 for IIIF)",
+    )
+    run.add_argument(
+        "--overlap", type=int, help="dz and dzi: pixels a tile shares with each neighbour (1)"
+    )
+    run.add_argument(
+        "--suffix", choices=_SUFFIXES, help="dz, dzi and iiif: the tiles' encoding (jpeg)"
+    )
     run.set_defaults(func=_run)
 
     demo = commands.add_parser("demo", help="make a synthetic image and run a chain on it")

@@ -58,6 +58,12 @@ class UnknownFormat(TilefanError):
     code = "UNKNOWN_FORMAT"
 
 
+class NotOneFile(TilefanError):
+    """`submit` downloads one file; a DeepZoom or IIIF folder of tiles is not one."""
+
+    code = "UNSUPPORTED_OUTPUT"
+
+
 class OutputUnwritable(TilefanError):
     """The output cannot be written where it is named: checked before a job starts."""
 

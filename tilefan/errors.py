@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import errno
-
 __all__ = [
     "DamagedImage",
     "InvalidChain",
     "InvalidTileSize",
     "JobNotFound",
-    "OutOfDisk",
     "OutputTooLarge",
     "TileFailed",
     "TileTooLarge",
@@ -17,7 +14,6 @@ __all__ = [
     "TooManyPixels",
     "TransientError",
     "UnsupportedImage",
-    "is_out_of_disk",
     "reason",
 ]
 
@@ -64,12 +60,6 @@ class TooManyPixels(TilefanError):
     code = "TOO_MANY_PIXELS"
 
 
-class OutOfDisk(TilefanError):
-    """A stage's scratch space (Lambda's ephemeral storage) filled up; the image is not at fault."""
-
-    code = "OUT_OF_DISK"
-
-
 class OutputTooLarge(TilefanError):
     """The result cannot be made in the requested format: too wide for it, or too slow to encode."""
 
@@ -102,10 +92,3 @@ def reason(error: BaseException) -> str:
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
-
-
-def is_out_of_disk(error: BaseException) -> bool:
-    """Whether a write failed for want of space: an ``ENOSPC`` OSError, or libvips saying so."""
-    if isinstance(error, OSError):
-        return error.errno == errno.ENOSPC
-    return "No space left on device" in str(error)

@@ -40,8 +40,6 @@ class Settings(BaseSettings):
     """Tiles per Distributed Map item: fewer items, less orchestration per tile."""
     tile_encoding: TileEncoding = "none"
     """TIFF compression of intermediate tiles: bytes moved against CPU spent."""
-    scratch_dir: str = "/tmp"
-    """Local scratch space for the merger's DeepZoom cells."""
     merger_timeout: int = Field(default=900, ge=1, le=900)
     """The merger function's timeout in seconds (template.yaml): results too slow to encode
     in it are refused before the job runs (`tilefan.formats.output_limits`)."""

@@ -330,3 +330,24 @@ def test_result_redirects_to_a_presigned_download(
     assert "X-Amz-Expires=" in location and "X-Amz-Signature=" in location
     with urllib.request.urlopen(location) as response:
         assert response.read() == (tmp_path / "o.png").read_bytes()
+
+
+def test_a_tile_set_job_gives_its_descriptor_url_and_its_tiles_prefix(
+    api: LocalApi, client: TilefanClient, source: Path, tmp_path: Path
+) -> None:
+    descriptor = tmp_path / "o.dzi"
+    done = client.submit(
+        source, descriptor, [{"op": "invert"}], output_format="dzi", poll_seconds=0.1
+    )
+    output = done.job["output"]
+    job_id = done.job["job_id"]
+    assert output["key"] == f"results/{job_id}/result.dzi"
+    assert output["prefix"] == f"results/{job_id}/result_files/"
+    # 400 x 300 in 254 px tiles with overlap: 4 tiles at full resolution, then 1 per level.
+    assert output["tiles"] == 4 + 9
+    image = ET.fromstring(descriptor.read_bytes())
+    size = image.find("{http://schemas.microsoft.com/deepzoom/2008}Size")
+    assert size is not None and (size.get("Width"), size.get("Height")) == ("400", "300")
+    tiles = api.stack.service.store.list_keys(output["prefix"])
+    assert len(tiles) == output["tiles"]
+    assert f"{output['prefix']}9/1_1.jpeg" in tiles

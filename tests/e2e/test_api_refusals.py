@@ -154,3 +154,19 @@ def test_a_chain_error_reads_as_the_chain_validator_words_it(
     assert (status, answer["code"]) == (400, "INVALID_CHAIN")
     assert answer["message"] == str(refused.value)
     assert "Input tag" not in answer["message"]
+
+
+@pytest.mark.parametrize(
+    ("output", "sentence"),
+    [
+        ({"format": "dzi", "tile_size": 255}, "even tile size"),
+        ({"format": "iiif", "overlap": 2}, "IIIF tiles have no overlap"),
+        ({"format": "dz", "tile_size": 64, "overlap": 40}, "overlap must be from 0 to 32"),
+    ],
+)
+def test_tile_set_options_that_cannot_be_written_are_refused_at_creation(
+    api: LocalApi, output: dict[str, Any], sentence: str
+) -> None:
+    status, _, answer = send(api, "POST", "/jobs", json.dumps({**VALID, "output": output}).encode())
+    assert (status, answer["code"]) == (400, "INVALID_TILE_SET"), answer
+    assert sentence in answer["message"]

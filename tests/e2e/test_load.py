@@ -65,7 +65,7 @@ class Order:
             ImageSpec.of(self.image),
             parse_chain(self.ops),
             TILE,
-            output_tile_rule=output_tile_rule("tiff"),
+            output_tile_rule=output_tile_rule("tiff", {}),
         )
         return plan.tile_count
 

@@ -14,6 +14,7 @@ import pyvips
 from tests.support import assert_identical, noise_image
 from tilefan import parse_chain
 from tilefan.cli import main, parse_op
+from tilefan.formats.dz_tiles import TileSetLayout
 from tilefan.imaging.operations import operation_names
 from tilefan.local.serve import LocalApi, serve_api
 
@@ -108,7 +109,15 @@ def test_run_help_lists_the_operations_and_the_defaults(
     words = " ".join(shown.split())  # argparse wraps its help to the terminal's width
     assert "64 to 8192 (default: 1024)" in words  # the tile size
     assert "(default: 4)" in words  # the concurrency
-    for option in ("--compression", "--pyramid", "--quality", "--lossless"):
+    for option in (
+        "--compression",
+        "--pyramid",
+        "--quality",
+        "--lossless",
+        "--dz-tile-size",
+        "--overlap",
+        "--suffix",
+    ):
         assert option in shown
 
 
@@ -138,6 +147,41 @@ def test_run_passes_the_output_options(
     assert_identical(
         pyvips.Image.new_from_buffer(reference, ""), pyvips.Image.new_from_file(str(output))
     )
+
+
+@pytest.mark.parametrize(
+    ("output", "options", "descriptor", "tiles"),
+    [
+        ("out.dzi", ["--dz-tile-size", "128", "--overlap", "2"], "out.dzi", "out_files"),
+        ("set", ["--format", "iiif", "--suffix", "png"], "set/info.json", "set"),
+    ],
+)
+def test_run_writes_a_tile_set_where_its_output_names(
+    source: Path, tmp_path: Path, output: str, options: list[str], descriptor: str, tiles: str
+) -> None:
+    argv = ["run", str(source), "-o", str(tmp_path / output), "--op", "invert"]
+    assert main([*argv, *options]) == 0
+    assert (tmp_path / descriptor).is_file()
+    written = sorted(p.relative_to(tmp_path / tiles) for p in (tmp_path / tiles).rglob("*.*"))
+    reference = tmp_path / "libvips"
+    expected = whole(pyvips.Image.new_from_file(str(source)), [{"op": "invert"}])
+    layout = TileSetLayout.from_options(
+        "iiif" if "iiif" in options else "dzi", _tileset_options(options)
+    )
+    expected.dzsave(str(reference), **layout.dzsave_arguments())
+    if layout.iiif:
+        wanted = sorted(p.relative_to(reference) for p in reference.rglob("*.*"))
+    else:
+        folder = tmp_path / "libvips_files"
+        wanted = sorted(p.relative_to(folder) for p in folder.rglob("*.*"))
+        wanted.remove(Path("vips-properties.xml"))
+    assert written == wanted
+
+
+def _tileset_options(argv: list[str]) -> dict[str, Any]:
+    flags = {"--dz-tile-size": "tile_size", "--overlap": "overlap", "--suffix": "suffix"}
+    pairs = zip(argv[::2], argv[1::2], strict=True)
+    return {flags[flag]: int(v) if v.isdigit() else v for flag, v in pairs if flag in flags}
 
 
 def test_run_refuses_a_quality_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,8 +73,17 @@ NO_JOB_FAILURES = [
     ([*RUN, "--op", "invert", "--concurrency", "0"], 1, "INVALID_CONCURRENCY"),
     ([*RUN, "--op", "invert", "--concurrency", "100000"], 1, "INVALID_CONCURRENCY"),
     ([*RUN, "--op", "invert", "--concurrency", "four"], 1, "INVALID_CONCURRENCY"),
-    ([*RUN[:3], "{tmp}/y.dzi", "--op", "invert"], 1, "UNSUPPORTED_OUTPUT"),
-    ([*RUN[:3], "{tmp}/y.dzi", "--format", "dz", "--op", "invert"], 1, "UNSUPPORTED_OUTPUT"),
+    ([*RUN[:3], "{tmp}/y.dzi", "--dz-tile-size", "255", "--op", "invert"], 1, "INVALID_TILE_SET"),
+    (
+        [*RUN[:3], "{tmp}/y", "--format", "iiif", "--overlap", "1", "--op", "invert"],
+        1,
+        "INVALID_TILE_SET",
+    ),
+    (
+        ["run", "{source}", "-o", "{source}", "--format", "iiif", "--op", "invert"],
+        1,
+        "OUTPUT_UNWRITABLE",
+    ),
     ([*RUN[:3], "{tmp}/out.xyz", "--op", "invert"], 1, "UNKNOWN_FORMAT"),
     (["run", "{missing}", "-o", "{tmp}/out.tif", "--op", "invert"], 1, "INPUT_MISSING"),
     ([*RUN, "--op", "nosuch"], 1, "INVALID_CHAIN"),
@@ -91,6 +100,11 @@ NO_JOB_FAILURES = [
         "OUTPUT_UNWRITABLE",
     ),
     (["submit", "{source}", "-o", "{tmp}/out.png", "--op", "invert"], 2, "USAGE"),
+    (
+        ["submit", "{source}", "-o", "{tmp}/out.dzi", "--api", "http://x", "--op", "invert"],
+        1,
+        "UNSUPPORTED_OUTPUT",
+    ),
     (["bench", "--nonsense"], 2, "USAGE"),
     (["bench", "--key", "k"], 2, "USAGE"),
 ]

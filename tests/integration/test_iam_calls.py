@@ -122,14 +122,17 @@ def calls(api: LocalApi) -> Calls:
     return recorded
 
 
-def create(client: TilefanClient, source: Path, op: str = "invert") -> str:
+def create(
+    client: TilefanClient, source: Path, op: str = "invert", output_format: str = "tiff"
+) -> str:
     body = {
         "operations": [{"op": op}],
-        "output": {"format": "tiff"},
+        "output": {"format": output_format},
         "tile_size": TILE,
         "input": {"size_bytes": source.stat().st_size},
     }
-    created = client.request("POST", "/jobs", body, {"Idempotency-Key": source.name})
+    key = f"{source.name}-{output_format}"
+    created = client.request("POST", "/jobs", body, {"Idempotency-Key": key})
     client.upload(source, created)
     return str(created["job_id"])
 
@@ -143,10 +146,15 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
     noise_image(1400, 1300, 3, seed=2).tiffsave(str(large))  # two multipart parts
     jobs: list[str] = []
 
-    # Succeeds, uploaded by one PUT and by parts; every read route is used on it. The second
-    # has a statistics pass (its map, its band writes, the merger's reduce).
-    for source, op in ((small, "invert"), (large, "hist_equal")):
-        job_id = create(client, source, op)
+    # Succeeds, uploaded by one PUT and by parts, and as a DeepZoom set (the workers write
+    # its tiles under results/); every read route is used on it. The second has a statistics
+    # pass (its map, its band writes, the merger's reduce).
+    for source, op, output_format in (
+        (small, "invert", "tiff"),
+        (large, "hist_equal", "tiff"),
+        (small, "invert", "dzi"),
+    ):
+        job_id = create(client, source, op, output_format)
         client.request("POST", f"/jobs/{job_id}/start")
         assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
         client.request("GET", f"/jobs/{job_id}/tiles")

@@ -1,19 +1,14 @@
-"""Limits that refuse a job before it does the work: bands, output pixels, and disk space."""
+"""Limits that refuse a job before it does the work: bands and output pixels."""
 
 from __future__ import annotations
-
-import errno
-from pathlib import Path
 
 import pytest
 import pyvips
 
 import tilefan.stages.split
-from tests.support import libvips_error
-from tilefan.errors import InvalidChain, OutOfDisk, TooManyPixels
+from tilefan.errors import InvalidChain, TooManyPixels
 from tilefan.imaging.operations import MAX_BANDS, parse_chain
 from tilefan.imaging.plan import ImageSpec, check_chain
-from tilefan.stages.scratch import invocation_scratch
 
 pytestmark = pytest.mark.unit
 
@@ -50,22 +45,3 @@ def test_the_splitter_checks_the_output_before_it_decodes() -> None:
 
     source = inspect.getsource(tilefan.stages.split.split)
     assert source.index("_check_output_size(") < source.index("transcode(")
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        OSError(errno.ENOSPC, "No space left on device"),
-        libvips_error("vips_image_write: write failed\nunix error: No space left on device"),
-    ],
-    ids=["download", "libvips"],
-)
-def test_running_out_of_disk_in_any_stage_is_out_of_disk(tmp_path: Path, error: Exception) -> None:
-    with pytest.raises(OutOfDisk) as raised, invocation_scratch(tmp_path):
-        raise error
-    assert raised.value.code == "OUT_OF_DISK"
-
-
-def test_other_errors_in_scratch_pass_through_unchanged(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError), invocation_scratch(tmp_path) as scratch:
-        (scratch / "missing" / "file").read_bytes()

@@ -74,7 +74,7 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:GetItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
         "s3:GetObject": {JOBS, UPLOADS},
-        "s3:PutObject": {JOBS},
+        "s3:PutObject": {JOBS, RESULTS},
         "s3:DeleteObject": {JOBS, RESULTS},
         "s3:ListBucket": {BUCKET},
     },

@@ -195,7 +195,7 @@ def test_tiff_batches_aim_past_two_copy_parts_within_a_pixel_bound(
         ImageSpec(20000, 20000, 3, "uchar"),
         parse_chain([]),
         tile_size,
-        output_tile_rule=output_tile_rule("tiff"),
+        output_tile_rule=output_tile_rule("tiff", {}),
     )
     count = tiles_per_item(plan, {"compression": compression}, 4)
     pixels = count * plan.output_tile**2

@@ -1,28 +1,22 @@
-"""Output formats: how the merger saves the assembled image."""
+"""Output formats: their names, extensions and content types, and the streamed encoders."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pyvips
 
-from tilefan.errors import TilefanError
-
 __all__ = [
     "OUTPUT_FORMATS",
     "STREAMED_FORMATS",
     "OutputFormat",
-    "SavedOutput",
-    "UnsupportedOutput",
     "encode_to_target",
     "format_for_path",
-    "save_output",
 ]
 
-OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz", "stats"]
+OutputFormat = Literal["tiff", "jpeg", "png", "webp", "dz", "dzi", "iiif", "stats"]
 
 OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "tiff": ("tif", "image/tiff"),
@@ -30,10 +24,14 @@ OUTPUT_FORMATS: dict[str, tuple[str, str]] = {
     "png": ("png", "image/png"),
     "webp": ("webp", "image/webp"),
     "dz": ("zip", "application/zip"),
+    "dzi": ("dzi", "application/xml"),
+    "iiif": ("json", "application/json"),
     "stats": ("json", "application/json"),
 }
-"""Each format's file extension and content type. `dz` is a DeepZoom pyramid in a zip;
-`stats` is libvips' statistics of the result as JSON (written by the statistics pass)."""
+"""Each format's file extension and content type (a tile set's: its descriptor's). `dz` is a
+DeepZoom pyramid in a zip, `dzi` the same as a `.dzi` and a folder of tiles, `iiif` an IIIF
+Image API 3 level 0 set (`info.json` and tiles); `stats` is libvips' statistics of the result
+as JSON (written by the statistics pass)."""
 
 STREAMED_FORMATS = frozenset({"jpeg", "png", "webp"})
 """Formats encoded in one pass over the whole image, fed a row of tiles at a time."""
@@ -46,53 +44,14 @@ _EXTENSIONS = {
     ".png": "png",
     ".webp": "webp",
     ".zip": "dz",
+    ".dzi": "dzi",
     ".json": "stats",
 }
 
-_NOT_WRITTEN = {
-    ".dzi": "a .dzi output (a DeepZoom tile set) is not written yet; name the output .zip "
-    "for the DeepZoom pyramid in one zip",
-}
-"""Extensions that name a format tilefan does not write, with what to use instead."""
-
-
-class UnsupportedOutput(TilefanError):
-    """The output's name asks for a format tilefan does not write."""
-
-    code = "UNSUPPORTED_OUTPUT"
-
-
-@dataclass(frozen=True)
-class SavedOutput:
-    """A saved result on local disk."""
-
-    path: Path
-    extension: str
-    content_type: str
-
 
 def format_for_path(path: str | Path) -> str | None:
-    """The output format a file name asks for, or None; `UnsupportedOutput` if never written."""
-    suffix = Path(path).suffix.lower()
-    if suffix in _NOT_WRITTEN:
-        raise UnsupportedOutput(_NOT_WRITTEN[suffix])
-    return _EXTENSIONS.get(suffix)
-
-
-def save_output(
-    image: pyvips.Image, directory: Path, output_format: str, options: Mapping[str, Any]
-) -> SavedOutput:
-    """Save ``image`` as a DeepZoom zip under ``directory``: the one format still saved whole.
-
-    TIFF results are assembled around the workers' tiles (`tilefan.stages.tiff_output`), and
-    JPEG, PNG and WebP are streamed (`encode_to_target`).
-    """
-    if output_format != "dz":
-        raise ValueError(f"{output_format} results are not saved whole")
-    extension, content_type = OUTPUT_FORMATS[output_format]
-    path = directory / f"result.{extension}"
-    image.dzsave(str(path))  # a .zip name makes libvips write the pyramid as one zip
-    return SavedOutput(path, extension, content_type)
+    """The output format a file name asks for, or None."""
+    return _EXTENSIONS.get(Path(path).suffix.lower())
 
 
 def encode_to_target(

@@ -29,6 +29,7 @@ __all__ = [
     "halve",
     "level_sizes",
     "numpy_dtype",
+    "power_of_two_block",
     "tiff_output_tile",
     "to_array",
     "without_metadata",
@@ -86,8 +87,13 @@ def tiff_output_tile(planned: int) -> int:
     A worker's block is then whole TIFF tiles, and halving it keeps it whole tiles down to
     one tile, so each worker encodes its share of every level that big.
     """
-    doublings = max(0, round(np.log2(max(planned, 1) / TIFF_TILE)))
-    return int(TIFF_TILE * 2**doublings)
+    return power_of_two_block(planned, TIFF_TILE)
+
+
+def power_of_two_block(planned: int, tile: int) -> int:
+    """``tile`` times the power of two (at least 1) that comes nearest to ``planned``."""
+    doublings = max(0, round(np.log2(max(planned, 1) / tile)))
+    return int(tile * 2**doublings)
 
 
 def level_sizes(width: int, height: int, *, pyramid: bool) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,15 @@ from tilefan.settings import Settings
 from tilefan.state.jobs import TERMINAL, JobRepository, JobStatus
 from tilefan.state.storage import TileStore, keys
 
-__all__ = ["LOCAL_OWNER", "LocalStack", "local_stack", "run_job"]
+__all__ = ["LOCAL_OWNER", "LocalStack", "download_result", "local_stack", "run_job"]
 
 LOCAL_OWNER = "local"
 """The owner of jobs started from the command line."""
 
 ProgressCallback = Callable[[JobView], None]
+
+_DOWNLOADS = 16
+"""A tile set's tiles downloaded at once."""
 
 
 @dataclass(frozen=True)
@@ -133,5 +137,27 @@ def run_job(
     stack.settle(job.job_id, timeout=max(deadline - time.monotonic(), 60))
     view = service.view(LOCAL_OWNER, job.job_id)
     if view.job.status is JobStatus.SUCCEEDED and view.job.output:
-        service.store.download(view.job.output["key"], output)
+        download_result(service.store, view.job.output, output)
     return view
+
+
+def download_result(store: TileStore, result: Mapping[str, Any], output: Path) -> None:
+    """A result to local disk: a file, or a tile set as ``output`` (a ``.dzi`` and its
+    ``_files`` folder beside it, or an IIIF folder holding ``info.json``)."""
+    if "prefix" not in result:
+        store.download(result["key"], output)
+        return
+    prefix = result["prefix"]
+    if result["format"] == "iiif":
+        folder = output  # the prefix holds info.json too
+    else:
+        store.download(result["key"], output)
+        folder = output.with_name(f"{output.stem}_files")
+
+    def fetch(key: str) -> None:
+        target = folder / key.removeprefix(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.download(key, target)
+
+    with ThreadPoolExecutor(_DOWNLOADS) as pool:
+        list(pool.map(fetch, store.list_keys(prefix)))

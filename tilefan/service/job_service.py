@@ -13,6 +13,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tilefan.errors import InvalidTileSize, TilefanError
+from tilefan.formats.dz_tiles import TILESET_FORMATS, TileSetLayout
 from tilefan.formats.output_limits import check_output_of_input
 from tilefan.formats.outputs import OUTPUT_FORMATS
 from tilefan.imaging.operations import parse_chain
@@ -144,6 +145,8 @@ class JobService:
             raise InvalidRequest(
                 f"output.format: {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
             )
+        if output_format in TILESET_FORMATS:
+            TileSetLayout.from_options(output_format, output_options or {})
         declared = int((input_info or {}).get("size_bytes", 0))
         if declared > self.settings.max_input_bytes:
             raise InputTooLarge(

@@ -56,9 +56,28 @@ class OutputSpec(_Strict):
         default=False, description="tiff only: every reduced level, laid out as a COG"
     )
     quality: int | None = Field(
-        default=None, ge=1, le=100, description="jpeg, webp, and tiff with jpeg compression"
+        default=None,
+        ge=1,
+        le=100,
+        description="jpeg, webp, tiff with jpeg compression, and jpeg or webp tiles of a tile set",
     )
     lossless: bool = Field(default=False, description="webp only")
+    tile_size: int | None = Field(
+        default=None,
+        ge=2,
+        le=8192,
+        description="dz, dzi and iiif: the tiles' edge, even (dzsave's 254 for DeepZoom, 512 "
+        "for IIIF)",
+    )
+    overlap: int | None = Field(
+        default=None,
+        ge=0,
+        le=4096,
+        description="dz and dzi: pixels each tile takes from its neighbours (1 by default)",
+    )
+    suffix: Literal["jpeg", "png", "webp"] | None = Field(
+        default=None, description="dz, dzi and iiif: the tiles' encoding (jpeg by default)"
+    )
 
     def options(self) -> dict[str, Any]:
         """The options the merger passes to the saver."""

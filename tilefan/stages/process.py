@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import TileFailed, TilefanError, TransientError, reason
+from tilefan.formats.dz_tiles import TILESET_FORMATS
 from tilefan.formats.tiled import source_block
 from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
 from tilefan.stages.statistics import stored_statistics
 from tilefan.stages.tiff_output import TiffBatchWriter
+from tilefan.stages.tileset_output import TileSetBatchWriter
 from tilefan.state.jobs import (
     TERMINAL,
     Job,
@@ -40,8 +42,10 @@ def process_batch(
     if chain.has_global():
         chain = chain.bind(stored_statistics(pipeline, job_id, chain, len(chain)))
     spec = ImageSpec(**job.source)
-    output = _encoded_output(pipeline, job, tiles)
+    output = _encoded_output(pipeline, job, tiles, chain, spec)
     batch = [Tile.from_compact(compact) for compact in tiles]
+    if isinstance(output, TileSetBatchWriter):
+        batch = [output.expand(tile) for tile in batch]
     # One write per band for the batch's starts and one for its outcomes, not two per tile.
     started = set(pipeline.jobs.tiles_started(job_id, [tile.index for tile in batch]))
     outcomes: list[TileOutcome] = []
@@ -74,13 +78,20 @@ def process_batch(
     return {"processed": len(outcomes), "skipped": len(tiles) - len(started)}
 
 
+_BatchWriter = TiffBatchWriter | TileSetBatchWriter
+
+
 def _encoded_output(
-    pipeline: Pipeline, job: Job, tiles: Sequence[Sequence[int]]
-) -> TiffBatchWriter | None:
+    pipeline: Pipeline, job: Job, tiles: Sequence[Sequence[int]], chain: Chain, spec: ImageSpec
+) -> _BatchWriter | None:
     """The writer of a batch whose worker encodes the result's own tiles, or None."""
-    if job.output_format != "tiff" or not tiles:
+    if not tiles:
         return None
-    return TiffBatchWriter(pipeline, job, first_tile=tiles[0][0])
+    if job.output_format == "tiff":
+        return TiffBatchWriter(pipeline, job, first_tile=tiles[0][0])
+    if job.output_format in TILESET_FORMATS:
+        return TileSetBatchWriter(pipeline, job, tiles[0][0], chain, spec)
+    return None
 
 
 def _process_tile(
@@ -91,7 +102,7 @@ def _process_tile(
     spec: ImageSpec,
     grid: dict[str, Any],
     outcomes: list[TileOutcome],
-    output: TiffBatchWriter | None,
+    output: _BatchWriter | None,
 ) -> None:
     """Run the chain on one tile and add its outcome to ``outcomes``, also when it raises."""
     started = time.monotonic()

@@ -13,11 +13,19 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import InvalidTileSize, TooManyPixels
+from tilefan.formats.dz_tiles import TILESET_FORMATS, TileSetLayout
 from tilefan.formats.output_limits import check_output_of_input
 from tilefan.formats.source import upright
 from tilefan.formats.tiled import open_object, range_readable, transcode, transcode_tile_edge
 from tilefan.imaging.operations import Chain, parse_chain
-from tilefan.imaging.plan import ImageSpec, TilePlan, check_worker_memory, plan_tiles, stage_sizes
+from tilefan.imaging.plan import (
+    ImageSpec,
+    TilePlan,
+    check_chain,
+    check_worker_memory,
+    plan_tiles,
+    stage_sizes,
+)
 from tilefan.stages import statistics
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
@@ -63,7 +71,10 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         pixel_format=header.format,
     )
     plan = plan_tiles(
-        spec, chain, job.tile_size, output_tile_rule=output_tile_rule(job.output_format)
+        spec,
+        chain,
+        job.tile_size,
+        output_tile_rule=output_tile_rule(job.output_format, job.output_options),
     )
     if plan.tile_count > MAX_TILES:
         raise InvalidTileSize(
@@ -71,6 +82,9 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             f"at most {MAX_TILES:,} are supported, so use a larger tile size"
         )
     check_worker_memory(plan, pipeline.settings.worker_memory_mb)
+    if job.output_format in TILESET_FORMATS:
+        layout = TileSetLayout.from_options(job.output_format, job.output_options)
+        layout.check_result(check_chain(chain, spec).format)
     read_key, written = keys.upload(job_id), 0
     if not range_readable(header):
         read_key = keys.source(job_id)
@@ -113,9 +127,12 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
 
 
 def _tiles_per_item(plan: TilePlan, job: Job, default: int) -> int:
-    """Batch size: TIFF workers write one object per batch, sized to be copied on S3."""
+    """Batch size: TIFF and DeepZoom zip workers write one object per batch, sized to be
+    copied on S3 (a zip's JPEG tiles shrink about as JPEG-in-TIFF does)."""
     if job.output_format == "tiff":
         return tiles_per_item(plan, job.output_options, default)
+    if job.output_format == "dz":
+        return tiles_per_item(plan, {"compression": "jpeg"}, default)
     return default
 
 

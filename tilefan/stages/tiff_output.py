@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tilefan.errors import TilefanError
+from tilefan.formats.dz_tiles import TILESET_FORMATS
 from tilefan.formats.tiff_layout import CLASSIC_LIMIT, Page, Tag, layout
 from tilefan.formats.tiff_tiles import (
     TIFF_TILE,
@@ -35,6 +36,7 @@ from tilefan.formats.tiff_tiles import (
     without_metadata,
 )
 from tilefan.imaging.plan import Tile, TilePlan
+from tilefan.stages.tileset_output import tileset_output_tile
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
 
@@ -70,9 +72,13 @@ object is then gathered into plain parts rather than copied."""
 _SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
 
 
-def output_tile_rule(output_format: str) -> Callable[[int], int] | None:
-    """How a format adjusts the planned output tile: TIFF results need whole TIFF tiles."""
-    return tiff_output_tile if output_format == "tiff" else None
+def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int] | None:
+    """How a format adjusts the planned output tile: whole TIFF tiles, or whole tiles of a set."""
+    if output_format == "tiff":
+        return tiff_output_tile
+    if output_format in TILESET_FORMATS:
+        return tileset_output_tile(output_format, options)
+    return None
 
 
 def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> int:

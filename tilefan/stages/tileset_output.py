@@ -1,0 +1,303 @@
+"""DeepZoom and IIIF results: workers write their blocks' tiles, the merger the coarse levels.
+
+A worker's block is ``tile_size * 2**m`` pixels on a side and starts on the tile grid, so it
+holds whole tiles of the set at full resolution and at each of its first ``m`` halvings
+(`worker_levels`). Overlap makes a tile reach into its neighbours: ``overlap`` pixels at
+level ``k`` come from ``overlap * 2**k`` pixels at full resolution, so the worker computes
+its block grown by ``overlap * 2**m`` on each side (`TileSetBatchWriter.expand`, clipped to
+the image), halves it level by level with ``dzsave``'s arithmetic and cuts its tiles, overlap
+and all. A tile set's tiles go straight to their final keys under the result's prefix (a
+retried batch writes the same bytes again); a zip's go into one object per batch as stored
+entries. Each block also keeps its next halving raw ("pieces"): the merger joins those into
+the first level no block holds whole, halves it down to the last level, and writes those few
+tiles, then the ``.dzi`` or ``info.json``, which says the set is complete, or for a zip the
+central directory around server-side copies of the workers' objects. It decodes no tile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tilefan.errors import TilefanError
+from tilefan.formats.dz_tiles import TileSetLayout, halve_padded
+from tilefan.formats.tiff_tiles import from_array, numpy_dtype, power_of_two_block
+from tilefan.formats.zip_layout import ZipEntry, central_directory, local_entry
+from tilefan.imaging.geometry import Rect
+from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, stage_regions, stage_sizes
+from tilefan.state.multipart import Range, assemble_object
+from tilefan.state.storage import keys
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pyvips import Image
+
+    from tilefan.imaging.operations import Chain
+    from tilefan.stages.pipeline import Pipeline
+    from tilefan.state.jobs import Job
+
+__all__ = [
+    "SET_NAME",
+    "TileSetBatchWriter",
+    "assemble_tileset",
+    "tileset_output_tile",
+    "tileset_paths",
+    "worker_levels",
+]
+
+SET_NAME = "result"
+"""The set's name: ``result.dzi`` and ``result_files/``, the IIIF folder ``result/``."""
+
+_IO_THREADS = 16
+_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+def tileset_output_tile(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int]:
+    """The output tile of a tile set: its tile size times the nearest power of two."""
+    tile_size = TileSetLayout.from_options(output_format, options).tile_size
+    return lambda planned: power_of_two_block(planned, tile_size)
+
+
+def worker_levels(output_tile: int, tile_size: int, level_count: int) -> int:
+    """How many levels workers write: those where a block is still whole tiles."""
+    return min(level_count, int(math.log2(output_tile // tile_size)) + 1)
+
+
+def tileset_paths(output_format: str) -> tuple[str, str]:
+    """Where a set's tiles and its descriptor lie, within its prefix or zip."""
+    if output_format == "iiif":
+        return f"{SET_NAME}/", f"{SET_NAME}/info.json"
+    return f"{SET_NAME}_files/", f"{SET_NAME}.dzi"
+
+
+class TileSetBatchWriter:
+    """Writes one manifest item's tiles at every level its blocks hold whole, keeps pieces."""
+
+    def __init__(
+        self, pipeline: Pipeline, job: Job, first_tile: int, chain: Chain, spec: ImageSpec
+    ) -> None:
+        grid = job.grid or {}
+        self.pipeline = pipeline
+        self.job_id = job.job_id
+        self.first_tile = first_tile
+        self.layout = TileSetLayout.from_options(job.output_format, job.output_options)
+        self.zipped = job.output_format == "dz"
+        self.tiles_root = tileset_paths(job.output_format)[0]
+        self.width, self.height = grid["output_width"], grid["output_height"]
+        self.block, self.columns = grid["output_tile"], grid["columns"]
+        self.sizes = self.layout.level_sizes(self.width, self.height)
+        self.levels = worker_levels(self.block, self.layout.tile_size, len(self.sizes))
+        self.stage_sizes = stage_sizes(chain, spec.width, spec.height)
+        self.chain = chain
+        self.entries: list[list[Any]] = []
+        self.entry_data = bytearray()
+        self.pieces: list[list[int]] = []
+        self.piece_data = bytearray()
+        self.pixels: dict[str, Any] = {}
+        self.blocks = 0
+        self.tiles = 0
+        self.tile_bytes = 0
+
+    def expand(self, tile: Tile) -> Tile:
+        """The tile grown by the overlap its coarsest level needs, with that rectangle's source."""
+        margin = self.layout.overlap * 2 ** (self.levels - 1)
+        out = tile.output.grow(margin, margin, margin, margin).clip(self.width, self.height)
+        return Tile(tile.index, stage_regions(self.chain, self.stage_sizes, out)[0], out)
+
+    def add(self, tile: Tile, block: Image) -> None:
+        """Cut and write the tiles of ``block`` (an `expand`-ed tile's result) at each level."""
+        row, column = divmod(tile.index, self.columns)
+        core = Rect(column * self.block, row * self.block, self.block, self.block).clip(
+            self.width, self.height
+        )
+        image = self.layout.saveable(block)
+        tiles: list[tuple[str, bytes]] = []
+        self.blocks += 1
+        self.pixels = {
+            "bands": block.bands,
+            "format": block.format,
+            # What the pyramid is made of: JPEG tiles flatten an alpha channel first.
+            "saved": [image.bands, image.format, image.interpretation],
+        }
+        for level in range(self.levels):
+            scale = 2**level
+            origin_x, origin_y = tile.output.x // scale, tile.output.y // scale
+            width, height = self.sizes[level]
+            for tile_column, tile_row, rect in self.layout.tiles(
+                width, height, _scaled(core, scale)
+            ):
+                data = self.layout.encode(
+                    image.crop(rect.x - origin_x, rect.y - origin_y, rect.w, rect.h)
+                )
+                name = self.layout.tile_name(self.sizes, level, tile_column, tile_row)
+                tiles.append((self.tiles_root + name, data))
+            if level + 1 < self.levels:
+                image = halve_padded(image)
+        self._write(tiles)
+        if len(self.sizes) > self.levels:
+            scale = 2 ** (self.levels - 1)
+            last = _scaled(core, scale)
+            piece = halve_padded(
+                image.crop(
+                    last.x - tile.output.x // scale, last.y - tile.output.y // scale, last.w, last.h
+                )
+            )
+            self.pieces.append(
+                [last.x // 2, last.y // 2, piece.width, piece.height, len(self.piece_data)]
+            )
+            self.piece_data += piece.write_to_memory()
+
+    def _write(self, tiles: list[tuple[str, bytes]]) -> None:
+        """A block's tiles: zip entries of the batch's object, or objects written now (so
+        none is still uploading when the batch ends, even by an error)."""
+        self.tiles += len(tiles)
+        self.tile_bytes += sum(len(data) for _, data in tiles)
+        if self.zipped:
+            for name, data in tiles:
+                entry, crc = local_entry(name, data)
+                self.entries.append([name, crc, len(data), len(self.entry_data)])
+                self.entry_data += entry
+            return
+        prefix, store = keys.result_prefix(self.job_id), self.pipeline.store
+        content_type = _CONTENT_TYPES[self.layout.suffix]
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            list(
+                pool.map(
+                    lambda tile: store.put_bytes(prefix + tile[0], tile[1], content_type), tiles
+                )
+            )
+
+    def finish(self) -> None:
+        """Write the batch's entries and pieces, then its index (last: it says all is there)."""
+        store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
+        index: dict[str, Any] = {
+            "blocks": self.blocks,
+            "tiles": self.tiles,
+            "tile_bytes": self.tile_bytes,
+            **self.pixels,
+        }
+        if self.zipped:
+            index["entries_key"] = keys.encoded(job_id, first, "tiles")
+            index["entries"] = self.entries
+            index["entries_bytes"] = len(self.entry_data)
+            store.put_bytes(index["entries_key"], bytes(self.entry_data))
+        if self.pieces:
+            index["pieces_key"] = keys.encoded(job_id, first, "pieces")
+            index["pieces"] = self.pieces
+            index["pieces_bytes"] = len(self.piece_data)
+            store.put_bytes(index["pieces_key"], bytes(self.piece_data))
+        store.put_json(keys.encoded(job_id, first, "index"), index)
+
+
+def _scaled(core: Rect, scale: int) -> Rect:
+    """A full-resolution rectangle at a level ``scale`` times smaller, sizes rounded up."""
+    x, y = core.x // scale, core.y // scale
+    return Rect(x, y, -(-core.right // scale) - x, -(-core.bottom // scale) - y)
+
+
+def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
+    """Write the coarse levels and the descriptor (a zip: around the workers' entries)."""
+    store = pipeline.store
+    index_keys = sorted(
+        key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith(".index")
+    )
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        indexes = list(pool.map(store.get_json, index_keys))
+    blocks = sum(index["blocks"] for index in indexes)
+    if blocks != plan.tile_count:
+        raise TilefanError(f"the workers wrote {blocks} of the {plan.tile_count} blocks")
+    layout = TileSetLayout.from_options(job.output_format, job.output_options)
+    width, height = plan.output_width, plan.output_height
+    sizes = layout.level_sizes(width, height)
+    from_workers = worker_levels(plan.output_tile, layout.tile_size, len(sizes))
+    tiles_root, descriptor_path = tileset_paths(job.output_format)
+    coarse = [
+        (tiles_root + layout.tile_name(sizes, level, column, row), data)
+        for level, column, row, data in _coarse_tiles(
+            pipeline, indexes, layout, sizes, from_workers
+        )
+    ]
+    descriptor = layout.descriptor(width, height, SET_NAME)
+    worker_bytes = sum(index["tile_bytes"] for index in indexes)
+    record = {
+        "format": job.output_format,
+        "width": width,
+        "height": height,
+        "bands": indexes[0]["bands"],
+        "pixel_format": indexes[0]["format"],
+        "tiles": sum(index["tiles"] for index in indexes) + len(coarse),
+    }
+    if job.output_format == "dz":
+        key = keys.result(job.job_id, "zip")
+        size = assemble_object(
+            store, key, _zip_pieces(indexes, coarse, descriptor_path, descriptor), "application/zip"
+        )
+        return {"key": key, "size_bytes": size, **record}
+    prefix = keys.result_prefix(job.job_id)
+    content_type = _CONTENT_TYPES[layout.suffix]
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        list(
+            pool.map(lambda tile: store.put_bytes(prefix + tile[0], tile[1], content_type), coarse)
+        )
+    key = prefix + descriptor_path
+    descriptor_type = "application/json" if layout.iiif else "application/xml"
+    store.put_bytes(key, descriptor, descriptor_type)
+    size = worker_bytes + sum(len(data) for _, data in coarse) + len(descriptor)
+    return {"key": key, "prefix": prefix + tiles_root, "size_bytes": size, **record}
+
+
+def _zip_pieces(
+    indexes: Sequence[Mapping[str, Any]],
+    coarse: Sequence[tuple[str, bytes]],
+    descriptor_path: str,
+    descriptor: bytes,
+) -> Iterator[bytes | Range]:
+    """The zip: the workers' entries copied, the coarse tiles, the descriptor, the directory."""
+    entries: list[ZipEntry] = []
+    offset = 0
+    for index in indexes:
+        for name, crc, size, start in index["entries"]:
+            entries.append(ZipEntry(name, crc, size, offset + start))
+        if index["entries_bytes"]:
+            yield Range(index["entries_key"], 0, index["entries_bytes"])
+        offset += index["entries_bytes"]
+    for name, data in [*coarse, (descriptor_path, descriptor)]:
+        entry, crc = local_entry(name, data)
+        entries.append(ZipEntry(name, crc, len(data), offset))
+        offset += len(entry)
+        yield entry
+    yield central_directory(entries, offset)
+
+
+def _coarse_tiles(
+    pipeline: Pipeline,
+    indexes: Sequence[Mapping[str, Any]],
+    layout: TileSetLayout,
+    sizes: Sequence[tuple[int, int]],
+    from_workers: int,
+) -> Iterator[tuple[int, int, int, bytes]]:
+    """The levels no block holds whole: the blocks' pieces joined, halved, cut and encoded.
+
+    Memory: the first of those levels as raw pixels, 1/4**from_workers of the full resolution.
+    """
+    if len(sizes) <= from_workers:
+        return
+    bands, pixel_format, interpretation = indexes[0]["saved"]
+    width, height = sizes[from_workers]
+    mosaic = np.zeros((height, width, bands), dtype=numpy_dtype(pixel_format))
+    for index in indexes:
+        raw = pipeline.store.get_range(index["pieces_key"], 0, index["pieces_bytes"])
+        for x, y, w, h, offset in index["pieces"]:
+            block = np.frombuffer(raw, dtype=mosaic.dtype, count=w * h * bands, offset=offset)
+            mosaic[y : y + h, x : x + w] = block.reshape(h, w, bands)
+    level_image = from_array(mosaic, pixel_format, interpretation)
+    for level in range(from_workers, len(sizes)):
+        if level > from_workers:
+            level_image = halve_padded(level_image)
+        for column, row, rect in layout.tiles(*sizes[level], Rect(0, 0, *sizes[level])):
+            yield level, column, row, layout.encode(level_image.crop(*rect))
