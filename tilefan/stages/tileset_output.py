@@ -54,7 +54,6 @@ SET_NAME = "result"
 """The set's name: ``result.dzi`` and ``result_files/``, the IIIF folder ``result/``."""
 
 _IO_THREADS = 16
-_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 
 def tileset_output_tile(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int]:
@@ -164,7 +163,7 @@ class TileSetBatchWriter:
                 self.entry_data += entry
             return
         prefix, store = keys.result_prefix(self.job_id), self.pipeline.store
-        content_type = _CONTENT_TYPES[self.layout.suffix]
+        content_type = self.layout.content_type
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             list(
                 pool.map(
@@ -239,7 +238,7 @@ def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
         )
         return {"key": key, "size_bytes": size, **record}
     prefix = keys.result_prefix(job.job_id)
-    content_type = _CONTENT_TYPES[layout.suffix]
+    content_type = layout.content_type
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         list(
             pool.map(lambda tile: store.put_bytes(prefix + tile[0], tile[1], content_type), coarse)
