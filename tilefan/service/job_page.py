@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 from tilefan.formats.dz_tiles import TileSetLayout
+from tilefan.stages.tileset_output import PREVIEW_LAYOUT
 from tilefan.state.jobs import Job
 
 __all__ = ["PAGE_FILES", "ViewLinks", "ViewedSet", "page_file"]
@@ -93,12 +94,16 @@ class ViewedSet:
 
     @classmethod
     def of(cls, job: Job) -> ViewedSet | None:
-        """The set a succeeded job's page shows, or None when its result is no tile set."""
+        """The set a succeeded job's page shows: its result's, its preview, or None."""
         output = job.output or {}
-        if job.output_format not in ("dzi", "iiif") or "prefix" not in output:
+        if "preview" in output:
+            layout, prefix = PREVIEW_LAYOUT, output["preview"]["prefix"]
+        elif job.output_format in ("dzi", "iiif") and "prefix" in output:
+            layout = TileSetLayout.from_options(job.output_format, job.output_options)
+            prefix = output["prefix"]
+        else:
             return None
-        layout = TileSetLayout.from_options(job.output_format, job.output_options)
-        return cls(layout, str(output["prefix"]), int(output["width"]), int(output["height"]))
+        return cls(layout, str(prefix), int(output["width"]), int(output["height"]))
 
     @property
     def max_level(self) -> int:

@@ -78,6 +78,11 @@ class OutputSpec(_Strict):
     suffix: Literal["jpeg", "png", "webp"] | None = Field(
         default=None, description="dz, dzi and iiif: the tiles' encoding (jpeg by default)"
     )
+    preview: bool = Field(
+        default=True,
+        description="tiff only: also write a DeepZoom preview (256-pixel JPEG tiles) under "
+        "results/<job>/preview/, which the job page shows; 8-bit results only",
+    )
 
     def options(self) -> dict[str, Any]:
         """The options the merger passes to the saver."""

@@ -131,7 +131,7 @@
     if (viewerShown) return;
     viewerShown = true;
     const format = (job.output || {}).format;
-    if (["dzi", "iiif"].includes(format)) {
+    if (["dzi", "iiif"].includes(format) || (job.output || {}).preview) {
       showTileSet();
     } else if (["jpeg", "png", "webp"].includes(format)) {
       // The canvas drawer: WebGL cannot take an image from another origin (the presigned URL).
@@ -145,7 +145,8 @@
   }
 
   async function showTileSet() {
-    // The set's tiles come through this API, named by the viewer's level, column and row.
+    // A tile set, or a TIFF result's preview set: its tiles come through this API, named by
+    // the viewer's level, column and row.
     const set = await getJson("set");
     OpenSeadragon({
       id: "viewer",
