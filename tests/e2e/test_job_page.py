@@ -244,6 +244,27 @@ def test_page_draws_a_tile_set_result_through_the_api_alone(
         assert status_of(refused) in (400, 404), refused
 
 
+def test_page_shows_a_tiff_results_preview_and_offers_the_download(
+    api: LocalApi, client: TilefanClient, browser: Any, tmp_path: Path
+) -> None:
+    job = start_job(client, tmp_path, output_format="tiff")
+    ended = wait_until_ended(client, job["job_id"])
+    assert ended["output"]["preview"]["key"].endswith("/preview/result.dzi"), ended["output"]
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(absolute(api, job["links"]["view"]))
+    page.wait_for_selector('main[data-job-status="SUCCEEDED"]')
+    viewer_draws(page)
+    assert page.locator("#download").is_visible()
+    assert page.locator("#download").get_attribute("href").startswith("view/result?")
+    assert [url for url in requests if "/view/set/" in url], requests
+    api_origin = urllib.parse.urlsplit(api.url).netloc
+    assert all(urllib.parse.urlsplit(url).netloc == api_origin for url in requests), requests
+    screenshot(page, "job-page-preview.png")
+    page.close()
+
+
 def test_page_follows_the_statistics_pass_then_the_processing_tiles(
     api: LocalApi,
     client: TilefanClient,
