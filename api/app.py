@@ -26,7 +26,7 @@ from botocore.config import Config
 
 from tilefan.errors import InvalidChain, JobNotFound, TilefanError
 from tilefan.imaging.operations import parse_chain
-from tilefan.service.job_page import ViewLinks, page_file
+from tilefan.service.job_page import ViewedSet, ViewLinks, page_file
 from tilefan.service.job_service import JobService
 from tilefan.service.progress_svg import render_progress_svg
 from tilefan.service.request_limits import MAX_JSON_DEPTH, nests_too_deep
@@ -48,7 +48,7 @@ from tilefan.service.schema import (
     tile_document,
 )
 from tilefan.settings import Settings
-from tilefan.state.jobs import Job, JobRepository, TileState
+from tilefan.state.jobs import Job, JobRepository, JobStatus, TileState
 from tilefan.state.storage import TileStore
 
 logger = Logger()
@@ -490,6 +490,47 @@ def job_page_result(
     """Redirect to the result's short-lived download URL, for the viewer and the button."""
     url, _ = service.result_url(_viewed(job_id, token).owner, job_id)
     return Response(status_code=302, headers={"Location": url}, body="")
+
+
+def _viewed_set(job_id: str, token: str) -> ViewedSet:
+    job = _viewed(job_id, token)
+    found = ViewedSet.of(job) if job.status is JobStatus.SUCCEEDED else None
+    if found is None:
+        raise JobNotFound(f"job {job_id} has no tile set to view")
+    return found
+
+
+@app.get("/jobs/<job_id>/view/set", include_in_schema=False)
+def job_page_set(
+    job_id: Annotated[str, Path(max_length=64)], token: Annotated[str, _TOKEN]
+) -> dict[str, Any]:
+    """The size and layout of the tile set the page's viewer shows."""
+    return _viewed_set(job_id, token).viewer_source()
+
+
+@app.get("/jobs/<job_id>/view/set/<level>/<column>/<row>", include_in_schema=False)
+def job_page_set_tile(
+    job_id: Annotated[str, Path(max_length=64)],
+    level: Annotated[int, Path(ge=0, le=64)],
+    column: Annotated[int, Path(ge=0, le=1_000_000)],
+    row: Annotated[int, Path(ge=0, le=1_000_000)],
+    token: Annotated[str, _TOKEN],
+):  # no return type: the response validator would read the bytes as text
+    """One tile of the set, its bytes through the API: the page loads nothing from elsewhere.
+
+    Powertools answers bytes base64-encoded; API Gateway turns them back into binary for a
+    browser that accepts ``image/*`` (the API's ``BinaryMediaTypes``).
+    """
+    tile_set = _viewed_set(job_id, token)
+    key = tile_set.tile_key(level, column, row)
+    if key is None:
+        raise JobNotFound(f"the set of job {job_id} has no tile {level}/{column}/{row}")
+    return Response(
+        status_code=200,
+        content_type=tile_set.layout.content_type,
+        body=service.store.get_bytes(key),
+        headers={"Cache-Control": "private, max-age=3600", **_PAGE_HEADERS},
+    )
 
 
 @app.get("/openapi.json")

@@ -182,11 +182,7 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
     assert seen == sorted(seen), seen  # never goes back
     assert [count for count in seen if 0 < count < 48], f"no count seen mid-run: {seen}"
 
-    page.wait_for_selector("#viewer canvas", timeout=30_000)
-    time.sleep(1.5)  # the viewer fades its image in
-    shot = pyvips.Image.new_from_buffer(page.locator("#viewer").screenshot(), "")
-    # The viewer's background is near black (17); the result is blurred noise, mid-grey.
-    assert shot.avg() > 60, "the viewer drew nothing"
+    viewer_draws(page)
     screenshot(page, "job-page-succeeded.png")
 
     api_origin = urllib.parse.urlsplit(api.url).netloc
@@ -194,6 +190,78 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
     # The page and its script load from the API alone; only the result's own presigned
     # download (the viewer's image) comes from storage.
     assert all(f"/results/{job['job_id']}/" in url for url in foreign), foreign
+    page.close()
+
+
+def viewer_draws(page: Any) -> None:
+    page.wait_for_selector("#viewer canvas", timeout=30_000)
+    time.sleep(1.5)  # the viewer fades its image in
+    shot = pyvips.Image.new_from_buffer(page.locator("#viewer").screenshot(), "")
+    # The viewer's background is near black (17); the result is blurred noise, mid-grey.
+    assert shot.avg() > 60, "the viewer drew nothing"
+
+
+@pytest.mark.parametrize("output_format", ["dzi", "iiif"])
+def test_page_draws_a_tile_set_result_through_the_api_alone(
+    api: LocalApi, client: TilefanClient, browser: Any, tmp_path: Path, output_format: str
+) -> None:
+    job = start_job(client, tmp_path, output_format=output_format)
+    wait_until_ended(client, job["job_id"])
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(absolute(api, job["links"]["view"]))
+    page.wait_for_selector('main[data-job-status="SUCCEEDED"]')
+    viewer_draws(page)
+    tiles = [url for url in requests if "/view/set/" in url]
+    assert tiles, requests
+    api_origin = urllib.parse.urlsplit(api.url).netloc
+    assert all(urllib.parse.urlsplit(url).netloc == api_origin for url in requests), requests
+    if output_format == "dzi":
+        screenshot(page, "job-page-tile-set.png")
+    page.close()
+
+    view = absolute(api, job["links"]["view"])
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(view).query)["token"][0]
+    one_tile = with_token(view.replace("/view?", "/view/set/9/0/0?"), token)
+    with urllib.request.urlopen(one_tile) as response:
+        assert response.headers["Content-Type"] == "image/jpeg"
+        assert pyvips.Image.new_from_buffer(response.read(), "").width > 0
+    other = start_job(client, tmp_path)
+    wait_until_ended(client, other["job_id"])
+    other_token = urllib.parse.parse_qs(urllib.parse.urlsplit(other["links"]["view"]).query)
+    for refused in (
+        with_token(view.replace("/view?", "/view/set/9/0/0?"), other_token["token"][0]),
+        with_token(view.replace("/view?", "/view/set/10/0/0?"), token),  # beyond full size
+        with_token(view.replace("/view?", "/view/set/9/99/0?"), token),
+        with_token(view.replace("/view?", "/view/set/9/..%2F..%2Fx/0?"), token),
+        # a png result has no set to view
+        with_token(
+            absolute(api, other["links"]["view"]).replace("/view?", "/view/set?"),
+            other_token["token"][0],
+        ),
+    ):
+        assert status_of(refused) in (400, 404), refused
+
+
+def test_page_shows_a_tiff_results_preview_and_offers_the_download(
+    api: LocalApi, client: TilefanClient, browser: Any, tmp_path: Path
+) -> None:
+    job = start_job(client, tmp_path, output_format="tiff")
+    ended = wait_until_ended(client, job["job_id"])
+    assert ended["output"]["preview"]["key"].endswith("/preview/result.dzi"), ended["output"]
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(absolute(api, job["links"]["view"]))
+    page.wait_for_selector('main[data-job-status="SUCCEEDED"]')
+    viewer_draws(page)
+    assert page.locator("#download").is_visible()
+    assert page.locator("#download").get_attribute("href").startswith("view/result?")
+    assert [url for url in requests if "/view/set/" in url], requests
+    api_origin = urllib.parse.urlsplit(api.url).netloc
+    assert all(urllib.parse.urlsplit(url).netloc == api_origin for url in requests), requests
+    screenshot(page, "job-page-preview.png")
     page.close()
 
 

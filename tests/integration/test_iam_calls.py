@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,6 +160,10 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
         assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
         client.request("GET", f"/jobs/{job_id}/tiles")
         client.request("GET", f"/jobs/{job_id}/result?redirect=false")
+        # The page's viewer reads the set (the dzi's, a TIFF's preview) through the API.
+        view = client.request("GET", f"/jobs/{job_id}")["links"]["view"]
+        with urllib.request.urlopen(api.url + view.replace("/view?", "/view/set/0/0/0?")) as tile:
+            assert tile.status == 200
         jobs.append(job_id)
     client.request("GET", "/jobs")
 

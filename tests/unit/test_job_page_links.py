@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+from pathlib import Path
+from typing import Any
 
-from tilefan.service.job_page import PAGE_FILES, ViewLinks, page_file
+import pytest
+import pyvips
+
+from tilefan.formats.dz_tiles import TileSetLayout
+from tilefan.service.job_page import PAGE_FILES, ViewedSet, ViewLinks, page_file
+from tilefan.state.jobs import Job, JobStatus
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +56,50 @@ def test_only_the_pages_own_files_are_served() -> None:
         assert found is not None and found[0] == content_type and found[1]
     for name in ("../job_page.py", "job_page.py", "page/job.js", "", "JOB.JS"):
         assert page_file(name) is None
+
+
+@pytest.mark.parametrize(
+    ("output_format", "options", "root"),
+    [
+        ("dzi", {}, "result_files/"),
+        ("iiif", {}, "result/"),
+        ("dzi", {"tile_size": 64}, "result_files/"),
+    ],
+)
+def test_the_viewers_tiles_are_the_files_dzsave_writes(
+    tmp_path: Path, output_format: str, options: dict[str, Any], root: str
+) -> None:
+    width, height = 700, 300
+    layout = TileSetLayout.from_options(output_format, options)
+    image = pyvips.Image.black(width, height, bands=3)
+    image.dzsave(str(tmp_path / "result"), **layout.dzsave_arguments())
+    written = {
+        str(path.relative_to(tmp_path))
+        for path in tmp_path.rglob("*")
+        if path.suffix in (".jpeg", ".jpg")
+    }
+    job = Job(
+        job_id="j",
+        owner="o",
+        status=JobStatus.SUCCEEDED,
+        operations=[],
+        output_format=output_format,
+        tile_size=256,
+        created_at="",
+        output_options=options,
+        output={"prefix": root, "width": width, "height": height},
+    )
+    viewed = ViewedSet.of(job)
+    assert viewed is not None
+    source = viewed.viewer_source()
+    assert source["max_level"] == 10  # 2**10 >= 700
+    named = {
+        viewed.tile_key(level, column, row)
+        for level in range(source["min_level"], source["max_level"] + 1)
+        for column in range(64)
+        for row in range(64)
+    } - {None}
+    assert named == written
+    for outside in ((source["min_level"] - 1, 0, 0), (11, 0, 0), (10, 64, 0)):
+        assert viewed.tile_key(*outside) is None
+    assert ViewedSet.of(dataclasses.replace(job, output_format="png")) is None

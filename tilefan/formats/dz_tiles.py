@@ -103,6 +103,11 @@ class TileSetLayout:
         return self.suffix == "jpeg"
 
     @property
+    def content_type(self) -> str:
+        """The tiles' media type."""
+        return f"image/{self.suffix}"
+
+    @property
     def file_suffix(self) -> str:
         """The tiles' file extension, as dzsave names them."""
         return "jpg" if self.iiif and self.direct else self.suffix

@@ -123,14 +123,17 @@ def run_job(
     progress_seconds: float = 1.0,
     timeout: float = 3600,
 ) -> JobView:
-    """Create, upload, start and follow one job; download its result when it succeeds."""
+    """Create, upload, start and follow one job; download its result when it succeeds.
+
+    No job page shows a job run here, so its TIFF result gets no preview unless asked for.
+    """
     service = stack.service
     job = service.create(
         LOCAL_OWNER,
         operations,
         output_format,
         tile_size=tile_size,
-        output_options=output_options,
+        output_options={"preview": False, **(output_options or {})},
         input_info={"size_bytes": source.stat().st_size, **_dimensions(source)},
     )
     service.store.upload(source, keys.upload(job.job_id), "application/octet-stream")

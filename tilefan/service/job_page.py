@@ -5,11 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import time
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
-__all__ = ["PAGE_FILES", "ViewLinks", "page_file"]
+from tilefan.formats.dz_tiles import TileSetLayout
+from tilefan.stages.tileset_output import PREVIEW_LAYOUT
+from tilefan.state.jobs import Job
+
+__all__ = ["PAGE_FILES", "ViewLinks", "ViewedSet", "page_file"]
 
 PAGE_FILES: dict[str, str] = {
     "job.html": "text/html; charset=utf-8",
@@ -70,3 +76,60 @@ def page_file(name: str) -> tuple[str, str] | None:
         return None
     text = resources.files("tilefan.service").joinpath("page", name).read_text(encoding="utf-8")
     return content_type, text
+
+
+@dataclass(frozen=True)
+class ViewedSet:
+    """A job's DeepZoom or IIIF tile set as the page's viewer reads it, through the API.
+
+    The viewer numbers levels as DeepZoom does (0 is one pixel, each next one twice the size)
+    and names a tile by level, column and row; the API maps that to the tile's key under the
+    set's prefix, so a request can name no other object.
+    """
+
+    layout: TileSetLayout
+    prefix: str
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, job: Job) -> ViewedSet | None:
+        """The set a succeeded job's page shows: its result's, its preview, or None."""
+        output = job.output or {}
+        if "preview" in output:
+            layout, prefix = PREVIEW_LAYOUT, output["preview"]["prefix"]
+        elif job.output_format in ("dzi", "iiif") and "prefix" in output:
+            layout = TileSetLayout.from_options(job.output_format, job.output_options)
+            prefix = output["prefix"]
+        else:
+            return None
+        return cls(layout, str(prefix), int(output["width"]), int(output["height"]))
+
+    @property
+    def max_level(self) -> int:
+        """The viewer's number of the full-resolution level."""
+        return math.ceil(math.log2(max(self.width, self.height, 1)))
+
+    def viewer_source(self) -> dict[str, Any]:
+        """What the page's OpenSeadragon tile source is built from."""
+        levels = len(self.layout.level_sizes(self.width, self.height))
+        return {
+            "width": self.width,
+            "height": self.height,
+            "tile_size": self.layout.tile_size,
+            "overlap": self.layout.overlap,
+            "min_level": self.max_level - levels + 1,
+            "max_level": self.max_level,
+        }
+
+    def tile_key(self, level: int, column: int, row: int) -> str | None:
+        """The key of the viewer's tile (level, column, row), or None where the set has none."""
+        sizes = self.layout.level_sizes(self.width, self.height)
+        index = self.max_level - level
+        if not 0 <= index < len(sizes):
+            return None
+        width, height = sizes[index]
+        size = self.layout.tile_size
+        if not (0 <= column < -(-width // size) and 0 <= row < -(-height // size)):
+            return None
+        return self.prefix + self.layout.tile_name(sizes, index, column, row)

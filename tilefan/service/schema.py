@@ -87,6 +87,11 @@ class OutputSpec(_Strict):
         "info.json's id is this followed by /result (dzsave's https://example.com/iiif by "
         "default)",
     )
+    preview: bool = Field(
+        default=True,
+        description="tiff only: also write a DeepZoom preview (256-pixel JPEG tiles) under "
+        "results/<job>/preview/, which the job page shows; 8-bit results only",
+    )
 
     def options(self) -> dict[str, Any]:
         """The options the merger passes to the saver."""

@@ -13,7 +13,7 @@ from tilefan.imaging.operations import parse_chain
 from tilefan.imaging.plan import ImageSpec, TilePlan, plan_tiles
 from tilefan.stages.stream_merge import merge_streamed
 from tilefan.stages.tiff_output import assemble_tiff, output_tile_rule
-from tilefan.stages.tileset_output import assemble_tileset
+from tilefan.stages.tileset_output import assemble_preview, assemble_tileset, wants_preview
 from tilefan.state.jobs import (
     InvalidTransition,
     Job,
@@ -58,6 +58,9 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         output_tile_rule=output_tile_rule(job.output_format, job.output_options),
     )
     output = _assembler(job.output_format)(pipeline, job, plan)
+    preview = assemble_preview(pipeline, job, plan) if wants_preview(job) else None
+    if preview is not None:
+        output["preview"] = preview
     key = output["key"]
     try:
         pipeline.jobs.transition(

@@ -18,7 +18,7 @@ from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
 from tilefan.stages.statistics import stored_statistics
 from tilefan.stages.tiff_output import TiffBatchWriter
-from tilefan.stages.tileset_output import TileSetBatchWriter
+from tilefan.stages.tileset_output import TileSetBatchWriter, wants_preview
 from tilefan.state.jobs import (
     TERMINAL,
     Job,
@@ -88,7 +88,12 @@ def _encoded_output(
     if not tiles:
         return None
     if job.output_format == "tiff":
-        return TiffBatchWriter(pipeline, job, first_tile=tiles[0][0])
+        preview = (
+            TileSetBatchWriter(pipeline, job, tiles[0][0], chain, spec, preview=True)
+            if wants_preview(job)
+            else None
+        )
+        return TiffBatchWriter(pipeline, job, first_tile=tiles[0][0], preview=preview)
     if job.output_format in TILESET_FORMATS:
         return TileSetBatchWriter(pipeline, job, tiles[0][0], chain, spec)
     return None

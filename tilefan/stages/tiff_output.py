@@ -36,7 +36,7 @@ from tilefan.formats.tiff_tiles import (
     without_metadata,
 )
 from tilefan.imaging.plan import Tile, TilePlan
-from tilefan.stages.tileset_output import tileset_output_tile
+from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
 
@@ -105,8 +105,16 @@ class _Level:
 class TiffBatchWriter:
     """Collects one manifest item's encoded blocks, then writes its object and index."""
 
-    def __init__(self, pipeline: Pipeline, job: Job, first_tile: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        job: Job,
+        first_tile: int,
+        preview: TileSetBatchWriter | None = None,
+    ) -> None:
+        """``preview`` also writes each block's tiles of the result's DeepZoom preview."""
         grid = job.grid or {}
+        self.preview = preview
         self.pipeline = pipeline
         self.job_id = job.job_id
         self.first_tile = first_tile
@@ -122,6 +130,8 @@ class TiffBatchWriter:
 
     def add(self, tile: Tile, block: Image) -> None:
         """Encode the block of ``tile`` at every level it is whole tiles; keep its next halving."""
+        if self.preview is not None:
+            self.preview.add(tile, block)
         x, y = tile.output.x, tile.output.y
         for number, level in enumerate(self.levels):
             encoded = encode_block(block, self.encoding, metadata=tile.index == 0)
@@ -153,6 +163,8 @@ class TiffBatchWriter:
     def finish(self) -> None:
         """Write the tiles object, the pieces object and the index (last: it says all is there)."""
         store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
+        if self.preview is not None:
+            self.preview.finish()
         tiles_key = keys.encoded(job_id, first, "tiles")
         store.put_bytes(tiles_key, b"".join(bytes(level.data) for level in self.levels))
         index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}

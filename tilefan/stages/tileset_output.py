@@ -25,7 +25,7 @@ import numpy as np
 
 from tilefan.errors import TilefanError
 from tilefan.formats.dz_tiles import TileSetLayout, halve_padded
-from tilefan.formats.tiff_tiles import from_array, numpy_dtype, power_of_two_block
+from tilefan.formats.tiff_tiles import TIFF_TILE, from_array, numpy_dtype, power_of_two_block
 from tilefan.formats.zip_layout import ZipEntry, central_directory, local_entry
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, stage_regions, stage_sizes
@@ -40,13 +40,17 @@ if TYPE_CHECKING:
     from tilefan.imaging.operations import Chain
     from tilefan.stages.pipeline import Pipeline
     from tilefan.state.jobs import Job
+    from tilefan.state.storage import TileStore
 
 __all__ = [
+    "PREVIEW_LAYOUT",
     "SET_NAME",
     "TileSetBatchWriter",
+    "assemble_preview",
     "assemble_tileset",
     "tileset_output_tile",
     "tileset_paths",
+    "wants_preview",
     "worker_levels",
 ]
 
@@ -54,7 +58,20 @@ SET_NAME = "result"
 """The set's name: ``result.dzi`` and ``result_files/``, the IIIF folder ``result/``."""
 
 _IO_THREADS = 16
-_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+PREVIEW_LAYOUT = TileSetLayout(tile_size=TIFF_TILE, overlap=0, suffix="jpeg")
+"""A TIFF result's DeepZoom preview: its blocks (``TIFF_TILE * 2**m``) are whole tiles."""
+
+_PREVIEW_FOLDER = "preview/"
+"""Where the preview lies under the result's prefix: ``preview/result.dzi`` and its tiles."""
+
+_PREVIEW_PART = "preview-"
+"""Before the preview's encoded parts (``preview-index``), apart from the TIFF's own."""
+
+
+def wants_preview(job: Job) -> bool:
+    """Whether the workers write a preview set beside the result: TIFF, unless turned off."""
+    return job.output_format == "tiff" and bool(job.output_options.get("preview", True))
 
 
 def tileset_output_tile(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int]:
@@ -79,15 +96,29 @@ class TileSetBatchWriter:
     """Writes one manifest item's tiles at every level its blocks hold whole, keeps pieces."""
 
     def __init__(
-        self, pipeline: Pipeline, job: Job, first_tile: int, chain: Chain, spec: ImageSpec
+        self,
+        pipeline: Pipeline,
+        job: Job,
+        first_tile: int,
+        chain: Chain,
+        spec: ImageSpec,
+        *,
+        preview: bool = False,
     ) -> None:
+        """The writer of the job's tile set, or with ``preview`` of a TIFF result's preview."""
         grid = job.grid or {}
         self.pipeline = pipeline
         self.job_id = job.job_id
         self.first_tile = first_tile
-        self.layout = TileSetLayout.from_options(job.output_format, job.output_options)
+        self.preview = preview
+        if preview:
+            self.layout = PREVIEW_LAYOUT
+            self.tiles_root = _PREVIEW_FOLDER + tileset_paths("dzi")[0]
+        else:
+            self.layout = TileSetLayout.from_options(job.output_format, job.output_options)
+            self.tiles_root = tileset_paths(job.output_format)[0]
+        self.part = _PREVIEW_PART if preview else ""
         self.zipped = job.output_format == "dz"
-        self.tiles_root = tileset_paths(job.output_format)[0]
         self.width, self.height = grid["output_width"], grid["output_height"]
         self.block, self.columns = grid["output_tile"], grid["columns"]
         self.sizes = self.layout.level_sizes(self.width, self.height)
@@ -115,6 +146,8 @@ class TileSetBatchWriter:
         core = Rect(column * self.block, row * self.block, self.block, self.block).clip(
             self.width, self.height
         )
+        if self.preview and block.format != "uchar":
+            return  # JPEG tiles need 8-bit pixels: a preview of other results is not made
         image = self.layout.saveable(block)
         tiles: list[tuple[str, bytes]] = []
         self.blocks += 1
@@ -164,7 +197,7 @@ class TileSetBatchWriter:
                 self.entry_data += entry
             return
         prefix, store = keys.result_prefix(self.job_id), self.pipeline.store
-        content_type = _CONTENT_TYPES[self.layout.suffix]
+        content_type = self.layout.content_type
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             list(
                 pool.map(
@@ -175,6 +208,8 @@ class TileSetBatchWriter:
     def finish(self) -> None:
         """Write the batch's entries and pieces, then its index (last: it says all is there)."""
         store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
+        if not self.blocks:
+            return  # a preview not made
         index: dict[str, Any] = {
             "blocks": self.blocks,
             "tiles": self.tiles,
@@ -187,11 +222,11 @@ class TileSetBatchWriter:
             index["entries_bytes"] = len(self.entry_data)
             store.put_bytes(index["entries_key"], bytes(self.entry_data))
         if self.pieces:
-            index["pieces_key"] = keys.encoded(job_id, first, "pieces")
+            index["pieces_key"] = keys.encoded(job_id, first, self.part + "pieces")
             index["pieces"] = self.pieces
             index["pieces_bytes"] = len(self.piece_data)
             store.put_bytes(index["pieces_key"], bytes(self.piece_data))
-        store.put_json(keys.encoded(job_id, first, "index"), index)
+        store.put_json(keys.encoded(job_id, first, self.part + "index"), index)
 
 
 def _scaled(core: Rect, scale: int) -> Rect:
@@ -203,25 +238,11 @@ def _scaled(core: Rect, scale: int) -> Rect:
 def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
     """Write the coarse levels and the descriptor (a zip: around the workers' entries)."""
     store = pipeline.store
-    index_keys = sorted(
-        key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith(".index")
-    )
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        indexes = list(pool.map(store.get_json, index_keys))
-    blocks = sum(index["blocks"] for index in indexes)
-    if blocks != plan.tile_count:
-        raise TilefanError(f"the workers wrote {blocks} of the {plan.tile_count} blocks")
+    indexes = _indexes(pipeline, job, plan, "index")
     layout = TileSetLayout.from_options(job.output_format, job.output_options)
     width, height = plan.output_width, plan.output_height
-    sizes = layout.level_sizes(width, height)
-    from_workers = worker_levels(plan.output_tile, layout.tile_size, len(sizes))
     tiles_root, descriptor_path = tileset_paths(job.output_format)
-    coarse = [
-        (tiles_root + layout.tile_name(sizes, level, column, row), data)
-        for level, column, row, data in _coarse_tiles(
-            pipeline, indexes, layout, sizes, from_workers
-        )
-    ]
+    coarse = _coarse_named(pipeline, indexes, layout, plan, tiles_root)
     descriptor = layout.descriptor(width, height, SET_NAME)
     worker_bytes = sum(index["tile_bytes"] for index in indexes)
     record = {
@@ -239,7 +260,66 @@ def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
         )
         return {"key": key, "size_bytes": size, **record}
     prefix = keys.result_prefix(job.job_id)
-    content_type = _CONTENT_TYPES[layout.suffix]
+    key = _write_set(store, layout, prefix, coarse, descriptor_path, descriptor)
+    size = worker_bytes + sum(len(data) for _, data in coarse) + len(descriptor)
+    return {"key": key, "prefix": prefix + tiles_root, "size_bytes": size, **record}
+
+
+def assemble_preview(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any] | None:
+    """A TIFF result's preview: its coarse levels and ``.dzi``; None when none was made."""
+    indexes = _indexes(pipeline, job, plan, _PREVIEW_PART + "index")
+    if not indexes:
+        return None
+    tiles_root, descriptor_path = tileset_paths("dzi")
+    coarse = _coarse_named(pipeline, indexes, PREVIEW_LAYOUT, plan, tiles_root)
+    descriptor = PREVIEW_LAYOUT.descriptor(plan.output_width, plan.output_height, SET_NAME)
+    prefix = keys.result_prefix(job.job_id) + _PREVIEW_FOLDER
+    key = _write_set(pipeline.store, PREVIEW_LAYOUT, prefix, coarse, descriptor_path, descriptor)
+    return {"key": key, "prefix": prefix + tiles_root}
+
+
+def _indexes(pipeline: Pipeline, job: Job, plan: TilePlan, part: str) -> list[Any]:
+    """The workers' indexes of one set (none, or one per batch covering every block)."""
+    store = pipeline.store
+    index_keys = sorted(
+        key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith("." + part)
+    )
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        indexes = list(pool.map(store.get_json, index_keys))
+    blocks = sum(index["blocks"] for index in indexes)
+    if indexes and blocks != plan.tile_count:
+        raise TilefanError(f"the workers wrote {blocks} of the {plan.tile_count} blocks")
+    return indexes
+
+
+def _coarse_named(
+    pipeline: Pipeline,
+    indexes: Sequence[Mapping[str, Any]],
+    layout: TileSetLayout,
+    plan: TilePlan,
+    tiles_root: str,
+) -> list[tuple[str, bytes]]:
+    """The coarse levels' tiles, by their paths in the set."""
+    sizes = layout.level_sizes(plan.output_width, plan.output_height)
+    from_workers = worker_levels(plan.output_tile, layout.tile_size, len(sizes))
+    return [
+        (tiles_root + layout.tile_name(sizes, level, column, row), data)
+        for level, column, row, data in _coarse_tiles(
+            pipeline, indexes, layout, sizes, from_workers
+        )
+    ]
+
+
+def _write_set(
+    store: TileStore,
+    layout: TileSetLayout,
+    prefix: str,
+    coarse: Sequence[tuple[str, bytes]],
+    descriptor_path: str,
+    descriptor: bytes,
+) -> str:
+    """Write the coarse tiles, then the descriptor (last: it says the set is complete)."""
+    content_type = layout.content_type
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         list(
             pool.map(lambda tile: store.put_bytes(prefix + tile[0], tile[1], content_type), coarse)
@@ -247,8 +327,7 @@ def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
     key = prefix + descriptor_path
     descriptor_type = "application/json" if layout.iiif else "application/xml"
     store.put_bytes(key, descriptor, descriptor_type)
-    size = worker_bytes + sum(len(data) for _, data in coarse) + len(descriptor)
-    return {"key": key, "prefix": prefix + tiles_root, "size_bytes": size, **record}
+    return key
 
 
 def _zip_pieces(

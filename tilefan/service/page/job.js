@@ -131,7 +131,9 @@
     if (viewerShown) return;
     viewerShown = true;
     const format = (job.output || {}).format;
-    if (["jpeg", "png", "webp"].includes(format)) {
+    if (["dzi", "iiif"].includes(format) || (job.output || {}).preview) {
+      showTileSet();
+    } else if (["jpeg", "png", "webp"].includes(format)) {
       // The canvas drawer: WebGL cannot take an image from another origin (the presigned URL).
       OpenSeadragon({ id: "viewer", drawer: "canvas", tileSources: { type: "image", url: route("result") }, showNavigationControl: false });
     } else {
@@ -140,6 +142,26 @@
       notice.hidden = false;
       notice.textContent = "Browsers cannot show a " + format + " result: download it to view it.";
     }
+  }
+
+  async function showTileSet() {
+    // A tile set, or a TIFF result's preview set: its tiles come through this API, named by
+    // the viewer's level, column and row.
+    const set = await getJson("set");
+    OpenSeadragon({
+      id: "viewer",
+      drawer: "canvas",
+      showNavigationControl: false,
+      tileSources: {
+        width: set.width,
+        height: set.height,
+        tileSize: set.tile_size,
+        tileOverlap: set.overlap,
+        minLevel: set.min_level,
+        maxLevel: set.max_level,
+        getTileUrl: (level, x, y) => route("set/" + level + "/" + x + "/" + y),
+      },
+    });
   }
 
   // --- the tile grid -----------------------------------------------------------------------
