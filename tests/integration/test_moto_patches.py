@@ -389,3 +389,78 @@ def test_the_map_and_stop_patches_replace_moto_while_installed() -> None:
     finally:
         patches.uninstall()
     assert targets() == originals
+
+
+# --- ranged GetObject -----------------------------------------------------------------------
+
+OBJECT = bytes(range(256)) * 40  # 10,240 bytes
+RANGES = [
+    "bytes=0-9",
+    "bytes=100-4099",
+    "bytes=10000-",
+    "bytes=-7",
+    "bytes=10235-20000",  # past the end: cut at the end
+    "bytes=20000-20010",  # wholly past the end: refused
+    "bytes=9-3",  # begin after end: the whole object
+    "bytes=0-1,5-6",  # several ranges: the whole object
+    "bytes=a-b",  # not a range: the whole object
+]
+
+
+def _ranged_get(s3: Any, range_header: str) -> dict[str, Any]:
+    try:
+        answer = s3.get_object(Bucket="patched", Key="object", Range=range_header)
+    except ClientError as e:
+        return {"refused": e.response["Error"]["Code"]}
+    return {
+        "status": answer["ResponseMetadata"]["HTTPStatusCode"],
+        "range": answer.get("ContentRange"),
+        "length": answer["ContentLength"],
+        "body": answer["Body"].read(),
+    }
+
+
+@pytest.fixture
+def s3() -> Iterator[Any]:
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="patched")
+        client.put_object(Bucket="patched", Key="object", Body=OBJECT)
+        yield client
+
+
+@pytest.mark.parametrize("range_header", RANGES)
+def test_a_ranged_get_answers_as_moto_does(s3: Any, range_header: str) -> None:
+    patches = MotoPatches()
+    patches.install()
+    try:
+        patched = _ranged_get(s3, range_header)
+        whole = s3.get_object(Bucket="patched", Key="object")["Body"].read()
+    finally:
+        patches.uninstall()
+    assert patched == _ranged_get(s3, range_header)
+    assert whole == OBJECT  # a GET without a range is moto's, whole
+
+
+def test_a_ranged_get_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.s3.models import FakeKey
+
+    reads: list[int] = []
+    whole_value = FakeKey.__dict__["value"]
+
+    def counted(key: Any) -> bytes:
+        data: bytes = whole_value.fget(key)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(FakeKey, "value", property(counted, whole_value.fset))
+    assert _ranged_get(s3, "bytes=0-9")["body"] == OBJECT[:10]
+    assert reads == [len(OBJECT)], "moto no longer reads the whole object for a ranged GET"
+    reads.clear()
+    patches = MotoPatches()
+    patches.install()
+    try:
+        assert _ranged_get(s3, "bytes=0-9")["body"] == OBJECT[:10]
+    finally:
+        patches.uninstall()
+    assert reads == []

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import re
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -76,6 +77,11 @@ class MotoPatches:
       member) is parsed directly to the same result; anything else goes through botocore
       (the test compares the two). The engine's own process only: on AWS and in the API
       processes of ``tilefan serve`` botocore parses as it always does.
+    - moto answers a ranged GetObject by reading the whole object and slicing it. Workers read
+      their blocks of a transcoded source by range, so each read cost the whole object: a
+      100 MP demo spent its time copying the intermediate. A GET with one byte range reads
+      only that range from moto's buffer; every answer (status, headers, body, errors) is
+      moto's own (the test compares the two).
     """
 
     def __init__(self) -> None:
@@ -98,6 +104,7 @@ class MotoPatches:
         self._install_failure_threshold()
         self._keep_stops()
         self._install_speedups()
+        self._read_only_the_range()
 
     def _serialise_dynamodb(self) -> None:
         from moto.dynamodb.responses import DynamoHandler
@@ -205,6 +212,36 @@ class MotoPatches:
         if callable(original_parse):
             self._replace(json_path, "parse", functools.lru_cache(maxsize=4096)(original_parse))
 
+    def _read_only_the_range(self) -> None:
+        from moto.s3.models import FakeKey
+        from moto.s3.responses import S3Response
+
+        ranged = threading.local()
+        whole_value: property = FakeKey.__dict__["value"]
+        read_whole = whole_value.fget
+        assert read_whole is not None, "moto's FakeKey.value is no longer a readable property"
+        original_key_response = S3Response.key_response
+
+        def key_response(handler: Any, request: Any, full_url: str, headers: Any) -> Any:
+            ranged.on = request.method == "GET" and bool(
+                _ONE_RANGE.fullmatch(request.headers.get("range") or "")
+            )
+            try:
+                status, response_headers, body = original_key_response(
+                    handler, request, full_url, headers
+                )
+            finally:
+                ranged.on = False
+            if isinstance(body, _ObjectBytes):
+                body = body[:]  # answered whole after all (a range moto ignores)
+            return status, response_headers, body
+
+        def value(key: Any) -> Any:
+            return _ObjectBytes(key) if getattr(ranged, "on", False) else read_whole(key)
+
+        self._replace(S3Response, "key_response", key_response)
+        self._replace(FakeKey, "value", property(value, whole_value.fset))
+
     def _install_failure_threshold(self) -> None:
         try:
             api = _interpreter_module("api")
@@ -263,6 +300,29 @@ class MotoPatches:
         while self._undo:
             self._undo.pop()()
         self._lambda_clients.clear()
+
+
+_ONE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class _ObjectBytes:
+    """An object's bytes in moto's buffer, read only where sliced (moto takes ``len`` and one
+    slice of a ranged GET's body)."""
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+
+    def __len__(self) -> int:
+        return int(self._key.size)
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, step = part.indices(len(self))
+        if step != 1:
+            raise ValueError("only contiguous ranges are read")
+        with self._key.lock:
+            self._key._value_buffer.seek(start)
+            data: bytes = self._key._value_buffer.read(max(0, stop - start))
+        return data
 
 
 class _KeepPutBodies:
