@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from moto.core.responses import ActionResult
-
 from tilefan.local.signing import EngineCredentials, SignatureCheck
 
 __all__ = ["MotoPatches", "moto_server"]
@@ -127,7 +125,19 @@ class MotoPatches:
         self._replace(DynamoHandler, "call_action", call_action)
 
     def _answer_plain_batch_reads(self) -> None:
+        # moto is imported where a patch is installed, never at import: the Lambda layer ships
+        # this package without moto.
+        from moto.core.responses import ActionResult
         from moto.dynamodb.responses import DynamoHandler
+
+        class _WireResult(ActionResult):
+            """An answer already written in DynamoDB's JSON wire form: moto's status and
+            headers for the operation, the body as given instead of through moto's
+            per-value serializer."""
+
+            def execute_result(self, context: Any) -> tuple[int, dict[str, str], str]:
+                status, headers, _ = ActionResult({}).execute_result(context)
+                return status, headers, str(self.result)
 
         original_batch_get_item = DynamoHandler.batch_get_item
 
@@ -369,15 +379,6 @@ def moto_server(host: str, port: int, credentials: EngineCredentials) -> Any:
             self._server.serve_forever()
 
     return MotoServer(ip_address=host, port=port, verbose=False)
-
-
-class _WireResult(ActionResult):
-    """An answer already written in DynamoDB's JSON wire form: moto's status and headers for
-    the operation, the body as given instead of through moto's per-value serializer."""
-
-    def execute_result(self, context: Any) -> tuple[int, dict[str, str], str]:
-        status, headers, _ = ActionResult({}).execute_result(context)
-        return status, headers, str(self.result)
 
 
 def _plain_batch_get(handler: Any) -> str | None:
