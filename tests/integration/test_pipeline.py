@@ -96,22 +96,11 @@ def test_hundreds_of_tiles_through_the_distributed_map(stack: LocalStack, tmp_pa
     assert_identical(whole(image, ops), pyvips.Image.new_from_file(str(output)))
 
 
-@pytest.mark.parametrize(
-    "max_open",
-    [
-        # 8 columns and 11 rows of tiles, 3 tiles to a cell: 33 cells, a narrower last one in
-        # each row, opened at once.
-        40,
-        # More rows than files it may open: a cell is a whole row, and the 11 rows are stacked
-        # in groups of 3, in two levels, with a shorter last row.
-        3,
-    ],
-)
-def test_merging_a_few_files_at_a_time_gives_the_same_image(
-    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_open: int
+def test_a_streamed_result_of_a_rotated_grid_equals_the_whole_image(
+    stack: LocalStack, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(tilefan.stages.merge, "_MAX_OPEN_FILES", max_open)
-    monkeypatch.setattr(tilefan.stages.merge, "_CELL_PIXELS", 3 * 64 * 64)
+    # 8 columns and 11 rows of 64 px tiles after the rotation, a narrower last column and a
+    # shorter last row, 16-bit with alpha: the png is encoded a row of tiles at a time.
     image = noise_image(700, 500, 4, fmt="ushort", seed=5)
     source = tmp_path / "noise.tif"
     image.tiffsave(str(source))
