@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "run_child", "write_result"]
+__all__ = ["ROOT", "emit_row", "run_child", "write_result"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +60,11 @@ def run_child(
 def write_result(path: str, result: Mapping[str, Any]) -> None:
     """What a child does last: its result, as JSON, where the parent asked."""
     Path(path).write_text(json.dumps(result, indent=1, default=str))
+
+
+def emit_row(row: Mapping[str, Any], out: Path | None) -> None:
+    """Print one measurement as a JSON line, and append it to ``out`` when given."""
+    print(json.dumps(row), flush=True)
+    if out is not None:
+        with out.open("a", encoding="utf-8") as lines:
+            lines.write(json.dumps(row) + "\n")

@@ -11,11 +11,11 @@ objects) it read; the per-tile metadata it holds grows with the batch count.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks._child import emit_row
 from benchmarks.machine import load_average
 from benchmarks.split_planner import make_image
 from benchmarks.stage_memory import run_stage_memory
@@ -53,10 +53,7 @@ def run(
             "load_after": load_average(),
         }
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if out is not None:
-            with out.open("a", encoding="utf-8") as lines:
-                lines.write(json.dumps(row) + "\n")
+        emit_row(row, out)
     return rows
 
 

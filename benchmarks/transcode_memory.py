@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._child import emit_row
 from benchmarks.machine import load_average
 from benchmarks.split_planner import ROOT, make_image, scratch_peak
 
@@ -129,10 +130,7 @@ def run(
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if out is not None:
-            with out.open("a", encoding="utf-8") as lines:
-                lines.write(json.dumps(row) + "\n")
+        emit_row(row, out)
     return rows
 
 
