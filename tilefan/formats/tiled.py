@@ -113,6 +113,8 @@ def source_block(
     except pyvips.Error:
         if source.failure is None:
             raise
+    finally:
+        source.remote.settle()
     # libtiff can report a failed read of a tile as a warning and go on with the tile blank,
     # so a storage failure is checked for whether libvips raised or not.
     if source.failure is not None:

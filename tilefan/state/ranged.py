@@ -30,8 +30,8 @@ libtiff reads a directory a few bytes at a time and libvips re-reads it several 
 """
 
 CACHED_BYTES = 32 * 2**20
-"""What an open object keeps of what it fetched, least recently read dropped first, beyond
-the last prefetch (which is kept whole, however large: a block's bytes must fit).
+"""What an open object keeps of what it fetched, least recently read dropped first; a prefetch
+is kept whole however large (a block's bytes must fit) until `RangedObject.settle`.
 
 Blocks, and whole longer reads: libtiff reads a TIFF tile in one read, and the tiles of a
 batch share the TIFF tiles of their halo, which are then fetched once per batch, not per tile.
@@ -148,6 +148,22 @@ class RangedObject:
             for span, body in zip(requests, bodies, strict=True):
                 self._keep(span, body)
 
+    def settle(self) -> None:
+        """Drop what the last prefetch holds beyond `CACHED_BYTES`, least recently read first.
+
+        Once libvips has decoded a block, its compressed bytes need not stay beside the
+        chain's own copies of it: what remains is the cache of before, for the halo tiles the
+        next block of a batch shares.
+        """
+        with self._lock:
+            self._prefetched_bytes = 0
+            self._evict()
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes held for the reads to come."""
+        return self._kept_bytes
+
     def _kept_slice(self, start: int, end: int) -> bytes | None:
         """Bytes ``start`` to ``end`` if one kept range holds them all."""
         with self._lock:
@@ -172,6 +188,10 @@ class RangedObject:
             self._kept_bytes -= len(self._kept.pop(span))
         self._kept[span] = data
         self._kept_bytes += len(data)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently read down to the bound; called with the lock held."""
         while self._kept_bytes > CACHED_BYTES + self._prefetched_bytes and len(self._kept) > 1:
             self._kept_bytes -= len(self._kept.popitem(last=False)[1])
 
