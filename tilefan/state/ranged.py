@@ -30,8 +30,9 @@ libtiff reads a directory a few bytes at a time and libvips re-reads it several 
 """
 
 CACHED_BYTES = 32 * 2**20
-"""What an open object keeps of what it fetched, least recently read dropped first; a prefetch
-is kept whole however large (a block's bytes must fit) until `RangedObject.settle`.
+"""What an open object keeps of what it fetched, least recently read dropped first, beside
+what the last prefetch holds: that is kept whole however large (a block's bytes must fit)
+until `RangedObject.settle`.
 
 Blocks, and whole longer reads: libtiff reads a TIFF tile in one read, and the tiles of a
 batch share the TIFF tiles of their halo, which are then fetched once per batch, not per tile.
@@ -90,7 +91,7 @@ class RangedObject:
         self.bytes_fetched = 0
         self._kept: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._kept_bytes = 0
-        self._prefetched_bytes = 0
+        self._pinned: set[tuple[int, int]] = set()
         self._window: tuple[int, bytes] = (0, b"")
         self._next = -1
         self._readahead = BLOCK_SIZE
@@ -133,18 +134,21 @@ class RangedObject:
     def prefetch(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Fetch the byte ranges (start, end) that reads will ask for next, merged into few
         requests sent at once, and keep them; ranges already kept are not fetched again."""
-        wanted = [
-            (start, min(end, self.size))
-            for start, end in ranges
-            if start < min(end, self.size) and self._kept_slice(start, min(end, self.size)) is None
+        spans = [
+            (start, min(end, self.size)) for start, end in ranges if start < min(end, self.size)
         ]
-        requests = coalesce(wanted)
+        with self._lock:
+            # What the block needs stays kept, however large, until `settle`: the part of it
+            # already kept as well as what is fetched now.
+            holders = {span: self._holder(*span) for span in spans}
+            self._pinned = {holder for holder in holders.values() if holder is not None}
+        requests = coalesce(span for span, holder in holders.items() if holder is None)
         if not requests:
             return
         with ThreadPoolExecutor(min(REQUESTS_IN_FLIGHT, len(requests))) as pool:
             bodies = list(pool.map(lambda span: self._fetch(*span), requests))
         with self._lock:
-            self._prefetched_bytes = sum(len(body) for body in bodies)
+            self._pinned.update(requests)
             for span, body in zip(requests, bodies, strict=True):
                 self._keep(span, body)
 
@@ -156,7 +160,7 @@ class RangedObject:
         next block of a batch shares.
         """
         with self._lock:
-            self._prefetched_bytes = 0
+            self._pinned = set()
             self._evict()
 
     @property
@@ -167,10 +171,19 @@ class RangedObject:
     def _kept_slice(self, start: int, end: int) -> bytes | None:
         """Bytes ``start`` to ``end`` if one kept range holds them all."""
         with self._lock:
-            for (low, high), data in reversed(self._kept.items()):
-                if low <= start and end <= high:
-                    self._kept.move_to_end((low, high))
-                    return data[start - low : end - low]
+            holder = self._holder(start, end)
+            if holder is None:
+                return None
+            low = holder[0]
+            return self._kept[holder][start - low : end - low]
+
+    def _holder(self, start: int, end: int) -> tuple[int, int] | None:
+        """The kept range that holds ``start`` to ``end``, now the most recently read; called
+        with the lock held."""
+        for low, high in reversed(self._kept):
+            if low <= start and end <= high:
+                self._kept.move_to_end((low, high))
+                return low, high
         return None
 
     def _cached(self, start: int, end: int) -> bytes:
@@ -191,9 +204,14 @@ class RangedObject:
         self._evict()
 
     def _evict(self) -> None:
-        """Drop the least recently read down to the bound; called with the lock held."""
-        while self._kept_bytes > CACHED_BYTES + self._prefetched_bytes and len(self._kept) > 1:
-            self._kept_bytes -= len(self._kept.popitem(last=False)[1])
+        """Drop the least recently read down to the bound, but for the prefetched block and
+        the latest read; called with the lock held."""
+        pinned = sum(len(self._kept[span]) for span in self._pinned if span in self._kept)
+        for span in list(self._kept)[:-1]:
+            if self._kept_bytes <= CACHED_BYTES + pinned:
+                return
+            if span not in self._pinned:
+                self._kept_bytes -= len(self._kept.pop(span))
 
     def _fetch(self, start: int, end: int) -> bytes:
         with storage_errors(self.key):
