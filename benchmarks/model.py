@@ -8,9 +8,10 @@ we found; their effect is stated next to them.
 
 The stages are the ones built: the splitter reads a tiled TIFF's header by range (or transcodes
 any other input once, on one thread, into a tiled deflate TIFF uploaded by multipart), workers
-read their blocks by ranged GETs and write their result tiles already encoded (one object per
-manifest item, with their pyramid levels), and the merger writes the TIFF's header and IFDs
-and assembles the result by multipart upload, copying the workers' objects server-side.
+prefetch their blocks (one ranged GET per row of TIFF tiles, 8 in flight) and write their
+result tiles already encoded (one object per manifest item, with their pyramid levels), and
+the merger writes the TIFF's header and IFDs and assembles the result by multipart upload,
+copying the workers' objects server-side.
 
     python -m benchmarks.model benchmarks/results/500mp/results.json   # the headline figures
 """
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
+from tilefan.imaging.plan import WORKER_RUNTIME_MB
 from tilefan.state.multipart import MIN_PART
+from tilefan.state.ranged import REQUEST_BYTES, REQUESTS_IN_FLIGHT
 
 if TYPE_CHECKING:
     from tilefan.imaging.plan import TilePlan
@@ -32,6 +35,7 @@ __all__ = [
     "ASSUMPTIONS",
     "LARGEST_JPEG_GP",
     "Measured",
+    "batch_passing",
     "headline",
     "largest_within",
     "limits_table",
@@ -55,12 +59,24 @@ ASSUMPTIONS: dict[str, dict[str, Any]] = {
     "s3_small_get_latency_s": {
         "value": 0.05,
         "note": (
-            "one ranged GET of under 512 KB (a TIFF tile of the source): 'median latency often "
-            "in the tens of milliseconds'; at 150 ms the map of a 10 GP job at 2048 px tiles "
-            "takes about 3x longer (the reads are serial, one TIFF tile at a time)"
+            "first byte of one ranged GET (a row of a block's TIFF tiles, 0.2-2.6 MB): 'median "
+            "latency often in the tens of milliseconds'. A block's rows go out at once, 8 in "
+            "flight, so a block waits 1-3 of these; at 150 ms the 10 GP map at 2048 px takes "
+            "about 1.1x as long"
         ),
         "source": "https://docs.aws.amazon.com/whitepapers/latest/s3-optimizing-performance-"
         "best-practices/timeouts-and-retries-for-latency-sensitive-applications.html",
+    },
+    "s3_request_mb_per_s": {
+        "value": 85.0,
+        "note": (
+            "what one GET request delivers once it flows: 'one concurrent request for each "
+            "85-90 MB/s of desired network throughput' (recalled from the guidelines, not "
+            "checked against the page). A worker's 8 block requests share the function's "
+            "network, which is then the bound"
+        ),
+        "source": "https://docs.aws.amazon.com/AmazonS3/latest/userguide/"
+        "optimizing-performance-guidelines.html",
     },
     "copy_mb_per_s": {
         "value": 100.0,
@@ -304,16 +320,16 @@ def predict(
     source: str = "tiled",
     pyramid: bool = False,
     compression: str = "deflate",
-    reads_in_flight: int = 1,
+    prefetch: bool = True,
     batch_tiles: int | None = None,
 ) -> dict[str, Any]:
     """Predicted stage times, cost and limits for a square image of ``gigapixels``.
 
     ``source`` is ``"tiled"`` (a tiled TIFF upload, read where it is) or ``"jpeg"``
     (transcoded once by the splitter); the result is a tiled TIFF, a COG when ``pyramid``.
-    Two options model changes that are not built: ``reads_in_flight`` ranged GETs of a
-    worker's block at once (as built, libtiff reads one TIFF tile at a time), and
-    ``batch_tiles`` tiles per manifest item instead of the splitter's rule.
+    ``prefetch=False`` models the block read before the prefetch (libtiff's reads, one TIFF
+    tile per ranged GET, one after another), for comparison; ``batch_tiles`` (not built) sets
+    the tiles per manifest item instead of the splitter's rule.
     """
     pixels = gigapixels * 1e9
     mp = pixels / 1e6
@@ -348,18 +364,28 @@ def predict(
         "manifest": s3,
     }
 
-    # A tile: its source block by ranged GETs of whole TIFF tiles, one after another (libtiff
-    # reads a tile at a time), the chain, its result tiles and (for a COG) its levels encoded.
-    reads_per_tile = (tile_size / TIFF_TILE + 2) ** 2
-    read_px = reads_per_tile * TIFF_TILE**2
+    # A tile: its source block (the TIFF tiles under the tile and its halo) fetched before
+    # libvips crops: one ranged GET per row of TIFF tiles (a row lies end to end in the file),
+    # up to 8 at once, then the chain, its result tiles and (for a COG) its levels encoded.
+    # Without the prefetch, libtiff fetched one TIFF tile per GET, one after another.
+    tiff_tiles_across = tile_size / TIFF_TILE + 2
+    read_px = tiff_tiles_across**2 * TIFF_TILE**2
     bytes_in = measured.tile_bytes_in_per_px[tile_size] * read_px
+    if prefetch:
+        row_bytes = bytes_in / tiff_tiles_across
+        reads_per_tile = tiff_tiles_across * math.ceil(row_bytes / REQUEST_BYTES)
+        read_rounds = math.ceil(reads_per_tile / REQUESTS_IN_FLIGHT)
+        read_mb_per_s = min(_a("network_mb_per_s"), REQUESTS_IN_FLIGHT * _a("s3_request_mb_per_s"))
+    else:
+        reads_per_tile = read_rounds = tiff_tiles_across**2
+        read_mb_per_s = min(_a("network_mb_per_s"), _a("s3_request_mb_per_s"))
     # A COG's worker levels add a third to the encoded bytes.
     bytes_out = measured.tile_bytes_out_per_px[tile_size] * tile_px * (4 / 3 if levels > 1 else 1)
     worker_vcpu = _vcpu(WORKER_MB)
     pyramid_cpu = (levels > 1) * tile_px / 3 / 1e6 / measured.merge_encode_mp_per_cpu_s
     tile_s = (
-        math.ceil(reads_per_tile / reads_in_flight) * small_get
-        + bytes_in / net
+        read_rounds * small_get
+        + bytes_in / (read_mb_per_s * 1e6)
         + (measured.tile_cpu_s_per_mp[tile_size] * tile_px / 1e6 + pyramid_cpu)
         / min(worker_vcpu, 2.0)
     )
@@ -462,13 +488,20 @@ def predict(
         + pieces_bytes / 2**20
         + (PLAIN_PARTS_IN_FLIGHT + 1) * PART_BYTES / 2**20
     )
+    # The measured peak (the chain's copies of the block, while the reader keeps at most
+    # `CACHED_BYTES`), or the crop's: the decoded block beside its prefetched bytes, which the
+    # reader drops past `CACHED_BYTES` before the chain runs (`RangedObject.settle`).
+    worker_memory_mb = max(
+        measured.worker_peak_mb.get(tile_size, 0),
+        WORKER_RUNTIME_MB + (tile_size + 2 * TIFF_TILE) ** 2 * BANDS / 2**20 + bytes_in / 2**20,
+    )
     limits = {
         "split_within_timeout": split_s <= _a("timeout_s"),
         "merge_within_timeout": merge_s <= _a("timeout_s"),
         "worker_within_timeout": item_s <= _a("timeout_s"),
         "split_fits_memory": SPLITTER_PEAK_MB <= SPLITTER_MB,
         "merge_fits_memory": merge_memory_mb <= MERGER_MB,
-        "worker_fits_memory": measured.worker_peak_mb.get(tile_size, 0) <= WORKER_MB,
+        "worker_fits_memory": worker_memory_mb <= WORKER_MB,
         "parts_within_10000": copies + plain_parts <= 10_000,
         # Neither serial stage writes to /tmp any more.
         "fits_tmp": True,
@@ -484,6 +517,8 @@ def predict(
         "items": items,
         "tiles_per_item": per_item,
         "tile_s": tile_s,
+        "tile_read_s": read_rounds * small_get + bytes_in / (read_mb_per_s * 1e6),
+        "tile_read_requests": reads_per_tile,
         "item_s": item_s,
         "split_s": split_s,
         "split_parts": split,
@@ -497,6 +532,7 @@ def predict(
         },
         "merge_gathered_mb": gathered / 1e6,
         "merge_memory_mb": merge_memory_mb,
+        "worker_memory_mb": worker_memory_mb,
         "wall_s": wall,
         "bottleneck": max(stages, key=lambda name: stages[name]),
         "cost_usd": sum(cost.values()),
@@ -616,29 +652,45 @@ LARGEST_JPEG_GP = 65_535**2 / 1e9
 """JPEG's own limit: 65,535 px a side."""
 
 
+def batch_passing(measured: Measured, tile_size: int, level: int) -> int:
+    """Tiles per manifest item for which a COG item's ``level`` reaches S3's 5 MiB part
+    minimum, so the merger copies it server-side instead of passing it through itself."""
+    level_bytes = tile_size**2 * measured.tile_bytes_out_per_px[tile_size] / 4**level
+    return math.ceil(MIN_PART / level_bytes)
+
+
 def headline(measured: Measured) -> dict[str, Any]:
     """The figures issues 10 and 11 ask of the model, with the tile size that meets them.
 
-    A 10 GP tiled TIFF to a COG at concurrency 1,000 (each tile size the kernel measured),
-    and the largest JPEG (65,535 px a side) to a COG, with its transcode.
+    A 10 GP tiled TIFF to a COG at concurrency 1,000 (each tile size the kernel measured, as
+    built), the same before the block prefetch (for the ratio), with batches large enough that
+    a COG item's level 1 (and level 2) passes 5 MiB (not built), and the largest JPEG
+    (65,535 px a side) to a COG, with its transcode.
     """
-    cog = [
-        predict(measured, 10, tile, 1000, pyramid=True)
-        for tile in sorted(measured.tile_cpu_s_per_mp)
-        if tile >= 1024
-    ]
+    sizes = [tile for tile in sorted(measured.tile_cpu_s_per_mp) if tile >= 1024]
+    cog = [predict(measured, 10, tile, 1000, pyramid=True) for tile in sizes]
     best = min(cog, key=lambda p: p["wall_s"])
+    before = [predict(measured, 10, tile, 1000, pyramid=True, prefetch=False) for tile in sizes]
     jpeg = predict(measured, LARGEST_JPEG_GP, best["tile_size"], 1000, source="jpeg", pyramid=True)
-    # Not built: workers fetching their block's TIFF tiles 16 at a time, and batches of six
-    # 2048 px tiles, so that every item's second level also passes 5 MiB and is copied.
-    unbuilt = predict(
-        measured, 10, 2048, 1000, pyramid=True, reads_in_flight=IO_THREADS, batch_tiles=6
-    )
+    larger_batches = [
+        predict(
+            measured,
+            10,
+            tile,
+            1000,
+            pyramid=True,
+            batch_tiles=batch_passing(measured, tile, level),
+        )
+        for tile in sizes
+        for level in (1, 2)
+        if batch_passing(measured, tile, level) > _tiles_per_item(tile, "deflate")
+    ]
     return {
         "cog_10gp": cog,
         "best_tile": best["tile_size"],
+        "cog_10gp_before_prefetch": before,
         "largest_jpeg": jpeg,
-        "cog_10gp_with_prefetch_and_larger_batches": unbuilt,
+        "cog_10gp_with_larger_batches": larger_batches,
     }
 
 

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,31 +46,40 @@ from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, plan_tiles
 from tilefan.imaging.statistics import Statistics
 from tilefan.stages.statistics import REDUCE_THREADS
+from tilefan.state.ranged import REQUESTS_IN_FLIGHT
 from tilefan.state.storage import TileStore
 
-__all__ = ["measure", "predict_pass"]
+__all__ = ["FileObjects", "measure", "predict_pass"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "statistics-pass"
 
 
-class _FileObjects:
-    """The two S3 calls `RangedObject` makes, answered from one local file, counted."""
+class FileObjects:
+    """The two S3 calls `RangedObject` makes, answered from one local file, counted.
 
-    def __init__(self, path: Path) -> None:
+    ``latency_s`` is slept before each GET answers (a stand-in for S3's first-byte latency;
+    concurrent GETs wait it at once, as they would on S3).
+    """
+
+    def __init__(self, path: Path, latency_s: float = 0.0) -> None:
         self.path = path
+        self.latency_s = latency_s
         self.requests = 0
         self.bytes_fetched = 0
+        self._lock = threading.Lock()
 
     def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 (boto3's names)
         return {"ContentLength": self.path.stat().st_size}
 
     def get_object(self, *, Bucket: str, Key: str, Range: str) -> dict[str, Any]:  # noqa: N803
         start, end = (int(n) for n in Range.removeprefix("bytes=").split("-"))
+        time.sleep(self.latency_s)
         with self.path.open("rb") as file:
             file.seek(start)
             body = file.read(end + 1 - start)
-        self.requests += 1
-        self.bytes_fetched += len(body)
+        with self._lock:
+            self.requests += 1
+            self.bytes_fetched += len(body)
         return {"Body": io.BytesIO(body)}
 
     def counted(self) -> tuple[int, int]:
@@ -104,7 +114,7 @@ def _processing_s(store: TileStore, spec: ImageSpec, chain: Chain, tile_size: in
 def measure(source: Path, tile_size: int) -> dict[str, Any]:
     """The paired timings and the pass's bytes on the RGB tiled TIFF at ``source``."""
     chain = parse_chain([{"op": "hist_equal"}])
-    objects = _FileObjects(source)
+    objects = FileObjects(source)
     store = TileStore("benchmark", client=objects)  # type: ignore[arg-type]
     header, _ = open_object(store, "source", name="source", access="random")
     spec = ImageSpec.of(header)
@@ -198,8 +208,9 @@ def predict_pass(
     # HeadObject, then the directory's ranged GETs, once per environment.
     open_requests = 1 + measured["directory_requests_per_open"]
     open_s = open_requests * s3 + measured["directory_bytes_per_open"] / net
+    # A block's ranged GETs go out together, `REQUESTS_IN_FLIGHT` at a time (the prefetch).
     tile_s = (
-        read_requests * s3
+        math.ceil(read_requests / REQUESTS_IN_FLIGHT) * s3
         + read_bytes / net
         + measured["pass_cpu_s_per_mp"] * tile_px / 1e6 / min(worker_vcpu, 2.0)
     )

@@ -18,12 +18,14 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 
 import tilefan.formats.tiled
 import tilefan.stages.split
+import tilefan.state.ranged
 from tests.support import assert_identical, noise_image, shared_image
 from tilefan import parse_chain
 from tilefan.errors import DamagedImage, TransientError
 from tilefan.formats.remote import ObjectSource
 from tilefan.formats.source import open_checked, upright
 from tilefan.formats.tiled import open_object, range_readable, source_block, transcode
+from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import ImageSpec, plan_tiles
 from tilefan.local.stack import LocalStack, local_stack, run_job
 from tilefan.state.jobs import JobStatus
@@ -230,7 +232,7 @@ def test_each_worker_reads_its_tiles_and_halo_and_the_directory(
     tilefan.formats.tiled._opened.cache_clear()
     for tile in batch:
         source_block(store, key, 0, tile.source, "srgb")
-    _, worker = tilefan.formats.tiled._opened(store, key, 0)
+    _, worker, _ = tilefan.formats.tiled._opened(store, key, 0)
     touched = {
         (row, column)
         for tile in batch
@@ -241,6 +243,87 @@ def test_each_worker_reads_its_tiles_and_halo_and_the_directory(
     read = worker.remote.bytes_fetched
     assert share <= read <= share + opening.bytes_fetched, (read, share, opening.bytes_fetched)
     assert read < 0.6 * worker.remote.size  # 4 of 16 tiles, with their halo
+
+
+def test_a_block_costs_a_request_per_row_of_tiff_tiles_not_one_per_tiff_tile(
+    store: TileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "rows.tif"
+    noise_image(2048, 2048, 3, seed=10).tiffsave(
+        str(path), tile=True, tile_width=256, tile_height=256, compression="deflate"
+    )
+    key = "uploads/range-test/rows"
+    _upload(store, key, path)
+    tilefan.formats.tiled._opened.cache_clear()
+    _, worker, layout = tilefan.formats.tiled._opened(store, key, 0)
+    assert layout is not None
+    plan = plan_tiles(ImageSpec(2048, 2048, 3, "uchar"), parse_chain(OPS), 1024)
+    rect = plan.tile(0).source  # 1024 px and its halo: 5 x 5 TIFF tiles
+    rows = range(rect.y // 256, (rect.bottom - 1) // 256 + 1)
+    columns = range(rect.x // 256, (rect.right - 1) // 256 + 1)
+    opened, fetched = worker.remote.requests, worker.remote.bytes_fetched
+    # A cache smaller than the block: the prefetch is still kept whole until libvips has it.
+    monkeypatch.setattr(tilefan.state.ranged, "CACHED_BYTES", 256 * 2**10)
+    block = source_block(store, key, 0, rect, "srgb")
+    # One ranged GET per row of TIFF tiles (a row's tiles lie next to each other, the rows
+    # a row of the image apart), sent at once; libtiff then reads every tile from memory.
+    assert worker.remote.requests - opened == len(rows) < len(rows) * len(columns)
+    with tifffile.TiffFile(path) as tif:
+        counts = tif.pages[0].databytecounts
+    share = sum(int(counts[row * 8 + column]) for row in rows for column in columns)
+    assert worker.remote.bytes_fetched - fetched == share > 2 * 2**20
+    # Then what is past the cache's bound is dropped, before the chain makes its copies (all
+    # but the most recently read request, a row of 5 TIFF tiles here, larger than the bound).
+    assert worker.remote.kept_bytes < share / 4
+    whole = pyvips.Image.new_from_file(str(path))
+    assert_identical(whole.crop(*rect), block)
+
+
+@pytest.mark.parametrize(
+    ("name", "page"),
+    [(name, 0) for name in sorted(RANGE_READ)] + [("pages.tif", 2)],
+)
+def test_the_prefetch_holds_every_byte_libtiff_reads_for_a_block(
+    store: TileStore, tmp_path: Path, name: str, page: int
+) -> None:
+    source = tmp_path / name
+    RANGE_READ[name](source)
+    key = f"uploads/range-test/prefetch-{page}-{name}"
+    _upload(store, key, source)
+    tilefan.formats.tiled._opened.cache_clear()
+    image, opened, layout = tilefan.formats.tiled._opened(store, key, page)
+    assert layout is not None
+    rect = Rect(70, 50, 130, 100)  # across TIFF tiles, away from the image's origin
+    ranges = layout.ranges(rect)
+    opened.remote.prefetch(ranges)
+    prefetched = opened.remote.requests
+    block = image.crop(*rect).copy_memory()
+    assert opened.remote.requests == prefetched
+    # Only the tiles under the rectangle, whatever the orientation: not the whole image.
+    assert sum(end - start for start, end in ranges) < 0.6 * sum(layout.byte_counts)
+    whole = upright(pyvips.Image.new_from_file(str(source), page=page))
+    assert_identical(whole.crop(*rect), block)
+
+
+def test_a_failed_prefetch_is_retryable(
+    store: TileStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tiled.tif"
+    noise_image(600, 400, 3, seed=2).tiffsave(str(path), tile=True, tile_width=64, tile_height=64)
+    key = "uploads/range-test/prefetch-fails"
+    _upload(store, key, path)
+    tilefan.formats.tiled._opened.cache_clear()
+    tilefan.formats.tiled._opened(store, key, 0)
+    calls = []
+
+    def throttled(self: RangedObject, start: int, end: int) -> bytes:
+        calls.append(start)
+        raise TransientError("storage was busy (SlowDown)")
+
+    monkeypatch.setattr(RangedObject, "_fetch", throttled)
+    with pytest.raises(TransientError):
+        source_block(store, key, 0, Rect(100, 100, 200, 200), "srgb")
+    assert len(calls) >= 1
 
 
 class _Body:
@@ -297,12 +380,14 @@ def test_a_failed_read_reaches_the_worker_as_retryable_not_as_a_damaged_tile(
     key = "uploads/range-test/flaky"
     _upload(store, key, path)
     tilefan.formats.tiled._opened.cache_clear()
-    _, opened = tilefan.formats.tiled._opened(store, key, 0)  # opened while storage answers
+    _, opened, _ = tilefan.formats.tiled._opened(store, key, 0)  # opened while storage answers
 
-    def throttled(self: RangedObject, start: int, end: int) -> bytes:
+    def throttled(self: RangedObject, *args: int) -> bytes:
         raise TransientError("storage was busy (SlowDown)")
 
-    monkeypatch.setattr(RangedObject, "_fetch", throttled)
+    # The prefetch answers, then libtiff's own reads fail: libvips may take them as warnings.
+    monkeypatch.setattr(RangedObject, "prefetch", lambda self, ranges: None)
+    monkeypatch.setattr(RangedObject, "read", throttled)
     plan = plan_tiles(ImageSpec(1200, 900, 3, "uchar"), parse_chain(OPS), 256)
     rect = plan.tile(plan.tile_count // 2).source
     with pytest.raises(TransientError):

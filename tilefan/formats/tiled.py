@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pyvips
 
 from tilefan.errors import DamagedImage, reason
+from tilefan.formats.chunks import ChunkLayout
 from tilefan.formats.remote import ObjectSource, ObjectTarget
 from tilefan.formats.source import open_checked, upright
 from tilefan.imaging.geometry import Rect
@@ -99,13 +100,21 @@ def transcode(
 def source_block(
     store: TileStore, key: str, page: int, rect: Rect, interpretation: str
 ) -> pyvips.Image:
-    """A tile's source rectangle, read by range from the tiled object at ``key``, in memory."""
-    image, source = _opened(store, key, page)
+    """A tile's source rectangle, read by range from the tiled object at ``key``, in memory.
+
+    The TIFF tiles (or strips) under the rectangle are fetched first, a few concurrent requests
+    for the lot, so that libtiff, which reads them one at a time, reads them from memory.
+    """
+    image, source, layout = _opened(store, key, page)
+    if layout is not None:
+        source.remote.prefetch(layout.ranges(rect))
     try:
         block = image.crop(*rect).copy(interpretation=interpretation).copy_memory()
     except pyvips.Error:
         if source.failure is None:
             raise
+    finally:
+        source.remote.settle()
     # libtiff can report a failed read of a tile as a warning and go on with the tile blank,
     # so a storage failure is checked for whether libvips raised or not.
     if source.failure is not None:
@@ -117,7 +126,12 @@ def source_block(
 
 
 @functools.lru_cache(maxsize=4)
-def _opened(store: TileStore, key: str, page: int) -> tuple[pyvips.Image, ObjectSource]:
-    """Each object is opened once per warm worker: its directory is read once, not per tile."""
+def _opened(
+    store: TileStore, key: str, page: int
+) -> tuple[pyvips.Image, ObjectSource, ChunkLayout | None]:
+    """Each object is opened once per warm worker: its directory is read once, not per tile.
+
+    The page's chunk layout is read from the directory bytes libvips' open has just kept.
+    """
     image, source = open_object(store, key, name=key, access="random", page=page)
-    return upright(image), source
+    return upright(image), source, ChunkLayout.read(source.remote, page)
