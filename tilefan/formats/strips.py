@@ -2,11 +2,12 @@
 
 A sequential decode (a JPEG, a PNG) written by ``tiffsave`` holds, besides the writer's row of
 TIFF tiles, buffers whose height libvips derives from its processing tile height (128 rows):
-the loader's line cache (4 x 128 rows) and the two buffers of the writer's sink (2 x 128 rows),
-each as wide as the image. At 44,721 px of 8-bit RGB that is 100 MB, against 13 MB with a tile
-height of 16 (docs/benchmarks.md, "Where the transcode's memory goes"). libvips sets that
-height only from its command-line options, which it parses with GLib's option parser; nothing
-in pyvips reaches it, so the options are parsed here through the library pyvips loaded.
+the loader's line cache (4 x 128 rows), the two buffers of the writer's sink (2 x 128 rows)
+and regions between them, 928 rows as wide as the image in all. At 44,721 px of 8-bit RGB that
+is 119 MB, against 23 MB (176 rows) with a tile height of 16 (docs/benchmarks.md, "Where the
+transcode's memory goes"). libvips sets that height only from its command-line options, which
+it parses with GLib's option parser; nothing in pyvips reaches it, so the options are parsed
+here through the library pyvips loaded.
 """
 
 from __future__ import annotations
