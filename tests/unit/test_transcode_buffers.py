@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
+from tilefan.formats import strips
 from tilefan.formats.strips import STREAMING_TILE_HEIGHT
 
 pytestmark = pytest.mark.unit
@@ -85,3 +86,16 @@ def test_transcode_holds_a_row_of_tiles_and_a_few_rows_of_the_width(tmp_path: Pa
     # Measured 432, the same at every width; libvips' default buffers hold 1,184.
     assert rows <= EDGE + 12 * STREAMING_TILE_HEIGHT, rows
     assert rows >= EDGE, rows  # measured at all: the writer's row of tiles is in it
+
+
+def test_overlapping_transcodes_set_thin_strips_once_and_the_last_restores_the_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    given: list[tuple[str, ...]] = []
+    monkeypatch.setattr(strips, "_parse_vips_options", lambda *options: given.append(options))
+    with strips.thin_strips():
+        with strips.thin_strips():
+            pass
+        assert len(given) == 1
+        assert f"--vips-tile-height={STREAMING_TILE_HEIGHT}" in given[0]
+    assert given[1:] == [strips._DEFAULTS]
