@@ -4,7 +4,7 @@ A sequential decode (a JPEG, a PNG) written by ``tiffsave`` holds, besides the w
 TIFF tiles, buffers whose height libvips derives from its processing tile height (128 rows):
 the loader's line cache (4 x 128 rows), the two buffers of the writer's sink (2 x 128 rows)
 and regions between them, 928 rows as wide as the image in all. At 44,721 px of 8-bit RGB that
-is 119 MB, against 23 MB (176 rows) with a tile height of 16 (docs/benchmarks.md, "Where the
+is 119 MB, against 22.5 MB (176 rows) with a tile height of 16 (docs/benchmarks.md, "Where the
 transcode's memory goes"). libvips sets that height only from its command-line options, which
 it parses with GLib's option parser; nothing in pyvips reaches it, so the options are parsed
 here through the library pyvips loaded.
@@ -25,7 +25,8 @@ STREAMING_TILE_HEIGHT = 16
 """libvips' processing tile height during a streamed transcode (libvips' default: 128)."""
 
 _STREAMING_FATSTRIP_HEIGHT = 8
-"""Its strip height for two threads: the sink's buffers are 2 x 8 rows, not 2 x 16."""
+"""libvips' strip height: its sink's buffers are at least this many rows per thread, so
+with two threads 16 rows each (the tile height's), not 32."""
 
 _DEFAULTS = ("--vips-tile-height=128", "--vips-fatstrip-height=16")
 """libvips' own values (VIPS__TILE_HEIGHT, VIPS__FATSTRIP_HEIGHT), restored after."""
