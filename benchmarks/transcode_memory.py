@@ -8,7 +8,11 @@ tiled intermediate by multipart upload) in a child process, as the splitter Lamb
 a local file by range and drops the parts it is sent. What the child holds is then what the
 splitter holds; S3's side is not measured.
 
-    python -m benchmarks.transcode_memory --jpeg 100,2000 --out rows.jsonl
+    python -m benchmarks.transcode_memory --jpeg 100,2000 --paired 100 --out rows.jsonl
+
+``--paired`` sizes are transcoded twice from the same image: as built, then with libvips'
+default buffers (``thin_strips`` made a no-op), the pair giving the memory saved and the
+time ratio in one run.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import io, json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import pyvips
 pyvips.cache_set_max(0)  # as splitter/app.py does at its cold start
+if sys.argv[3] == "libvips-default":
+    import tilefan.formats.strips
+    tilefan.formats.strips._parse_vips_options = lambda *options: None
 from tilefan.formats.tiled import open_object, transcode, transcode_tile_edge
 from tilefan.state.storage import TileStore
 
@@ -72,6 +79,7 @@ started, cpu = time.monotonic(), time.process_time()
 header, origin = open_object(store, "upload", name="upload", access="sequential")
 size = transcode(header, origin, store, "source.tif", transcode_tile_edge(1024))
 print(json.dumps({
+    "buffers": sys.argv[3],
     "wall_s": time.monotonic() - started,
     "cpu_s": time.process_time() - cpu,
     "baseline_rss_mb": baseline,
@@ -89,10 +97,12 @@ def run(
     images: Path | None = None,
     out: Path | None = None,
     made: dict[int, Path] | None = None,
+    paired: frozenset[int] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Transcode a JPEG of each size (MP) once; rows printed and appended to ``out``.
 
-    ``made`` maps a size to an image of it made before (`make_image`'s), used as it is.
+    ``made`` maps a size to an image of it made before (`make_image`'s), used as it is;
+    ``paired`` sizes are transcoded again with libvips' default buffers.
     """
     rows = []
     for megapixels in sizes:
@@ -101,42 +111,51 @@ def run(
             tempfile.TemporaryDirectory(prefix="transcode-scratch-") as scratch,
         ):
             path = (made or {}).get(megapixels) or make_image("jpeg", megapixels, Path(folder))
-            stop, peak = threading.Event(), [0]
-            watcher = threading.Thread(target=scratch_peak, args=(Path(scratch), stop, peak))
-            watcher.start()
-            load_before = load_average()
-            try:
-                done = subprocess.run(
-                    [sys.executable, "-c", _CHILD, str(ROOT), str(path)],
-                    env={
-                        **os.environ,
-                        "TMPDIR": scratch,
-                        "MALLOC_ARENA_MAX": "2",
-                    },
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-            finally:
-                stop.set()
-                watcher.join()
-            row = {
-                "input": "jpeg",
-                "upload_mb": path.stat().st_size / 2**20,
-                **json.loads(done.stdout.strip().splitlines()[-1]),
-                "scratch_peak_mb": peak[0] / 2**20,
-                "load_before": load_before,
-                "load_after": load_average(),
-                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-        rows.append(row)
-        emit_row(row, out)
+            for buffers in ("thin", "libvips-default")[: 2 if megapixels in paired else 1]:
+                row = _transcode(path, Path(scratch), buffers)
+                rows.append(row)
+                emit_row(row, out)
     return rows
+
+
+def _transcode(path: Path, scratch: Path, buffers: str) -> dict[str, Any]:
+    """One transcode of ``path`` in its own process, ``TMPDIR`` in ``scratch`` (watched)."""
+    stop, peak = threading.Event(), [0]
+    watcher = threading.Thread(target=scratch_peak, args=(scratch, stop, peak))
+    watcher.start()
+    load_before = load_average()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(ROOT), str(path), buffers],
+            env={
+                **os.environ,
+                "TMPDIR": str(scratch),
+                "MALLOC_ARENA_MAX": "2",
+            },
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    return {
+        "input": "jpeg",
+        "upload_mb": path.stat().st_size / 2**20,
+        **json.loads(done.stdout.strip().splitlines()[-1]),
+        "scratch_peak_mb": peak[0] / 2**20,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jpeg", default="100,2000", help="JPEG sizes, MP")
+    parser.add_argument(
+        "--paired", default="", help="sizes (MP) also run with libvips' default buffers"
+    )
     parser.add_argument("--images", type=Path, help="where the inputs are made (default: /tmp)")
     parser.add_argument("--out", type=Path, help="append each row to this JSON-lines file")
     parser.add_argument(
@@ -145,7 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     made = {int(size): Path(path) for size, path in (item.split("=", 1) for item in args.made)}
     sizes = [int(value) for value in args.jpeg.split(",") if value]
-    run(sizes, images=args.images, out=args.out, made=made)
+    paired = frozenset(int(value) for value in args.paired.split(",") if value)
+    run(sizes, images=args.images, out=args.out, made=made, paired=paired)
 
 
 if __name__ == "__main__":

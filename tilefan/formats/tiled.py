@@ -16,6 +16,7 @@ from tilefan.errors import DamagedImage, reason
 from tilefan.formats.chunks import ChunkLayout
 from tilefan.formats.remote import ObjectSource, ObjectTarget
 from tilefan.formats.source import open_checked, upright
+from tilefan.formats.strips import thin_strips
 from tilefan.imaging.geometry import Rect
 from tilefan.state.ranged import MultipartObject, RangedObject
 
@@ -73,13 +74,18 @@ def transcode(
 ) -> int:
     """Decode ``image`` once, top to bottom, into a tiled TIFF uploaded to ``key`` as it fills.
 
-    Memory is a few rows of tiles: parts go to S3 while libvips goes on. Returns the object's
-    size. A failed transcode leaves no object and no parts behind.
+    Memory is one row of tiles and a few rows of pixels of the image's width (`thin_strips`),
+    and the parts: they go to S3 while libvips goes on. Returns the object's size. A failed
+    transcode leaves no object and no parts behind.
     """
     upload = MultipartObject(store.client, store.bucket, key, "image/tiff")
     target = ObjectTarget(upload)
     try:
-        image.tiffsave_target(target.target, tile_width=edge, tile_height=edge, **TRANSCODE_OPTIONS)
+        # The loader's buffers are sized when the first pixel is asked for, inside.
+        with thin_strips():
+            image.tiffsave_target(
+                target.target, tile_width=edge, tile_height=edge, **TRANSCODE_OPTIONS
+            )
         # A failed read that libvips took as a warning must not pass as a decoded image.
         failure = origin.failure or target.failure
         if failure is not None:

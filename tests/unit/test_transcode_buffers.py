@@ -1,0 +1,101 @@
+"""The transcode holds a row of TIFF tiles and a few rows of pixels of the image's width, no more.
+
+What libvips allocates for its pixels (its own count, ``vips_tracked_get_mem_highwater``) is
+measured in a fresh process per width, transcoding a JPEG through the splitter's own
+`transcode` into a stub S3 that drops the parts; the growth from a narrow to a wide image,
+divided by the extra width, is the number of rows of the image held: 1,184 with libvips'
+default buffers, 432 with `thin_strips` (the TIFF writer's row of 256 px tiles, the loader's
+line cache of 64 rows, the sink's two buffers of 16, and 80 in the regions between them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pyvips
+
+from tilefan.formats import strips
+from tilefan.formats.strips import STREAMING_TILE_HEIGHT
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+EDGE = 256
+"""The intermediate's TIFF tile edge: the writer holds this many rows, whatever is done."""
+
+_CHILD = """
+import io, json, sys
+sys.path.insert(0, sys.argv[1])
+import pyvips
+pyvips.cache_set_max(0)
+from tilefan.formats.strips import _libvips
+from tilefan.formats.tiled import open_object, transcode
+from tilefan.state.storage import TileStore
+
+body = open(sys.argv[2], "rb").read()
+
+class Stub:
+    def head_object(self, **_):
+        return {"ContentLength": len(body)}
+    def get_object(self, Range, **_):
+        start, end = (int(v) for v in Range.split("=")[1].split("-"))
+        return {"Body": io.BytesIO(body[start:end + 1])}
+    def create_multipart_upload(self, **_):
+        return {"UploadId": "stub"}
+    def upload_part(self, PartNumber, **_):
+        return {"ETag": str(PartNumber)}
+    def complete_multipart_upload(self, **_):
+        return {}
+
+store = TileStore("stub", client=Stub())
+lib = _libvips()
+lib.vips_tracked_get_mem_highwater.restype = __import__("ctypes").c_size_t
+before = lib.vips_tracked_get_mem_highwater()
+header, origin = open_object(store, "upload", name="upload", access="sequential")
+transcode(header, origin, store, "source.tif", int(sys.argv[3]))
+print(json.dumps({"pixels_bytes": lib.vips_tracked_get_mem_highwater() - before}))
+"""
+
+
+def _held(width: int, folder: Path) -> int:
+    """Bytes libvips allocated for pixels while transcoding a JPEG ``width`` wide, 640 high."""
+    path = folder / f"{width}.jpg"
+    xyz = pyvips.Image.xyz(width, 640)
+    pattern = ((xyz[0] * 3 + xyz[1] * 7) % 251).cast("uchar")
+    pattern.bandjoin([(xyz[0] % 253).cast("uchar"), (xyz[1] % 241).cast("uchar")]).jpegsave(
+        str(path)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(ROOT), str(path), str(EDGE)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["pixels_bytes"])
+
+
+def test_transcode_holds_a_row_of_tiles_and_a_few_rows_of_the_width(tmp_path: Path) -> None:
+    narrow, wide = 2_000, 12_000
+    rows = (_held(wide, tmp_path) - _held(narrow, tmp_path)) / ((wide - narrow) * 3)
+    # Measured 432, the same at every width; libvips' default buffers hold 1,184.
+    assert rows <= EDGE + 12 * STREAMING_TILE_HEIGHT, rows
+    assert rows >= EDGE, rows  # measured at all: the writer's row of tiles is in it
+
+
+def test_overlapping_transcodes_set_thin_strips_once_and_the_last_restores_the_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    given: list[tuple[str, ...]] = []
+    monkeypatch.setattr(strips, "_parse_vips_options", lambda *options: given.append(options))
+    with strips.thin_strips():
+        with strips.thin_strips():
+            pass
+        assert len(given) == 1
+        assert f"--vips-tile-height={STREAMING_TILE_HEIGHT}" in given[0]
+    assert given[1:] == [strips._DEFAULTS]
