@@ -60,11 +60,16 @@ def raw(
         return e.code, json.loads(e.read().decode() or "{}")
 
 
+NO_PREVIEW = {"preview": False}
+"""The output options of the jobs here: a preview would round their 64-pixel output tiles up
+to whole 256-pixel preview tiles, and these tests count tiles."""
+
+
 def create(client: TilefanClient, size: int, **body: Any) -> Any:
     """Create an inverting PNG job for an upload of `size` bytes; `body` overrides any field."""
     document = {
         "operations": [{"op": "invert"}],
-        "output": {"format": "png"},
+        "output": {"format": "png", **NO_PREVIEW},
         "tile_size": 64,
         "input": {"size_bytes": size},
         **body,
@@ -88,6 +93,7 @@ def submit(
         operations or [{"op": "invert"}],
         output_format="png",
         tile_size=tile_size,
+        output_options=NO_PREVIEW,
         on_progress=on_progress,
         poll_seconds=POLL_SECONDS,
     )

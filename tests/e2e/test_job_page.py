@@ -93,7 +93,11 @@ def start_job(
     tmp_path: Path,
     output_format: str = "png",
     operations: list[dict[str, Any]] | None = None,
+    *,
+    preview: bool = False,
 ) -> dict[str, Any]:
+    """A 512 x 384 job in 64-pixel tiles (48), started; ``preview`` (the API's default) makes
+    a TIFF, JPEG, PNG or WebP result's output tiles 256 pixels (4) and gives it a preview."""
     source = tmp_path / "noise.png"
     noise_image(512, 384, 3, seed=5).pngsave(str(source))
     created = client.request(
@@ -101,7 +105,7 @@ def start_job(
         "/jobs",
         {
             "operations": operations or [{"op": "gaussblur", "sigma": 1.5}],
-            "output": {"format": output_format},
+            "output": {"format": output_format, "preview": preview},
             "tile_size": 64,
             "input": {"size_bytes": source.stat().st_size},
         },
@@ -183,7 +187,6 @@ def test_page_shows_tiles_rising_then_draws_the_result_with_no_foreign_request(
     assert [count for count in seen if 0 < count < 48], f"no count seen mid-run: {seen}"
 
     viewer_draws(page)
-    screenshot(page, "job-page-succeeded.png")
 
     api_origin = urllib.parse.urlsplit(api.url).netloc
     foreign = [url for url in requests if urllib.parse.urlsplit(url).netloc != api_origin]
@@ -235,7 +238,7 @@ def test_page_draws_a_tile_set_result_through_the_api_alone(
         with_token(view.replace("/view?", "/view/set/10/0/0?"), token),  # beyond full size
         with_token(view.replace("/view?", "/view/set/9/99/0?"), token),
         with_token(view.replace("/view?", "/view/set/9/..%2F..%2Fx/0?"), token),
-        # a png result has no set to view
+        # a png result without a preview has no set to view
         with_token(
             absolute(api, other["links"]["view"]).replace("/view?", "/view/set?"),
             other_token["token"][0],
@@ -244,10 +247,15 @@ def test_page_draws_a_tile_set_result_through_the_api_alone(
         assert status_of(refused) in (400, 404), refused
 
 
-def test_page_shows_a_tiff_results_preview_and_offers_the_download(
-    api: LocalApi, client: TilefanClient, browser: Any, tmp_path: Path
+PREVIEW_SCREENSHOTS = {"tiff": "job-page-preview.png", "png": "job-page-succeeded.png"}
+"""A TIFF's page, which only the preview can show, and a PNG's, the page of a default job."""
+
+
+@pytest.mark.parametrize("output_format", ["tiff", "png", "jpeg", "webp"])
+def test_page_shows_a_results_preview_and_offers_the_download(
+    api: LocalApi, client: TilefanClient, browser: Any, tmp_path: Path, output_format: str
 ) -> None:
-    job = start_job(client, tmp_path, output_format="tiff")
+    job = start_job(client, tmp_path, output_format=output_format, preview=True)
     ended = wait_until_ended(client, job["job_id"])
     assert ended["output"]["preview"]["key"].endswith("/preview/result.dzi"), ended["output"]
     page = browser.new_page(viewport={"width": 1000, "height": 900})
@@ -255,13 +263,16 @@ def test_page_shows_a_tiff_results_preview_and_offers_the_download(
     page.on("request", lambda request: requests.append(request.url))
     page.goto(absolute(api, job["links"]["view"]))
     page.wait_for_selector('main[data-job-status="SUCCEEDED"]')
+    assert main_data(page)["total"] == "4"  # 256-pixel output tiles: whole preview tiles
     viewer_draws(page)
     assert page.locator("#download").is_visible()
     assert page.locator("#download").get_attribute("href").startswith("view/result?")
     assert [url for url in requests if "/view/set/" in url], requests
+    # The viewer reads the preview's tiles through the API, not the result from storage.
     api_origin = urllib.parse.urlsplit(api.url).netloc
     assert all(urllib.parse.urlsplit(url).netloc == api_origin for url in requests), requests
-    screenshot(page, "job-page-preview.png")
+    if output_format in PREVIEW_SCREENSHOTS:
+        screenshot(page, PREVIEW_SCREENSHOTS[output_format])
     page.close()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.support import NO_PREVIEW
 from tests.support import noise_image
 from tilefan.local.serve import LocalApi, serve_api
 from tilefan.service.client import TilefanClient
@@ -51,7 +52,7 @@ def start_job(api: LocalApi, key: str, source: Path) -> str:
         "/jobs",
         {
             "operations": [{"op": "gaussblur", "sigma": 1.5}],
-            "output": {"format": "png"},
+            "output": {"format": "png", **NO_PREVIEW},
             "tile_size": TILE,
             "input": {"size_bytes": source.stat().st_size},
         },

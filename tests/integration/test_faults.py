@@ -608,7 +608,13 @@ def test_cancelling_mid_run_stops_the_job_and_removes_everything(
         gate.count(name, monkeypatch)
     service = stack.service
     job = service.create(
-        LOCAL_OWNER, OPS, "png", tile_size=TILE, input_info={"size_bytes": source.stat().st_size}
+        LOCAL_OWNER,
+        OPS,
+        "png",
+        tile_size=TILE,
+        # A preview would make the output tiles 256 pixels: hold_tiles counts 64-pixel ones.
+        output_options={"preview": False},
+        input_info={"size_bytes": source.stat().st_size},
     )
     service.store.upload(source, keys.upload(job.job_id), "image/png")
     service.start(LOCAL_OWNER, job.job_id, max_concurrency=4)

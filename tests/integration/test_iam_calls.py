@@ -147,20 +147,21 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
     noise_image(1400, 1300, 3, seed=2).tiffsave(str(large))  # two multipart parts
     jobs: list[str] = []
 
-    # Succeeds, uploaded by one PUT and by parts, and as a DeepZoom set (the workers write
-    # its tiles under results/); every read route is used on it. The second has a statistics
-    # pass (its map, its band writes, the merger's reduce).
+    # Succeeds, uploaded by one PUT and by parts, as a DeepZoom set (the workers write its
+    # tiles under results/) and as a streamed png with its preview; every read route is used
+    # on it. The second has a statistics pass (its map, its band writes, the merger's reduce).
     for source, op, output_format in (
         (small, "invert", "tiff"),
         (large, "hist_equal", "tiff"),
         (small, "invert", "dzi"),
+        (small, "invert", "png"),
     ):
         job_id = create(client, source, op, output_format)
         client.request("POST", f"/jobs/{job_id}/start")
         assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
         client.request("GET", f"/jobs/{job_id}/tiles")
         client.request("GET", f"/jobs/{job_id}/result?redirect=false")
-        # The page's viewer reads the set (the dzi's, a TIFF's preview) through the API.
+        # The page's viewer reads the set (the dzi's, a result's preview) through the API.
         view = client.request("GET", f"/jobs/{job_id}")["links"]["view"]
         with urllib.request.urlopen(api.url + view.replace("/view?", "/view/set/0/0/0?")) as tile:
             assert tile.status == 200

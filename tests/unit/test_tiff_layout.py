@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,3 +203,21 @@ def test_tiff_batches_aim_past_two_copy_parts_within_a_pixel_bound(
     ratio = {"deflate": 0.4, "none": 1.0, "jpeg": 0.1, "lzw": 0.5}[compression]
     assert pixels <= 16 * 2**20
     assert pixels * 3 * ratio >= 2 * MIN_PART or pixels == 16 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("output_format", "options", "planned", "output_tile"),
+    [
+        ("tiff", {"preview": False}, 100, 256),  # a TIFF's own tiles need it anyway
+        ("png", {}, 100, 256),  # the preview is on by default
+        ("png", {}, 1500, 2048),
+        ("jpeg", {"preview": True}, 1024, 1024),
+        ("webp", {"preview": False}, 100, 100),  # no preview: the tile asked for
+        ("png", {"preview": False}, 1500, 1500),
+    ],
+)
+def test_a_streamed_result_with_a_preview_takes_whole_preview_tiles(
+    output_format: str, options: dict[str, Any], planned: int, output_tile: int
+) -> None:
+    rule = output_tile_rule(output_format, options)
+    assert (rule(planned) if rule is not None else planned) == output_tile

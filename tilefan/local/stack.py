@@ -125,7 +125,7 @@ def run_job(
 ) -> JobView:
     """Create, upload, start and follow one job; download its result when it succeeds.
 
-    No job page shows a job run here, so its TIFF result gets no preview unless asked for.
+    No job page shows a job run here, so its result gets no preview unless asked for.
     """
     service = stack.service
     job = service.create(

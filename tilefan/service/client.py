@@ -89,13 +89,15 @@ class TilefanClient:
         *,
         output_format: str,
         tile_size: int | None = None,
+        output_options: Mapping[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
         poll_seconds: float = 1.0,
     ) -> Submission:
-        """Create, upload, start, follow and download one job."""
+        """Create, upload, start, follow and download one job (``output_options`` go in its
+        ``output`` beside the format)."""
         body: dict[str, Any] = {
             "operations": operations,
-            "output": {"format": output_format},
+            "output": {"format": output_format, **(output_options or {})},
             "input": {"size_bytes": source.stat().st_size},
         }
         if tile_size is not None:

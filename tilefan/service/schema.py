@@ -89,8 +89,9 @@ class OutputSpec(_Strict):
     )
     preview: bool = Field(
         default=True,
-        description="tiff only: also write a DeepZoom preview (256-pixel JPEG tiles) under "
-        "results/<job>/preview/, which the job page shows; 8-bit results only",
+        description="tiff, jpeg, png and webp: also write a DeepZoom preview (256-pixel JPEG "
+        "tiles) under results/<job>/preview/, which the job page shows; 8-bit results only. "
+        "With it, a jpeg, png or webp job's tile_size is rounded to 256 times a power of two",
     )
 
     def options(self) -> dict[str, Any]:

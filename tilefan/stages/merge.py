@@ -58,7 +58,8 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         output_tile_rule=output_tile_rule(job.output_format, job.output_options),
     )
     output = _assembler(job.output_format)(pipeline, job, plan)
-    preview = assemble_preview(pipeline, job, plan) if wants_preview(job) else None
+    wanted = wants_preview(job.output_format, job.output_options)
+    preview = assemble_preview(pipeline, job, plan) if wanted else None
     if preview is not None:
         output["preview"] = preview
     key = output["key"]

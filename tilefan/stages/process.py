@@ -17,6 +17,7 @@ from tilefan.imaging.execute import execute_tile
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile
 from tilefan.stages.statistics import stored_statistics
+from tilefan.stages.stream_merge import StreamedBatchWriter
 from tilefan.stages.tiff_output import TiffBatchWriter
 from tilefan.stages.tileset_output import TileSetBatchWriter, wants_preview
 from tilefan.state.jobs import (
@@ -78,24 +79,27 @@ def process_batch(
     return {"processed": len(outcomes), "skipped": len(tiles) - len(started)}
 
 
-_BatchWriter = TiffBatchWriter | TileSetBatchWriter
+_BatchWriter = TiffBatchWriter | TileSetBatchWriter | StreamedBatchWriter
 
 
 def _encoded_output(
     pipeline: Pipeline, job: Job, tiles: Sequence[Sequence[int]], chain: Chain, spec: ImageSpec
 ) -> _BatchWriter | None:
-    """The writer of a batch whose worker encodes the result's own tiles, or None."""
+    """The writer of a batch whose worker encodes the result's own or its preview's tiles;
+    None when it only stores output tiles for the merger."""
     if not tiles:
         return None
+    preview = (
+        TileSetBatchWriter(pipeline, job, tiles[0][0], chain, spec, preview=True)
+        if wants_preview(job.output_format, job.output_options)
+        else None
+    )
     if job.output_format == "tiff":
-        preview = (
-            TileSetBatchWriter(pipeline, job, tiles[0][0], chain, spec, preview=True)
-            if wants_preview(job)
-            else None
-        )
         return TiffBatchWriter(pipeline, job, first_tile=tiles[0][0], preview=preview)
     if job.output_format in TILESET_FORMATS:
         return TileSetBatchWriter(pipeline, job, tiles[0][0], chain, spec)
+    if preview is not None:
+        return StreamedBatchWriter(pipeline, job.job_id, preview)
     return None
 
 

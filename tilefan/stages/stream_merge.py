@@ -8,6 +8,9 @@ of a multipart upload (`tilefan.state.multipart`). Nothing is written to local d
 is about two rows of tiles, the encoder's own state and three upload parts. WebP is the
 exception: libwebp encodes a whole picture, so libvips hands it the whole image in memory
 (docs/design.md has the figures).
+
+With a preview (`wants_preview`), a worker also cuts each block it writes into the preview's
+tiles (`StreamedBatchWriter`); the merger joins their coarse levels as for a TIFF result.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from tilefan.state.multipart import MultipartWriter
 from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
+    from tilefan.imaging.plan import Tile
     from tilefan.stages.pipeline import Pipeline
+    from tilefan.stages.tileset_output import TileSetBatchWriter
 
-__all__ = ["merge_streamed"]
+__all__ = ["StreamedBatchWriter", "merge_streamed"]
 
 _IO_THREADS = 16
 """Concurrent tile downloads: latency-bound, not CPU-bound."""
@@ -54,6 +59,27 @@ _LAYOUT_FIELDS = frozenset(
     }
 )
 """Fields the stream defines itself; every other field is metadata taken from tile 0."""
+
+
+class StreamedBatchWriter:
+    """Writes a manifest item's output tiles for the merger, and their tiles of the preview."""
+
+    def __init__(self, pipeline: Pipeline, job_id: str, preview: TileSetBatchWriter) -> None:
+        """``preview`` writes each block's preview tiles and, at the end, the batch's index."""
+        self.pipeline = pipeline
+        self.job_id = job_id
+        self.preview = preview
+
+    def add(self, tile: Tile, block: pyvips.Image) -> None:
+        """Store the block as the tile's output, then cut its preview tiles."""
+        self.pipeline.store.put_tile(
+            self.job_id, "out", tile.index, block, metadata=tile.index == 0
+        )
+        self.preview.add(tile, block)
+
+    def finish(self) -> None:
+        """Write the preview's index: it covers every block of the batch, so none is skipped."""
+        self.preview.finish()
 
 
 def merge_streamed(

@@ -36,7 +36,7 @@ from tilefan.formats.tiff_tiles import (
     without_metadata,
 )
 from tilefan.imaging.plan import Tile, TilePlan
-from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile
+from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
 
@@ -73,8 +73,12 @@ _SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
 
 
 def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int] | None:
-    """How a format adjusts the planned output tile: whole TIFF tiles, or whole tiles of a set."""
-    if output_format == "tiff":
+    """How a format adjusts the planned output tile: whole TIFF tiles, or whole tiles of a set.
+
+    A streamed result with a preview takes the TIFF rule too: its blocks are then whole
+    preview tiles (`PREVIEW_LAYOUT`'s are TIFF tiles' size) at each level a block holds.
+    """
+    if output_format == "tiff" or wants_preview(output_format, options):
         return tiff_output_tile
     if output_format in TILESET_FORMATS:
         return tileset_output_tile(output_format, options)

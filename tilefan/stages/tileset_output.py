@@ -25,6 +25,7 @@ import numpy as np
 
 from tilefan.errors import TilefanError
 from tilefan.formats.dz_tiles import TileSetLayout, halve_padded
+from tilefan.formats.outputs import STREAMED_FORMATS
 from tilefan.formats.tiff_tiles import TIFF_TILE, from_array, numpy_dtype, power_of_two_block
 from tilefan.formats.zip_layout import ZipEntry, central_directory, local_entry
 from tilefan.imaging.geometry import Rect
@@ -60,18 +61,22 @@ SET_NAME = "result"
 _IO_THREADS = 16
 
 PREVIEW_LAYOUT = TileSetLayout(tile_size=TIFF_TILE, overlap=0, suffix="jpeg")
-"""A TIFF result's DeepZoom preview: its blocks (``TIFF_TILE * 2**m``) are whole tiles."""
+"""A result's DeepZoom preview: blocks of ``TIFF_TILE * 2**m`` pixels are whole tiles of it."""
+
+_PREVIEW_FORMATS = frozenset({"tiff", *STREAMED_FORMATS})
+"""Results shown through a preview: a TIFF, which browsers cannot draw, and the streamed
+formats, which they draw only whole (a tile set is its own preview)."""
 
 _PREVIEW_FOLDER = "preview/"
 """Where the preview lies under the result's prefix: ``preview/result.dzi`` and its tiles."""
 
 _PREVIEW_PART = "preview-"
-"""Before the preview's encoded parts (``preview-index``), apart from the TIFF's own."""
+"""Before the preview's encoded parts (``preview-index``), apart from a TIFF's own."""
 
 
-def wants_preview(job: Job) -> bool:
-    """Whether the workers write a preview set beside the result: TIFF, unless turned off."""
-    return job.output_format == "tiff" and bool(job.output_options.get("preview", True))
+def wants_preview(output_format: str, options: Mapping[str, Any]) -> bool:
+    """Whether the workers write a preview set beside the result: on unless turned off."""
+    return output_format in _PREVIEW_FORMATS and bool(options.get("preview", True))
 
 
 def tileset_output_tile(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int]:
@@ -105,7 +110,7 @@ class TileSetBatchWriter:
         *,
         preview: bool = False,
     ) -> None:
-        """The writer of the job's tile set, or with ``preview`` of a TIFF result's preview."""
+        """The writer of the job's tile set, or with ``preview`` of its result's preview."""
         grid = job.grid or {}
         self.pipeline = pipeline
         self.job_id = job.job_id
@@ -266,7 +271,7 @@ def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
 
 
 def assemble_preview(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any] | None:
-    """A TIFF result's preview: its coarse levels and ``.dzi``; None when none was made."""
+    """A result's preview: its coarse levels and ``.dzi``; None when none was made."""
     indexes = _indexes(pipeline, job, plan, _PREVIEW_PART + "index")
     if not indexes:
         return None

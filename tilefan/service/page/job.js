@@ -145,7 +145,7 @@
   }
 
   async function showTileSet() {
-    // A tile set, or a TIFF result's preview set: its tiles come through this API, named by
+    // A tile set, or a result's preview set: its tiles come through this API, named by
     // the viewer's level, column and row.
     const set = await getJson("set");
     OpenSeadragon({
