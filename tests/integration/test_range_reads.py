@@ -174,6 +174,25 @@ def test_other_input_is_transcoded_once_and_equals_whole_image(
     assert view.job.grid["bytes_split"] > 0
 
 
+def test_a_wide_image_is_transcoded_in_shorter_tiles_and_equals_whole_image(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "wide.jpg"
+    noise_image(1500, 700, 3, seed=11).jpegsave(str(source))
+    # A budget of 20 rows of this width: the plan's 32 px edge (tile 96) gives 16-row tiles.
+    monkeypatch.setattr(tilefan.formats.tiled, "TILE_ROW_BYTES", 20 * 1500 * 3)
+    heights: list[int] = []
+    real_height = tilefan.formats.tiled.transcode_tile_height
+
+    def height(edge: int, image: pyvips.Image) -> int:
+        heights.append(real_height(edge, image))
+        return heights[-1]
+
+    monkeypatch.setattr(tilefan.formats.tiled, "transcode_tile_height", height)
+    _run(stack, source, tmp_path)
+    assert heights == [16]
+
+
 @pytest.mark.shared_images
 @pytest.mark.parametrize(
     "name", ["sample.jpg", "sample.png", "sample.tif", "big-height.webp", "invalid_multiframe.gif"]

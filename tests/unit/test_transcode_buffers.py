@@ -20,6 +20,7 @@ import pyvips
 
 from tilefan.formats import strips
 from tilefan.formats.strips import STREAMING_TILE_HEIGHT
+from tilefan.formats.tiled import transcode_tile_height
 
 pytestmark = pytest.mark.unit
 
@@ -99,3 +100,22 @@ def test_overlapping_transcodes_set_thin_strips_once_and_the_last_restores_the_d
         assert len(given) == 1
         assert f"--vips-tile-height={STREAMING_TILE_HEIGHT}" in given[0]
     assert given[1:] == [strips._DEFAULTS]
+
+
+@pytest.mark.parametrize(
+    ("width", "bands", "pixel_format", "edge", "height"),
+    [
+        (10_000, 3, "uchar", 256, 256),  # the 100 MP square: a row of tiles is 7.7 MB
+        (44_721, 3, "uchar", 256, 64),  # the 2 GP square: 128 rows would be 17 MB
+        (44_721, 3, "ushort", 256, 32),
+        (44_721, 3, "uchar", 64, 64),  # never taller than the plan allows
+        (2_000_000, 4, "float", 256, 16),  # TIFF's least: 16 rows, whatever they weigh
+    ],
+)
+def test_a_wide_image_gets_shorter_tiles_so_a_row_of_them_stays_within_its_budget(
+    width: int, bands: int, pixel_format: str, edge: int, height: int
+) -> None:
+    image = pyvips.Image.black(width, 1, bands=bands).cast(pixel_format)
+    got = transcode_tile_height(edge, image)
+    assert got == height
+    assert edge % got == 0  # the tiles still divide the plan's

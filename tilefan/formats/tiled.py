@@ -18,6 +18,7 @@ from tilefan.formats.remote import ObjectSource, ObjectTarget
 from tilefan.formats.source import open_checked, upright
 from tilefan.formats.strips import thin_strips
 from tilefan.imaging.geometry import Rect
+from tilefan.imaging.plan import SAMPLE_BYTES
 from tilefan.state.ranged import MultipartObject, RangedObject
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ __all__ = [
     "source_block",
     "transcode",
     "transcode_tile_edge",
+    "transcode_tile_height",
 ]
 
 TRANSCODE_OPTIONS: dict[str, Any] = {
@@ -51,11 +53,25 @@ def range_readable(image: pyvips.Image) -> bool:
 
 
 def transcode_tile_edge(tile_size: int) -> int:
-    """The intermediate's TIFF tile edge: a multiple of 16 (TIFF's rule) that divides the plan's.
-
-    At most 256, so the transcode holds a few rows of 256 pixels of the image's width.
-    """
+    """The intermediate's TIFF tile width, and the most its height may be: a multiple of 16
+    (TIFF's rule) that divides the plan's, at most 256 (`transcode_tile_height` may lower the
+    height for a wide image)."""
     return next((edge for edge in (256, 128, 64, 32, 16) if tile_size % edge == 0), 256)
+
+
+TILE_ROW_BYTES = 12 * 2**20
+"""The most the transcode's row of TIFF tiles may hold: a wide image gets shorter tiles, so
+what the writer holds stays about the same whatever the image's width."""
+
+
+def transcode_tile_height(edge: int, image: pyvips.Image) -> int:
+    """The intermediate's tile height: ``edge`` halved (down to 16, TIFF's rule) until a row of
+    tiles of ``image``'s width fits in `TILE_ROW_BYTES`. It still divides the plan's tile."""
+    row = image.width * image.bands * SAMPLE_BYTES.get(str(image.format), 8)
+    height = edge
+    while height > 16 and height * row > TILE_ROW_BYTES:
+        height //= 2
+    return height
 
 
 def open_object(
@@ -84,7 +100,10 @@ def transcode(
         # The loader's buffers are sized when the first pixel is asked for, inside.
         with thin_strips():
             image.tiffsave_target(
-                target.target, tile_width=edge, tile_height=edge, **TRANSCODE_OPTIONS
+                target.target,
+                tile_width=edge,
+                tile_height=transcode_tile_height(edge, image),
+                **TRANSCODE_OPTIONS,
             )
         # A failed read that libvips took as a warning must not pass as a decoded image.
         failure = origin.failure or target.failure

@@ -17,6 +17,7 @@ __all__ = [
     "MAX_TILE_SIZE",
     "MIN_OUTPUT_TILE",
     "MIN_TILE_SIZE",
+    "SAMPLE_BYTES",
     "SUPPORTED_FORMATS",
     "ImageSpec",
     "Tile",
@@ -237,15 +238,16 @@ WORKER_BLOCK_COPIES = 8
 The block itself, libvips' intermediates of the chain, the output tile and its encoding.
 """
 
-_SAMPLE_BYTES = {
+SAMPLE_BYTES = {
     "uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4, "double": 8,
 }  # fmt: skip
+"""Bytes of one sample of each libvips pixel format."""
 
 
 def check_worker_memory(plan: TilePlan, memory_mb: int) -> None:
     """Raise `TileTooLarge` when a tile's source block would outgrow a worker of ``memory_mb``."""
     spec = plan.spec
-    pixel_bytes = spec.bands * _SAMPLE_BYTES[spec.format]
+    pixel_bytes = spec.bands * SAMPLE_BYTES[spec.format]
     # An interior tile: it has the halo on every side.
     row, column = min(1, plan.rows - 1), min(1, plan.columns - 1)
     block = plan.tile(row * plan.columns + column).source

@@ -35,7 +35,7 @@ from tilefan.formats.tiff_tiles import (
     tiff_output_tile,
     without_metadata,
 )
-from tilefan.imaging.plan import Tile, TilePlan
+from tilefan.imaging.plan import SAMPLE_BYTES, Tile, TilePlan
 from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
@@ -69,8 +69,6 @@ _MAX_BATCH_PIXELS = 16 * 2**20
 tiles), so a batch of well-compressed tiles still ends within the worker's timeout; its
 object is then gathered into plain parts rather than copied."""
 
-_SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "double": 8}
-
 
 def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int] | None:
     """How a format adjusts the planned output tile: whole TIFF tiles, or whole tiles of a set.
@@ -88,7 +86,7 @@ def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable
 def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> int:
     """Tiles per manifest item for a TIFF result: enough for about two S3 minimum parts."""
     encoding = TiffEncoding.from_options(options)
-    raw = plan.output_tile**2 * plan.spec.bands * _SAMPLE_BYTES.get(plan.spec.format, 4)
+    raw = plan.output_tile**2 * plan.spec.bands * SAMPLE_BYTES[plan.spec.format]
     expected = raw * _EXPECTED_RATIO.get(encoding.compression, 1.0)
     most = max(1, _MAX_BATCH_PIXELS // plan.output_tile**2)
     return max(default, min(most, math.ceil(2 * MIN_PART / expected)))
