@@ -4,7 +4,8 @@ Each run is ``tilefan run`` (invert, 1024 px tiles, a deflate TIFF) in its own p
 peak resident and anonymous memory are read from ``/proc`` while it runs. The engine's setting
 (objects above 64 KiB in temporary files) is paired with moto's default (objects under about
 5 MB in memory) on the same images in the same run.
-Run: ``.venv/bin/python -m benchmarks.engine_memory [MP ...]`` (default 16 and 64 MP).
+Run: ``.venv/bin/python -m benchmarks.engine_memory [MP ...] [--engine-only]`` (default 16 and
+64 MP; ``--engine-only`` skips moto's default, which cannot hold a gigapixel job).
 """
 
 from __future__ import annotations
@@ -57,20 +58,29 @@ def peak_mb(source: Path, output: Path, buffer_bytes: str) -> tuple[float, float
     return peak["VmHWM"] / 1024, peak["RssAnon"] / 1024, time.perf_counter() - started
 
 
-def main(sizes: list[int]) -> None:
+def main(sizes: list[int], variants: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix="tilefan-engine-memory-") as folder:
-        print("| image (MP) | variant | peak RSS, VmHWM (MB) | peak anonymous (MB) | wall (s) |")
-        print("| ---: | --- | ---: | ---: | ---: |")
+        print(
+            "| image (MP) | variant | peak RSS, VmHWM (MB) | peak anonymous (MB) | wall (s) "
+            "| load |"
+        )
+        print("| ---: | --- | ---: | ---: | ---: | ---: |")
         for megapixels in sizes:
             source = Path(folder) / f"in-{megapixels}.tif"
             make_image(megapixels, source)
-            for name, buffer_bytes in VARIANTS.items():
+            for name, buffer_bytes in variants.items():
                 peak, anonymous, wall = peak_mb(source, Path(folder) / "out.tif", buffer_bytes)
+                load = os.getloadavg()[0]
                 print(
-                    f"| {megapixels} | {name} | {peak:.0f} | {anonymous:.0f} | {wall:.1f} |",
+                    f"| {megapixels} | {name} | {peak:.0f} | {anonymous:.0f} | {wall:.1f} "
+                    f"| {load:.1f} |",
                     flush=True,
                 )
+            source.unlink()
 
 
 if __name__ == "__main__":
-    main([int(arg) for arg in sys.argv[1:]] or list(SIZES_MP))
+    engine_only = "--engine-only" in sys.argv[1:]
+    chosen = dict(list(VARIANTS.items())[:1]) if engine_only else VARIANTS
+    sizes = [int(arg) for arg in sys.argv[1:] if arg != "--engine-only"] or list(SIZES_MP)
+    main(sizes, chosen)
