@@ -689,3 +689,55 @@ def test_a_whole_get_from_the_server_is_sent_a_chunk_at_a_time(
         assert _peak_while(read) < size / 4
     finally:
         patches.uninstall()
+
+
+# --- the server's dispatcher ------------------------------------------------------------------
+
+SIGNED_FOR = "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/20261201/us-east-1/{}/aws4_request, x"
+REQUESTS = {
+    "dynamodb": {"HTTP_X_AMZ_TARGET": "DynamoDB_20120810.GetItem"},
+    "s3": {"PATH_INFO": "/tilefan-tilefanbucket/uploads/a/source"},
+    "states": {"HTTP_X_AMZ_TARGET": "AWSStepFunctions.DescribeExecution"},
+}
+
+
+def _environ(service: str) -> dict[str, Any]:
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/",
+        "HTTP_HOST": "127.0.0.1:5000",
+        "HTTP_AUTHORIZATION": SIGNED_FOR.format(service),
+        **REQUESTS[service],
+    }
+
+
+def test_the_dispatcher_finds_each_service_once_and_as_moto_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moto import backends
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    from tilefan.local.moto_patches import moto_dispatcher
+
+    listings: list[int] = []
+    list_modules = backends.list_of_moto_modules
+
+    def counted() -> Any:
+        listings.append(1)
+        return list_modules()
+
+    monkeypatch.setattr(backends, "list_of_moto_modules", counted)
+    moto, ours = DomainDispatcherApplication(create_backend_app), moto_dispatcher()
+    for _ in range(3):
+        for service in REQUESTS:
+            assert (
+                moto.get_application(_environ(service)).name
+                == ours.get_application(_environ(service)).name
+            )
+    moto_listings = len(listings)
+    listings.clear()
+    for _ in range(3):
+        for service in REQUESTS:
+            ours.get_application(_environ(service))
+    assert moto_listings >= 3 * len(REQUESTS), "moto no longer finds the backend per request"
+    assert listings == []

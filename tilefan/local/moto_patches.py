@@ -22,7 +22,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from tilefan.local.signing import EngineCredentials, SignatureCheck
 
-__all__ = ["MotoPatches", "moto_server"]
+__all__ = ["MotoPatches", "moto_dispatcher", "moto_server"]
 
 
 LOG = logging.getLogger(__name__)
@@ -501,23 +501,45 @@ class _KeepPutBodies:
         return self._app(environ, start_response)
 
 
+def moto_dispatcher() -> Any:
+    """moto's ``DomainDispatcherApplication``, which finds the service a request is for, with
+    the backend of each host remembered.
+
+    moto finds it again for every request under one process-wide lock: it lists moto's package
+    directory (``os.listdir`` and an ``isdir`` for each of about 175 services) and matches
+    the host against every service's URL patterns, about 3 ms of CPU per request on this
+    machine. Every S3 and DynamoDB request of every worker queued on that lock, and with the
+    engine's threads competing for the GIL the lock's holder was often descheduled while it
+    held it: a status read waited behind the whole queue (docs/reliability.md, "Status reads
+    under load"). A host's backend never changes while the server runs.
+    """
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    class Dispatcher(DomainDispatcherApplication):
+        def __init__(self) -> None:
+            super().__init__(create_backend_app)
+            self._backends: dict[str | None, Any] = {}
+
+        def get_backend_for_host(self, host: str | None) -> Any:
+            if host not in self._backends:  # called under moto's lock
+                self._backends[host] = super().get_backend_for_host(host)
+            return self._backends[host]
+
+    return Dispatcher()
+
+
 def moto_server(host: str, port: int, credentials: EngineCredentials) -> Any:
-    """moto's ThreadedMotoServer, its WSGI application behind ``SignatureCheck`` and
-    ``_KeepPutBodies``: only requests signed with ``credentials`` reach moto."""
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
+    """moto's ThreadedMotoServer, its WSGI application (`moto_dispatcher`) behind
+    ``SignatureCheck`` and ``_KeepPutBodies``: only requests signed with ``credentials`` reach
+    moto."""
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
     from moto.server import ThreadedMotoServer
     from werkzeug.serving import make_server
 
     class MotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
             # As ThreadedMotoServer._server_entry, with the middleware around the app.
-            app = SignatureCheck(
-                _KeepPutBodies(DomainDispatcherApplication(create_backend_app)), credentials
-            )
+            app = SignatureCheck(_KeepPutBodies(moto_dispatcher()), credentials)
             self._server = make_server(
                 self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
             )
