@@ -8,7 +8,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -464,3 +465,279 @@ def test_a_ranged_get_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPa
     finally:
         patches.uninstall()
     assert reads == []
+
+
+# --- large objects a chunk at a time ----------------------------------------------------------
+
+MIB = 2**20
+PART = 5 * MIB  # moto's least part size but the last
+
+
+def _parts(count: int, last: int = 1000) -> list[bytes]:
+    return [bytes([number]) * PART for number in range(1, count)] + [b"z" * last]
+
+
+def _complete(s3: Any, key: str, parts: list[bytes], checksum: dict[str, str], wrong: str) -> Any:
+    """A multipart upload of ``parts``, completed as ``wrong`` says: what moto answers."""
+    upload = s3.create_multipart_upload(Bucket="patched", Key=key, **checksum)["UploadId"]
+    listed = []
+    for number, body in enumerate(parts, start=1):
+        etag = s3.upload_part(
+            Bucket="patched", Key=key, UploadId=upload, PartNumber=number, Body=body
+        )["ETag"]
+        listed.append({"PartNumber": number, "ETag": etag})
+    if wrong == "etag":
+        listed[0]["ETag"] = '"' + "0" * 32 + '"'
+    elif wrong == "missing part":
+        listed.append({"PartNumber": len(parts) + 1, "ETag": listed[0]["ETag"]})
+    elif wrong == "small first part":
+        listed = listed[::-1]
+    try:
+        done = s3.complete_multipart_upload(
+            Bucket="patched", Key=key, UploadId=upload, MultipartUpload={"Parts": listed}
+        )
+    except ClientError as e:
+        return {"refused": e.response["Error"]["Code"]}
+    answer = s3.get_object(Bucket="patched", Key=key, ChecksumMode="ENABLED")
+    checksums = {name: value for name, value in answer.items() if name.startswith("Checksum")}
+    return {
+        "etag": done["ETag"],
+        "checksums": checksums,
+        "length": answer["ContentLength"],
+        "body": answer["Body"].read() == b"".join(parts),
+    }
+
+
+COMPLETIONS = {
+    "no checksum": ({}, ""),
+    "crc32 composite": ({"ChecksumAlgorithm": "CRC32"}, ""),
+    "crc32 full object": ({"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"}, ""),
+    "crc32c": ({"ChecksumAlgorithm": "CRC32C"}, ""),
+    "crc64nvme": ({"ChecksumAlgorithm": "CRC64NVME"}, ""),
+    "sha1": ({"ChecksumAlgorithm": "SHA1"}, ""),
+    "sha256": ({"ChecksumAlgorithm": "SHA256"}, ""),
+    "wrong etag": ({}, "etag"),
+    "missing part": ({}, "missing part"),
+    "small part first": ({}, "small first part"),
+}
+
+
+@pytest.mark.parametrize("case", COMPLETIONS)
+def test_a_multipart_completion_answers_as_moto_does(s3: Any, case: str) -> None:
+    checksum, wrong = COMPLETIONS[case]
+    patches = MotoPatches()
+    patches.install()
+    try:
+        patched = _complete(s3, "patched-key", _parts(3), checksum, wrong)
+    finally:
+        patches.uninstall()
+    assert patched == _complete(s3, "moto-key", _parts(3), checksum, wrong)
+    assert "refused" in patched or patched["body"]
+
+
+def _peak_while(action: Callable[[], Any]) -> int:
+    """The most bytes of Python objects alive at once while ``action`` ran."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_multipart_completion_holds_no_whole_object(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(64 * 1024))
+    size = 16 * 8 * MIB
+    uploads = {}
+    for name in ("moto", "patched"):
+        uploads[name] = s3.create_multipart_upload(Bucket="patched", Key=name)["UploadId"]
+        for number in range(1, 17):
+            s3.upload_part(
+                Bucket="patched",
+                Key=name,
+                UploadId=uploads[name],
+                PartNumber=number,
+                Body=bytes([number]) * (8 * MIB),
+            )
+
+    def complete(name: str) -> None:
+        listed = s3.list_parts(Bucket="patched", Key=name, UploadId=uploads[name])["Parts"]
+        s3.complete_multipart_upload(
+            Bucket="patched",
+            Key=name,
+            UploadId=uploads[name],
+            MultipartUpload={
+                "Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in listed]
+            },
+        )
+
+    assert _peak_while(lambda: complete("moto")) > size, "moto no longer joins the parts"
+    patches = MotoPatches()
+    patches.install()
+    try:
+        assert _peak_while(lambda: complete("patched")) < size / 8
+        ranges = [(0, MIB - 1), (size - MIB, size - 1)]
+        for start, end in ranges:
+            read = s3.get_object(Bucket="patched", Key="patched", Range=f"bytes={start}-{end}")
+            assert read["Body"].read() == bytes([1 + start // (8 * MIB)]) * MIB
+    finally:
+        patches.uninstall()
+
+
+def _copy_part(s3: Any, key: str, source_range: str) -> Any:
+    upload = s3.create_multipart_upload(Bucket="patched", Key=key)["UploadId"]
+    copy_range = {"CopySourceRange": source_range} if source_range else {}
+    copied = s3.upload_part_copy(
+        Bucket="patched",
+        Key=key,
+        UploadId=upload,
+        PartNumber=1,
+        CopySource={"Bucket": "patched", "Key": "object"},
+        **copy_range,
+    )["CopyPartResult"]
+    done = s3.complete_multipart_upload(
+        Bucket="patched",
+        Key=key,
+        UploadId=upload,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": copied["ETag"]}]},
+    )
+    body = s3.get_object(Bucket="patched", Key=key)["Body"].read()
+    return {"part": copied["ETag"], "etag": done["ETag"], "body": body}
+
+
+@pytest.mark.parametrize("source_range", ["bytes=100-4099", "bytes=0-10239", ""])
+def test_a_copied_part_answers_as_moto_does(s3: Any, source_range: str) -> None:
+    patches = MotoPatches()
+    patches.install()
+    try:
+        patched = _copy_part(s3, "patched-copy", source_range)
+    finally:
+        patches.uninstall()
+    assert patched == _copy_part(s3, "moto-copy", source_range)
+
+
+def test_a_copied_part_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.s3.models import FakeKey
+
+    reads: list[int] = []
+    whole_value = FakeKey.__dict__["value"]
+
+    def counted(key: Any) -> bytes:
+        data: bytes = whole_value.fget(key)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(FakeKey, "value", property(counted, whole_value.fset))
+    _copy_part(s3, "moto-copy", "bytes=0-9")
+    assert len(OBJECT) in reads, "moto no longer reads the whole source to copy a part"
+    reads.clear()
+    patches = MotoPatches()
+    patches.install()
+    try:
+        assert _copy_part(s3, "patched-copy", "bytes=0-9")["body"] == OBJECT[:10]
+        s3.head_object(Bucket="patched", Key="object")
+    finally:
+        patches.uninstall()
+    assert len(OBJECT) not in reads
+
+
+@pytest.fixture
+def s3_server() -> Iterator[Any]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        client = boto3.client(
+            "s3",
+            region_name="us-east-1",
+            endpoint_url=f"http://{host}:{port}",
+            aws_access_key_id="streamed",
+            aws_secret_access_key="streamed",
+        )
+        client.create_bucket(Bucket="patched")
+        yield client
+    finally:
+        server.stop()
+
+
+def test_a_whole_get_from_the_server_is_sent_a_chunk_at_a_time(
+    s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(64 * 1024))
+    size = 64 * MIB
+    body = bytes(range(256)) * (size // 256)
+    s3_server.put_object(Bucket="patched", Key="big", Body=body)
+    del body
+
+    def read() -> None:
+        answer = s3_server.get_object(Bucket="patched", Key="big")
+        assert answer["ContentLength"] == size
+        got = 0
+        for chunk in answer["Body"].iter_chunks(MIB):
+            assert chunk[:4] == bytes(range(4))
+            got += len(chunk)
+        assert got == size
+
+    assert _peak_while(read) > size, "moto's server no longer reads the whole object"
+    patches = MotoPatches(stream_bodies=True)
+    patches.install()
+    try:
+        assert _peak_while(read) < size / 4
+    finally:
+        patches.uninstall()
+
+
+# --- the server's dispatcher ------------------------------------------------------------------
+
+SIGNED_FOR = "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/20261201/us-east-1/{}/aws4_request, x"
+REQUESTS = {
+    "dynamodb": {"HTTP_X_AMZ_TARGET": "DynamoDB_20120810.GetItem"},
+    "s3": {"PATH_INFO": "/tilefan-tilefanbucket/uploads/a/source"},
+    "states": {"HTTP_X_AMZ_TARGET": "AWSStepFunctions.DescribeExecution"},
+}
+
+
+def _environ(service: str) -> dict[str, Any]:
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/",
+        "HTTP_HOST": "127.0.0.1:5000",
+        "HTTP_AUTHORIZATION": SIGNED_FOR.format(service),
+        **REQUESTS[service],
+    }
+
+
+def test_the_dispatcher_finds_each_service_once_and_as_moto_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moto import backends
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    from tilefan.local.moto_patches import moto_dispatcher
+
+    listings: list[int] = []
+    list_modules = backends.list_of_moto_modules
+
+    def counted() -> Any:
+        listings.append(1)
+        return list_modules()
+
+    monkeypatch.setattr(backends, "list_of_moto_modules", counted)
+    moto, ours = DomainDispatcherApplication(create_backend_app), moto_dispatcher()
+    for _ in range(3):
+        for service in REQUESTS:
+            assert (
+                moto.get_application(_environ(service)).name
+                == ours.get_application(_environ(service)).name
+            )
+    moto_listings = len(listings)
+    listings.clear()
+    for _ in range(3):
+        for service in REQUESTS:
+            ours.get_application(_environ(service))
+    assert moto_listings >= 3 * len(REQUESTS), "moto no longer finds the backend per request"
+    assert listings == []

@@ -203,7 +203,7 @@ class EmbeddedEngine:
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self._sys_path: list[str] = []
-        self._patches = MotoPatches()
+        self._patches = MotoPatches(stream_bodies=server)
         self._undo_interpreter_key: Callable[[], None] | None = None
 
     # -- lifecycle --

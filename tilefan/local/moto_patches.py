@@ -4,14 +4,16 @@ with the middleware the engine needs."""
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib
 import importlib.util
 import json
 import logging
-import re
+import tempfile
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +22,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from tilefan.local.signing import EngineCredentials, SignatureCheck
 
-__all__ = ["MotoPatches", "moto_server"]
+__all__ = ["MotoPatches", "moto_dispatcher", "moto_server"]
 
 
 LOG = logging.getLogger(__name__)
@@ -80,9 +82,21 @@ class MotoPatches:
       100 MP demo spent its time copying the intermediate. A GET with one byte range reads
       only that range from moto's buffer; every answer (status, headers, body, errors) is
       moto's own (the test compares the two).
+    - moto keeps objects above ``MOTO_S3_DEFAULT_KEY_BUFFER_SIZE`` in temporary files, parts
+      of a multipart upload included, but holds a large object whole while it passes through:
+      CompleteMultipartUpload joins every part into one ``bytearray`` (and again for its
+      checksum, then copies both), UploadPartCopy reads the whole source to slice its range,
+      and a GET reads the whole object into one ``bytes``. A 2 GP job's engine reached 15 GB.
+      Here completion copies the parts a chunk at a time into the new object's file, a copied
+      part reads only its range, and with ``stream_bodies`` (moto's server) a GET's body is
+      sent from the file a chunk at a time. Validation, ETag and checksums are moto's (the
+      test compares both answers, refusals included, and measures the peak).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, stream_bodies: bool = False) -> None:
+        self._stream_bodies = stream_bodies
+        """Whether a GET's body may be an iterable of chunks (moto's server sends it as such;
+        in process, moto's mock wants bytes)."""
         self._undo: list[Callable[[], None]] = []
         self._lambda_clients: dict[str, Any] = {}
         self._lambda_clients_lock = threading.Lock()
@@ -102,7 +116,7 @@ class MotoPatches:
         self._install_failure_threshold()
         self._keep_stops()
         self._install_speedups()
-        self._read_only_the_range()
+        self._read_objects_by_chunks()
 
     def _serialise_dynamodb(self) -> None:
         from moto.dynamodb.responses import DynamoHandler
@@ -222,35 +236,54 @@ class MotoPatches:
         if callable(original_parse):
             self._replace(json_path, "parse", functools.lru_cache(maxsize=4096)(original_parse))
 
-    def _read_only_the_range(self) -> None:
-        from moto.s3.models import FakeKey
+    def _read_objects_by_chunks(self) -> None:
+        from moto.s3.models import FakeKey, FakeMultipart, S3Backend
         from moto.s3.responses import S3Response
 
-        ranged = threading.local()
+        by_chunks = threading.local()
         whole_value: property = FakeKey.__dict__["value"]
-        read_whole = whole_value.fget
-        assert read_whole is not None, "moto's FakeKey.value is no longer a readable property"
+        read_whole, write_whole = whole_value.fget, whole_value.fset
+        assert read_whole and write_whole, "moto's FakeKey.value is no longer a property"
         original_key_response = S3Response.key_response
+        original_upload_part_copy = S3Backend.upload_part_copy
 
         def key_response(handler: Any, request: Any, full_url: str, headers: Any) -> Any:
-            ranged.on = request.method == "GET" and bool(
-                _ONE_RANGE.fullmatch(request.headers.get("range") or "")
-            )
+            by_chunks.on = request.method == "GET"
             try:
                 status, response_headers, body = original_key_response(
                     handler, request, full_url, headers
                 )
             finally:
-                ranged.on = False
-            if isinstance(body, _ObjectBytes):
-                body = body[:]  # answered whole after all (a range moto ignores)
-            return status, response_headers, body
+                by_chunks.on = False
+            if not isinstance(body, _ObjectBytes):
+                return status, response_headers, body
+            # The whole object (no range, or one moto ignores).
+            return status, response_headers, body.chunks() if self._stream_bodies else body[:]
+
+        def upload_part_copy(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            by_chunks.on = True  # moto slices the source's value: only the range is read
+            try:
+                return original_upload_part_copy(backend, *args, **kwargs)
+            finally:
+                by_chunks.on = False
 
         def value(key: Any) -> Any:
-            return _ObjectBytes(key) if getattr(ranged, "on", False) else read_whole(key)
+            return _ObjectBytes(key) if getattr(by_chunks, "on", False) else read_whole(key)
+
+        def set_value(key: Any, new_value: Any) -> None:
+            if isinstance(new_value, _ObjectBytes):  # a copied part of a whole object
+                new_value = _spooled(new_value.chunks(), key._max_buffer_size)
+            if not isinstance(new_value, _Spooled):
+                write_whole(key, new_value)
+                return
+            key._value_buffer.close()
+            key._value_buffer = new_value.buffer
+            key.contentsize = new_value.size
 
         self._replace(S3Response, "key_response", key_response)
-        self._replace(FakeKey, "value", property(value, whole_value.fset))
+        self._replace(S3Backend, "upload_part_copy", upload_part_copy)
+        self._replace(FakeMultipart, "complete", _complete_by_chunks)
+        self._replace(FakeKey, "value", property(value, set_value))
 
     def _install_failure_threshold(self) -> None:
         try:
@@ -312,12 +345,13 @@ class MotoPatches:
         self._lambda_clients.clear()
 
 
-_ONE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_CHUNK = 2**20
+"""Bytes read from or written to an object's file at once."""
 
 
 class _ObjectBytes:
     """An object's bytes in moto's buffer, read only where sliced (moto takes ``len`` and one
-    slice of a ranged GET's body)."""
+    slice of a ranged GET's body or a copied part's range) or a chunk at a time."""
 
     def __init__(self, key: Any) -> None:
         self._key = key
@@ -333,6 +367,118 @@ class _ObjectBytes:
             self._key._value_buffer.seek(start)
             data: bytes = self._key._value_buffer.read(max(0, stop - start))
         return data
+
+    def chunks(self) -> Iterator[bytes]:
+        """The whole object, in order, a chunk at a time."""
+        for start in range(0, len(self), _CHUNK):
+            yield self[start : start + _CHUNK]
+
+
+class _Spooled:
+    """An object's bytes already written to a buffer of moto's kind, which the new key takes
+    as its own instead of copying."""
+
+    def __init__(self, buffer: Any, size: int) -> None:
+        self.buffer = buffer
+        self.size = size
+
+
+def _spooled(chunks: Iterable[bytes], max_in_memory: int) -> _Spooled:
+    """``chunks`` written to a temporary file, or kept in memory up to ``max_in_memory`` bytes,
+    as moto keeps an object."""
+    buffer = tempfile.SpooledTemporaryFile(max_in_memory)  # noqa: SIM115 - the new key owns it
+    size = 0
+    for chunk in chunks:
+        if size + len(chunk) > max_in_memory:
+            buffer.rollover()  # before the write, so that a large chunk is not held twice
+        buffer.write(chunk)
+        size += len(chunk)
+    return _Spooled(buffer, size)
+
+
+def _complete_by_chunks(multipart: Any, body: Iterable[tuple[int, str]]) -> Any:
+    """moto's ``FakeMultipart.complete`` (the same checks in the same order, the same ETag and
+    checksum), with the parts copied a chunk at a time into the new object's file instead of
+    joined in memory."""
+    from moto.s3 import models
+    from moto.s3.exceptions import EntityTooSmall, InvalidPart, MalformedXML
+    from moto.s3.utils import compute_checksum
+    from moto.settings import get_s3_default_key_buffer_size
+
+    checksums = models.MultipartChecksumBuilder(
+        multipart.metadata.get("x-amz-checksum-algorithm"),
+        multipart.metadata.get("x-amz-checksum-type"),
+    )
+    algorithm, composite = checksums.checksum_algorithm, checksums.checksum_type == "COMPOSITE"
+    parts: list[Any] = []
+    for number, etag in body:
+        part = multipart.parts.get(number)
+        if part is None or part.etag.replace('"', "") != etag.replace('"', ""):
+            raise InvalidPart()
+        if parts and parts[-1].contentsize < models.S3_UPLOAD_PART_MIN_SIZE:  # type: ignore[attr-defined]
+            raise EntityTooSmall()
+        parts.append(part)
+    if not parts:
+        raise MalformedXML
+    whole = _RunningChecksum(algorithm)
+    part_checksums = bytearray()
+
+    def chunks() -> Iterator[bytes]:
+        for part in parts:
+            one_part = _RunningChecksum(algorithm)
+            for chunk in _ObjectBytes(part).chunks():
+                (one_part if composite else whole).update(chunk)
+                yield chunk
+            part_checksums.extend(one_part.digest())
+
+    value = _spooled(chunks(), get_s3_default_key_buffer_size())
+    etags = b"".join(bytes.fromhex(part.etag.replace('"', "")) for part in parts)
+    checksum = (
+        compute_checksum(bytes(part_checksums), algorithm).decode()
+        if composite
+        else base64.b64encode(whole.digest()).decode()
+    )
+    return (
+        value,
+        f"{hashlib.md5(etags, usedforsecurity=False).hexdigest()}-{len(parts)}",
+        (checksums.checksum_type, checksum, len(parts)),
+    )
+
+
+class _RunningChecksum:
+    """moto's ``compute_checksum`` of a body given a chunk at a time (the same algorithms, and
+    the same fallback to CRC32 where moto finds no library for CRC32C or CRC64NVME)."""
+
+    def __init__(self, algorithm: str) -> None:
+        from moto.core.compat import HAS_CRT
+
+        self._hash: Any = None
+        self._crc = 0
+        self._width = 4
+        self._crc_of: Callable[[bytes, int], int] = binascii.crc32
+        if algorithm in ("SHA1", "SHA256") or algorithm not in _CRCS:
+            self._hash = hashlib.new("sha1" if algorithm == "SHA1" else "sha256")
+        elif algorithm == "CRC32C" and importlib.util.find_spec("crc32c") is not None:
+            crc32c = importlib.import_module("crc32c")
+            self._crc_of = lambda data, previous: int(crc32c.crc32c(data, previous))
+        elif algorithm == "CRC64NVME" and HAS_CRT:
+            checksums = importlib.import_module("awscrt.checksums")
+            self._crc_of = lambda data, previous: int(checksums.crc64nvme(data, previous))
+            self._width = 8
+
+    def update(self, data: bytes) -> None:
+        if self._hash is not None:
+            self._hash.update(data)
+        else:
+            self._crc = self._crc_of(data, self._crc)
+
+    def digest(self) -> bytes:
+        if self._hash is not None:
+            return bytes(self._hash.digest())
+        return self._crc.to_bytes(self._width, "big")
+
+
+_CRCS = frozenset({"CRC32", "CRC32C", "CRC64NVME"})
 
 
 class _KeepPutBodies:
@@ -355,23 +501,45 @@ class _KeepPutBodies:
         return self._app(environ, start_response)
 
 
+def moto_dispatcher() -> Any:
+    """moto's ``DomainDispatcherApplication``, which finds the service a request is for, with
+    the backend of each host remembered.
+
+    moto finds it again for every request under one process-wide lock: it lists moto's package
+    directory (``os.listdir`` and an ``isdir`` for each of about 175 services) and matches
+    the host against every service's URL patterns, about 3 ms of CPU per request on this
+    machine. Every S3 and DynamoDB request of every worker queued on that lock, and with the
+    engine's threads competing for the GIL the lock's holder was often descheduled while it
+    held it: a status read waited behind the whole queue (docs/reliability.md, "Status reads
+    under load"). A host's backend never changes while the server runs.
+    """
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    class Dispatcher(DomainDispatcherApplication):
+        def __init__(self) -> None:
+            super().__init__(create_backend_app)
+            self._backends: dict[str | None, Any] = {}
+
+        def get_backend_for_host(self, host: str | None) -> Any:
+            if host not in self._backends:  # called under moto's lock
+                self._backends[host] = super().get_backend_for_host(host)
+            return self._backends[host]
+
+    return Dispatcher()
+
+
 def moto_server(host: str, port: int, credentials: EngineCredentials) -> Any:
-    """moto's ThreadedMotoServer, its WSGI application behind ``SignatureCheck`` and
-    ``_KeepPutBodies``: only requests signed with ``credentials`` reach moto."""
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
+    """moto's ThreadedMotoServer, its WSGI application (`moto_dispatcher`) behind
+    ``SignatureCheck`` and ``_KeepPutBodies``: only requests signed with ``credentials`` reach
+    moto."""
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
     from moto.server import ThreadedMotoServer
     from werkzeug.serving import make_server
 
     class MotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
             # As ThreadedMotoServer._server_entry, with the middleware around the app.
-            app = SignatureCheck(
-                _KeepPutBodies(DomainDispatcherApplication(create_backend_app)), credentials
-            )
+            app = SignatureCheck(_KeepPutBodies(moto_dispatcher()), credentials)
             self._server = make_server(
                 self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
             )
