@@ -515,9 +515,19 @@ def moto_dispatcher() -> Any:
     """
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
+    def backend_app(service: str) -> Any:
+        app = create_backend_app(service)
+        # moto turns Flask's debug mode on, in which Flask gives each request's empty form
+        # files a class of its own whose method refers back to the request
+        # (flask.debughelpers): every request, with its body and moto's copy of it, then
+        # waits for Python's cyclic collector, which large bytes do not wake. An upload's
+        # parts piled up by the gigabyte (docs/benchmarks.md, "The engine's memory").
+        app.debug = False
+        return app
+
     class Dispatcher(DomainDispatcherApplication):
         def __init__(self) -> None:
-            super().__init__(create_backend_app)
+            super().__init__(backend_app)
             self._backends: dict[str | None, Any] = {}
 
         def get_backend_for_host(self, host: str | None) -> Any:
