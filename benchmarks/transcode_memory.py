@@ -131,6 +131,7 @@ def _transcode(path: Path, scratch: Path, buffers: str) -> dict[str, Any]:
                 **os.environ,
                 "TMPDIR": str(scratch),
                 "MALLOC_ARENA_MAX": "2",
+                "AWS_LAMBDA_FUNCTION_NAME": "Splitter",  # as the splitter's environment
             },
             capture_output=True,
             text=True,

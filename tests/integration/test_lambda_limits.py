@@ -126,6 +126,11 @@ def test_a_function_sees_only_its_own_variables(stack: LocalStack) -> None:
         assert seen["AWS_ENDPOINT_URL"] == stack.engine.endpoint_url
         assert seen["AWS_ACCESS_KEY_ID"] == stack.engine.credentials.access_key
     assert api["TMPDIR"] != worker["TMPDIR"]
+    # Lambda's own name for the function, as Lambda sets it.
+    assert (api["AWS_LAMBDA_FUNCTION_NAME"], worker["AWS_LAMBDA_FUNCTION_NAME"]) == (
+        "ApiFunction",
+        "TileWorkerFunction",
+    )
     # Nothing else of the engine's process: not moto's settings, not the caller's variables.
     assert "MOTO_PORT" not in api and "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE" not in api
     assert "PYTEST_CURRENT_TEST" in os.environ and "PYTEST_CURRENT_TEST" not in api

@@ -11,6 +11,7 @@ line cache of 64 rows, the sink's two buffers of 16, and 80 in the regions betwe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,8 @@ def _held(width: int, folder: Path) -> int:
     )
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, str(ROOT), str(path), str(EDGE)],
+        # The splitter's Lambda environment, where libvips' strip height may be changed.
+        env={**os.environ, "AWS_LAMBDA_FUNCTION_NAME": "Splitter"},
         capture_output=True,
         text=True,
         check=True,
@@ -94,6 +97,7 @@ def test_overlapping_transcodes_set_thin_strips_once_and_the_last_restores_the_d
 ) -> None:
     given: list[tuple[str, ...]] = []
     monkeypatch.setattr(strips, "_parse_vips_options", lambda *options: given.append(options))
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "Splitter")
     with strips.thin_strips():
         with strips.thin_strips():
             pass
@@ -119,3 +123,15 @@ def test_a_wide_image_gets_shorter_tiles_so_a_row_of_them_stays_within_its_budge
     got = transcode_tile_height(edge, image)
     assert got == height
     assert edge % got == 0  # the tiles still divide the plan's
+
+
+def test_outside_a_lambda_environment_libvips_settings_are_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other threads may be running libvips there: a pipeline breaks if they change under it."""
+    given: list[tuple[str, ...]] = []
+    monkeypatch.setattr(strips, "_parse_vips_options", lambda *options: given.append(options))
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    with strips.thin_strips():
+        pass
+    assert given == []

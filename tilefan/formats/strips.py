@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -41,11 +42,17 @@ _streams = 0
 def thin_strips() -> Iterator[None]:
     """libvips' buffers for pipelines built inside: a few rows of the image's width.
 
-    The setting is libvips', for the whole process: pipelines other threads build meanwhile
-    get the thin strips too (slower, never different), and the last stream out restores
-    libvips' defaults.
+    The setting is libvips', for the whole process, and a pipeline already running in another
+    thread breaks when it changes under it (libvips' "out of order read"). So it is changed
+    only in a Lambda execution environment (``AWS_LAMBDA_FUNCTION_NAME`` set: on Lambda, and in
+    the engine's function processes), which runs one invocation at a time; elsewhere (the
+    engine's threads, a test) the transcode keeps libvips' defaults. The last stream out
+    restores them.
     """
     global _streams
+    if not os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        yield
+        return
     with _lock:
         _streams += 1
         if _streams == 1:

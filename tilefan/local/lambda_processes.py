@@ -161,6 +161,8 @@ class _Environment:
         self._environment = {
             **{name: str(tmp) if value == "/tmp" else value for name, value in environment.items()},
             "TMPDIR": str(tmp),
+            # Lambda's own: code that may change process-wide state knows it runs alone.
+            "AWS_LAMBDA_FUNCTION_NAME": spec.logical_id,
         }
         self._quiet = quiet
         self._nice = nice

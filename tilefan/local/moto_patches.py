@@ -515,7 +515,7 @@ def moto_dispatcher() -> Any:
     """
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-    def backend_app(service: str) -> Any:
+    def backend_app(service: Any) -> Any:
         app = create_backend_app(service)
         # moto turns Flask's debug mode on, in which Flask gives each request's empty form
         # files a class of its own whose method refers back to the request
