@@ -1,12 +1,17 @@
-"""Helpers shared by every test layer: shared images, synthetic images, exact comparison."""
+"""Helpers shared by every test layer: shared images, synthetic images, the whole-image
+result, exact comparison."""
 
 from __future__ import annotations
 
+from functools import reduce
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import pyvips
+
+from tilefan.imaging.operations import parse_chain
 
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
 NO_SHARED = "../shared/images is absent (a fresh clone has no shared test images)"
@@ -83,6 +88,11 @@ def assert_identical(expected: pyvips.Image, actual: pyvips.Image) -> None:
         raise AssertionError(
             f"{len(where)} pixels differ, max {diff.max()}, first at (y, x) = {tuple(where[0])}"
         )
+
+
+def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
+    """What libvips makes of the whole image with the chain ``ops``: what a job must equal."""
+    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
 
 
 def libvips_error(detail: str) -> pyvips.Error:

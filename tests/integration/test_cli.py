@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pyvips
 
-from tests.support import assert_identical, noise_image
-from tilefan import parse_chain
+from tests.support import assert_identical, noise_image, whole
 from tilefan.cli import main, parse_op
 from tilefan.formats.dz_tiles import TileSetLayout
 from tilefan.imaging.operations import operation_names
@@ -21,10 +19,6 @@ from tilefan.local.serve import LocalApi, serve_api
 pytestmark = pytest.mark.integration
 
 OPS = [{"op": "gaussblur", "sigma": 1.5}, {"op": "flip", "direction": "vertical"}]
-
-
-def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
-    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ see no tiles at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,10 @@ import pytest
 
 import tilefan.stages.process
 from tests.support import libvips_error, noise_image
-from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.local.stack import LocalStack, run_job
 from tilefan.state.jobs import JobStatus
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
 
 
 @pytest.fixture

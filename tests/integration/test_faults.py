@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -38,7 +38,7 @@ from tests.support import assert_identical, libvips_error, noise_image
 from tilefan import TransientError, parse_chain
 from tilefan.formats.tiled import source_block as process_source_block
 from tilefan.imaging.geometry import Rect
-from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
+from tilefan.local.stack import LOCAL_OWNER, LocalStack, run_job
 from tilefan.service.job_service import AlreadyStarted
 from tilefan.state.jobs import TERMINAL, JobStatus, TileState
 from tilefan.state.storage import TileStore, keys
@@ -52,12 +52,6 @@ OPS = [{"op": "gaussblur", "sigma": 1.5}, {"op": "invert"}]
 
 # Interval before jitter of each Task's Retry (statemachine/tilefan.asl.json).
 WORKER, SPLIT, MERGE, ABORT = 1.0, 2.0, 2.0, 2.0
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +10,11 @@ import pyvips
 
 import tilefan.stages.split
 from tilefan.errors import OutputTooLarge
-from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
+from tilefan.local.stack import LOCAL_OWNER, LocalStack, run_job
 from tilefan.state.jobs import JobStatus
 from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
 
 
 @pytest.mark.parametrize(

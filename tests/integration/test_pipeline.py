@@ -6,7 +6,6 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,14 @@ import tilefan.stages.merge
 import tilefan.stages.pipeline
 import tilefan.stages.process
 import tilefan.stages.split
-from tests.support import assert_identical, libvips_error, noise_image, shared_image
-from tilefan import TransientError, parse_chain
+from tests.support import assert_identical, libvips_error, noise_image, shared_image, whole
+from tilefan import TransientError
 from tilefan.formats.source import upright
-from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.local.stack import LocalStack, run_job
 from tilefan.state.jobs import TERMINAL, JobStatus, TileState
 from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
-
-
-def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
-    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
 
 
 def leftovers(stack: LocalStack, job_id: str) -> list[str]:

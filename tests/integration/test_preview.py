@@ -3,17 +3,16 @@ result with the preview's layout, and a streamed result itself stays the whole-i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pyvips
 
-from tests.integration.test_tileset_output import BLUR, assert_same_tiles, dzsave_files, whole
-from tests.support import assert_identical, noise_image
+from tests.integration.test_tileset_output import BLUR, assert_same_tiles, dzsave_files
+from tests.support import assert_identical, noise_image, whole
 from tilefan.formats.outputs import OUTPUT_FORMATS
-from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.local.stack import LocalStack, run_job
 from tilefan.state.jobs import JobStatus
 from tilefan.state.storage import keys
 
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.integration
 PREVIEW = {"tile_size": 256, "overlap": 0, "suffix": "jpeg"}
 SAVERS: dict[str, dict[str, Any]] = {"jpeg": {"Q": 90}, "png": {}, "webp": {"Q": 90}}
 """The streamed formats and libvips' saver arguments for the job's defaults."""
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
 
 
 def run_with_preview(

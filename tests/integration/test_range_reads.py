@@ -6,7 +6,7 @@ the storage classes are checked on the engine's moto for what they request and h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from tilefan.formats.source import open_checked, upright
 from tilefan.formats.tiled import open_object, range_readable, source_block, transcode
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import ImageSpec, plan_tiles
-from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.local.stack import LocalStack, run_job
 from tilefan.state.jobs import JobStatus
 from tilefan.state.ranged import PART_SIZE, MultipartObject, RangedObject
 from tilefan.state.storage import ObjectMissing, TileStore, keys
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.integration
 
 OPS = [{"op": "gaussblur", "sigma": 1.5}, {"op": "invert"}]
 """A chain with a halo: a tile needs its neighbours' pixels, so every border shows."""
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
 
 
 @pytest.fixture

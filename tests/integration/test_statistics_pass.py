@@ -6,8 +6,6 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +14,13 @@ import pytest
 import pyvips
 
 import tilefan.stages.statistics
-from tests.support import assert_identical, libvips_error, noise_image
-from tilefan import parse_chain
-from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
+from tests.support import assert_identical, libvips_error, noise_image, whole
+from tilefan.local.stack import LOCAL_OWNER, LocalStack, run_job
 from tilefan.service.schema import job_document
 from tilefan.state.jobs import JobStatus
 from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
-
-
-def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
-    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import builtins
 import inspect
 import tempfile
 import warnings
-from collections.abc import Iterator
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +16,16 @@ import tifffile
 
 import tilefan.stages.process
 import tilefan.stages.tiff_output
-from tests.support import assert_identical, noise_image, shared_image
-from tilefan import TransientError, parse_chain
+from tests.support import assert_identical, noise_image, shared_image, whole
+from tilefan import TransientError
 from tilefan.formats.source import upright
-from tilefan.local.stack import LocalStack, local_stack, run_job
+from tilefan.local.stack import LocalStack, run_job
 from tilefan.state.jobs import JobStatus
 from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
 
 BLUR = [{"op": "gaussblur", "sigma": 1.5}]
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
-
-
-def whole(image: pyvips.Image, ops: list[dict[str, Any]]) -> pyvips.Image:
-    return reduce(lambda im, step: step.apply(im), parse_chain(ops), image)
 
 
 def run_tiff(

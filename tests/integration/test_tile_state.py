@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import tilefan.stages.process
 from tests.support import noise_image
 from tilefan import TransientError
 from tilefan.imaging.geometry import Rect
-from tilefan.local.stack import LOCAL_OWNER, LocalStack, local_stack, run_job
+from tilefan.local.stack import LOCAL_OWNER, LocalStack, run_job
 from tilefan.state.jobs import (
     BANDS,
     MAX_TILES,
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.integration
 TILE = 64
 COLUMNS, GRID_ROWS = 5, 4  # a 300 x 200 source in 64-pixel tiles
 TILES = COLUMNS * GRID_ROWS
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[LocalStack]:
-    with local_stack() as running:
-        yield running
 
 
 def _split_job(jobs: JobRepository, tile_count: int) -> str:
