@@ -444,7 +444,8 @@ def test_a_ranged_get_answers_as_moto_does(s3: Any, range_header: str) -> None:
     assert whole == OBJECT  # a GET without a range is moto's, whole
 
 
-def test_a_ranged_get_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def _whole_value_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of moto's whole-object reads (``FakeKey.value``) from now on."""
     from moto.s3.models import FakeKey
 
     reads: list[int] = []
@@ -456,6 +457,11 @@ def test_a_ranged_get_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPa
         return data
 
     monkeypatch.setattr(FakeKey, "value", property(counted, whole_value.fset))
+    return reads
+
+
+def test_a_ranged_get_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _whole_value_reads(monkeypatch)
     assert _ranged_get(s3, "bytes=0-9")["body"] == OBJECT[:10]
     assert reads == [len(OBJECT)], "moto no longer reads the whole object for a ranged GET"
     reads.clear()
@@ -620,17 +626,7 @@ def test_a_copied_part_answers_as_moto_does(s3: Any, source_range: str) -> None:
 
 
 def test_a_copied_part_reads_only_its_range(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from moto.s3.models import FakeKey
-
-    reads: list[int] = []
-    whole_value = FakeKey.__dict__["value"]
-
-    def counted(key: Any) -> bytes:
-        data: bytes = whole_value.fget(key)
-        reads.append(len(data))
-        return data
-
-    monkeypatch.setattr(FakeKey, "value", property(counted, whole_value.fset))
+    reads = _whole_value_reads(monkeypatch)
     _copy_part(s3, "moto-copy", "bytes=0-9")
     assert len(OBJECT) in reads, "moto no longer reads the whole source to copy a part"
     reads.clear()
