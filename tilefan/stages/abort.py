@@ -40,7 +40,13 @@ def describe_failure(error: Mapping[str, Any] | None) -> tuple[str, str]:
         return _ERROR_CODES[name], message
     if name in ("States.Timeout", "Sandbox.Timedout"):  # the state's limit, or Lambda's
         return "TIMEOUT", "a stage of the job ran out of time"
-    return "INTERNAL_ERROR", f"the job stopped on an internal error ({name or 'unknown'})"
+    # An error no stage names (a bug): its type and message say where to look.
+    detail = f"{name}: {message}" if name and message else name or message or "unknown"
+    return "INTERNAL_ERROR", f"the job stopped on an internal error ({_shortened(detail)})"
+
+
+def _shortened(text: str, most: int = 300) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class StreamedBatchWriter:
 
     def add(self, tile: Tile, block: pyvips.Image) -> None:
         """Store the block as the tile's output, then cut its preview tiles."""
+        block = block.copy_memory()  # read twice: run the chain once
         self.pipeline.store.put_tile(
             self.job_id, "out", tile.index, block, metadata=tile.index == 0
         )

@@ -132,6 +132,9 @@ class TiffBatchWriter:
 
     def add(self, tile: Tile, block: Image) -> None:
         """Encode the block of ``tile`` at every level it is whole tiles; keep its next halving."""
+        if self.preview is not None or len(self.sizes) > 1:
+            # Read more than once (the preview's tiles, the halvings): run the chain once.
+            block = block.copy_memory()
         if self.preview is not None:
             self.preview.add(tile, block)
         x, y = tile.output.x, tile.output.y
@@ -152,6 +155,8 @@ class TiffBatchWriter:
                     ]
                 )
                 level.data += data
+            if number + 1 == len(self.sizes):
+                return  # the result's last level: nothing is made from it
             if min(block.width, block.height) < 2:
                 return  # an edge block a pixel thick: the next level drops it
             block = halve(block)

@@ -153,7 +153,8 @@ class TileSetBatchWriter:
         )
         if self.preview and block.format != "uchar":
             return  # JPEG tiles need 8-bit pixels: a preview of other results is not made
-        image = self.layout.saveable(block)
+        # Cut into many tiles and halved: computed once, not once per tile.
+        image = self.layout.saveable(block).copy_memory()
         tiles: list[tuple[str, bytes]] = []
         self.blocks += 1
         self.pixels = {
