@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.support import assert_identical, noise_image
 from tilefan import ImageSpec, parse_chain, plan_tiles
-from tilefan.formats.tiff_layout import Page, layout, read_tags, tile_locations
+from tilefan.formats.tiff_layout import TILE_OFFSETS, Page, layout, read_tags, tile_locations
 from tilefan.formats.tiff_tiles import (
     TIFF_TILE,
     TiffEncoding,
@@ -132,6 +132,22 @@ def test_pages_are_laid_out_ifds_first_then_data_smallest_page_first() -> None:
         first_data = [min(page.dataoffsets) for page in tiff.pages]
         assert first_data[1] == len(head.head) < first_data[0]
         assert np.array_equal(tiff.pages[1].asarray(), halve(image).numpy())
+
+
+def test_a_result_past_4_gb_is_laid_out_as_bigtiff_with_its_real_offsets() -> None:
+    """The head of a result whose tiles pass 4 GB: its offsets do not fit a classic TIFF's
+    32 bits, so the layout is BigTIFF at once (a 2 GP job's merge failed measuring a classic
+    head first). Laid out from byte counts alone: no data is made."""
+    tags = encode_block(noise_image(512, 512, 3, seed=4), TiffEncoding(), metadata=True).tags
+    gigabyte = 2**30
+    page = Page(512, 512, TIFF_TILE, tags, [gigabyte, gigabyte, 2 * gigabyte, gigabyte])
+    head, size = layout([page])
+    assert head.bigtiff
+    assert size == len(head.head) + 5 * gigabyte
+    by_code = {tag.code: tag for tag in read_tags(head.head)}
+    assert by_code[TILE_OFFSETS].as_integers() == tuple(
+        len(head.head) + start for start in (0, gigabyte, 2 * gigabyte, 4 * gigabyte)
+    )
 
 
 @settings(max_examples=25, deadline=None)

@@ -137,8 +137,11 @@ def layout(pages: Sequence[Page], *, bigtiff_above: int = CLASSIC_LIMIT) -> tupl
     the classic file would pass ``bigtiff_above`` bytes.
     """
     data_bytes = sum(sum(page.byte_counts) for page in pages)
-    classic_head = len(_head(pages, bigtiff=False, data_start=0))
-    bigtiff = classic_head + data_bytes > bigtiff_above
+    limit = min(bigtiff_above, CLASSIC_LIMIT)
+    # The classic head is measured only when its offsets fit its 32 bits.
+    bigtiff = (
+        data_bytes > limit or len(_head(pages, bigtiff=False, data_start=0)) + data_bytes > limit
+    )
     head_size = len(_head(pages, bigtiff=bigtiff, data_start=0))
     head = _head(pages, bigtiff=bigtiff, data_start=head_size)
     return TiffLayout(head, bigtiff), head_size + data_bytes
