@@ -35,7 +35,6 @@ __all__ = [
     "ASSUMPTIONS",
     "LARGEST_JPEG_GP",
     "Measured",
-    "batch_passing",
     "headline",
     "largest_within",
     "limits_table",
@@ -298,12 +297,21 @@ def _vcpu(memory_mb: int) -> float:
     return memory_mb / _a("mb_per_vcpu")
 
 
-def _tiles_per_item(tile_size: int, compression: str) -> int:
-    """The splitter's batch size for a TIFF result (`tilefan.stages.tiff_output`'s rule)."""
+def _tiles_per_item(side: int, tile_size: int, compression: str, pyramid: bool) -> int:
+    """The splitter's batch size for a square TIFF result (`tilefan.stages.tiff_output`'s
+    rule)."""
     from tilefan.stages.tiff_output import tiles_per_item
 
-    plan = SimpleNamespace(output_tile=tile_size, spec=SimpleNamespace(bands=BANDS, format="uchar"))
-    return tiles_per_item(cast("TilePlan", plan), {"compression": compression}, TILES_PER_ITEM)
+    across = math.ceil(side / tile_size)
+    plan = SimpleNamespace(
+        output_tile=tile_size,
+        output_width=side,
+        output_height=side,
+        tile_count=across**2,
+        spec=SimpleNamespace(bands=BANDS, format="uchar"),
+    )
+    options = {"compression": compression, "pyramid": pyramid}
+    return tiles_per_item(cast("TilePlan", plan), options, TILES_PER_ITEM)
 
 
 def _worker_levels(tile_size: int, pyramid: bool) -> int:
@@ -328,14 +336,14 @@ def predict(
     ``source`` is ``"tiled"`` (a tiled TIFF upload, read where it is) or ``"jpeg"``
     (transcoded once by the splitter); the result is a tiled TIFF, a COG when ``pyramid``.
     ``prefetch=False`` models the block read before the prefetch (libtiff's reads, one TIFF
-    tile per ranged GET, one after another), for comparison; ``batch_tiles`` (not built) sets
-    the tiles per manifest item instead of the splitter's rule.
+    tile per ranged GET, one after another), for comparison; ``batch_tiles`` sets the tiles
+    per manifest item instead of the splitter's rule.
     """
     pixels = gigapixels * 1e9
     mp = pixels / 1e6
     side = math.sqrt(pixels)
     tiles = math.ceil(side / tile_size) ** 2
-    per_item = batch_tiles or _tiles_per_item(tile_size, compression)
+    per_item = batch_tiles or _tiles_per_item(round(side), tile_size, compression, pyramid)
     items = math.ceil(tiles / per_item)
     net = _a("network_mb_per_s") * 1e6
     s3 = _a("s3_request_latency_s")
@@ -491,7 +499,9 @@ def predict(
     # The measured peak (the chain's copies of the block, while the reader keeps at most
     # `CACHED_BYTES`), or the crop's: the decoded block beside its prefetched bytes, which the
     # reader drops past `CACHED_BYTES` before the chain runs (`RangedObject.settle`).
-    worker_memory_mb = max(
+    # Beside it, the batch's encoded levels, held until its object is written.
+    held_mb = per_item * tile_px * measured.tile_bytes_out_per_px[tile_size] / 2**20
+    worker_memory_mb = held_mb * (4 / 3 if pyramid else 1) + max(
         measured.worker_peak_mb.get(tile_size, 0),
         WORKER_RUNTIME_MB + (tile_size + 2 * TIFF_TILE) ** 2 * BANDS / 2**20 + bytes_in / 2**20,
     )
@@ -652,19 +662,13 @@ LARGEST_JPEG_GP = 65_535**2 / 1e9
 """JPEG's own limit: 65,535 px a side."""
 
 
-def batch_passing(measured: Measured, tile_size: int, level: int) -> int:
-    """Tiles per manifest item for which a COG item's ``level`` reaches S3's 5 MiB part
-    minimum, so the merger copies it server-side instead of passing it through itself."""
-    level_bytes = tile_size**2 * measured.tile_bytes_out_per_px[tile_size] / 4**level
-    return math.ceil(MIN_PART / level_bytes)
-
-
 def headline(measured: Measured) -> dict[str, Any]:
     """The figures issues 10 and 11 ask of the model, with the tile size that meets them.
 
     A 10 GP tiled TIFF to a COG at concurrency 1,000 (each tile size the kernel measured, as
-    built), the same before the block prefetch (for the ratio), with batches large enough that
-    a COG item's level 1 (and level 2) passes 5 MiB (not built), and the largest JPEG
+    built), the same before the block prefetch (for the ratio), with batches sized for level 0
+    only (the splitter's rule before it sized a COG's for its first three levels), and the
+    largest JPEG
     (65,535 px a side) to a COG, with its transcode.
     """
     sizes = [tile for tile in sorted(measured.tile_cpu_s_per_mp) if tile >= 1024]
@@ -672,25 +676,24 @@ def headline(measured: Measured) -> dict[str, Any]:
     best = min(cog, key=lambda p: p["wall_s"])
     before = [predict(measured, 10, tile, 1000, pyramid=True, prefetch=False) for tile in sizes]
     jpeg = predict(measured, LARGEST_JPEG_GP, best["tile_size"], 1000, source="jpeg", pyramid=True)
-    larger_batches = [
+    side = round(math.sqrt(10e9))
+    level_0_batches = [
         predict(
             measured,
             10,
             tile,
             1000,
             pyramid=True,
-            batch_tiles=batch_passing(measured, tile, level),
+            batch_tiles=_tiles_per_item(side, tile, "deflate", pyramid=False),
         )
         for tile in sizes
-        for level in (1, 2)
-        if batch_passing(measured, tile, level) > _tiles_per_item(tile, "deflate")
     ]
     return {
         "cog_10gp": cog,
         "best_tile": best["tile_size"],
         "cog_10gp_before_prefetch": before,
         "largest_jpeg": jpeg,
-        "cog_10gp_with_larger_batches": larger_batches,
+        "cog_10gp_level_0_batches": level_0_batches,
     }
 
 

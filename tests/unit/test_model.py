@@ -50,7 +50,7 @@ def test_the_merger_copies_level_ranges_of_5_mib_and_gathers_the_rest() -> None:
     assert cog["merge_requests"]["copies"] == items * copied_levels
     assert cog["merge_requests"]["small_reads"] == items * (4 - copied_levels)
     flat = predict(measured(), 10, 2048, 1000)
-    assert flat["merge_requests"] == {"copies": items, "small_reads": 0, "plain_parts": 1}
+    assert flat["merge_requests"] == {"copies": flat["items"], "small_reads": 0, "plain_parts": 1}
     assert flat["merge_parts"]["coarse_encode"] == 0 < cog["merge_parts"]["coarse_encode"]
 
 
@@ -73,11 +73,15 @@ def test_a_block_is_read_in_a_request_per_row_of_tiff_tiles_sent_together() -> N
     assert built["tile_read_s"] == pytest.approx(
         rounds * latency + block_bytes / (ASSUMPTIONS["network_mb_per_s"]["value"] * 1e6)
     )
-    # The chain's copies of the block are the peak, not the crop beside its fetched bytes.
-    assert built["worker_memory_mb"] == 262
+    # The chain's copies of the block are the peak, not the crop beside its fetched bytes;
+    # beside them, the batch's encoded levels until its object is written.
+    held_mb = built["tiles_per_item"] * 2048**2 * 0.85 / 2**20 * 4 / 3
+    assert built["worker_memory_mb"] == pytest.approx(262 + held_mb)
     thin = Measured(**{**measured().__dict__, "worker_peak_mb": {2048: 100.0}})
     crop_mb = 160 + (2048 + 512) ** 2 * 3 / 2**20 + block_bytes / 2**20
-    assert predict(thin, 10, 2048, 1000)["worker_memory_mb"] == pytest.approx(crop_mb)
+    flat = predict(thin, 10, 2048, 1000)
+    flat_held_mb = flat["tiles_per_item"] * 2048**2 * 0.85 / 2**20
+    assert flat["worker_memory_mb"] == pytest.approx(crop_mb + flat_held_mb)
 
 
 def test_the_prefetch_divides_the_map_and_its_gets_against_one_tiff_tile_per_get() -> None:
@@ -100,25 +104,19 @@ def test_a_row_larger_than_a_request_is_split_into_several() -> None:
     assert predict(heavy, 10, 4096, 1000)["tile_read_requests"] == rows * per_row
 
 
-def test_batches_sized_for_a_level_pass_the_part_minimum_and_are_copied() -> None:
-    for tile in TILES:
-        for level in (1, 2):
-            tiles = model.batch_passing(measured(), tile, level)
-            level_bytes = tile**2 * 0.85 / 4**level
-            assert tiles * level_bytes >= MIN_PART > (tiles - 1) * level_bytes
-    larger = predict(
-        measured(),
-        10,
-        2048,
-        1000,
-        pyramid=True,
-        batch_tiles=model.batch_passing(measured(), 2048, 1),
-    )
-    built = predict(measured(), 10, 2048, 1000, pyramid=True)
-    # Level 1 is now copied too: fewer bytes through the merger, a shorter merge.
-    assert larger["merge_requests"]["copies"] == 2 * larger["items"]
-    assert larger["merge_gathered_mb"] < built["merge_gathered_mb"] / 2
-    assert larger["merge_s"] < built["merge_s"]
+def test_a_cogs_batches_are_sized_for_its_first_three_levels_to_be_copied() -> None:
+    """The splitter's rule for a pyramid: a batch's levels 0 to 2 each pass S3's 5 MiB part
+    minimum, so the merger copies them and gathers less through itself."""
+    for tile in (2048, 4096):
+        built = predict(measured(), 10, tile, 1000, pyramid=True)
+        level_bytes = built["tiles_per_item"] * tile**2 * 0.85 / 16
+        assert level_bytes >= MIN_PART
+        assert built["merge_requests"]["copies"] == 3 * built["items"]
+        level_0 = predict(
+            measured(), 10, tile, 1000, pyramid=True, batch_tiles=model.TILES_PER_ITEM
+        )
+        assert built["merge_gathered_mb"] < level_0["merge_gathered_mb"] / 2
+        assert built["merge_s"] < level_0["merge_s"]
 
 
 def test_the_headline_reports_the_largest_jpeg_with_its_transcode() -> None:
@@ -130,7 +128,8 @@ def test_the_headline_reports_the_largest_jpeg_with_its_transcode() -> None:
     assert all(row["feasible"] for row in figures["cog_10gp"])
     before = {row["tile_size"]: row["wall_s"] for row in figures["cog_10gp_before_prefetch"]}
     assert all(row["wall_s"] < before[row["tile_size"]] for row in figures["cog_10gp"])
-    assert figures["cog_10gp_with_larger_batches"]
+    level_0 = {row["tile_size"]: row for row in figures["cog_10gp_level_0_batches"]}
+    assert all(row["merge_s"] < level_0[row["tile_size"]]["merge_s"] for row in figures["cog_10gp"])
 
 
 def test_every_assumption_names_its_source() -> None:

@@ -24,6 +24,7 @@ from tilefan.formats.tiff_tiles import (
     tiff_output_tile,
     without_metadata,
 )
+from tilefan.imaging.plan import TilePlan
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.multipart import MIN_PART
 
@@ -202,23 +203,47 @@ def test_output_tiles_of_a_tiff_result_are_power_of_two_tiff_tiles(planned: int,
     assert tiff_output_tile(planned) == tile
 
 
+def _tiff_plan(side: int, tile_size: int) -> TilePlan:
+    return plan_tiles(
+        ImageSpec(side, side, 3, "uchar"),
+        parse_chain([]),
+        tile_size,
+        output_tile_rule=output_tile_rule("tiff", {}),
+    )
+
+
 @pytest.mark.parametrize(
     ("tile_size", "compression"), [(1024, "deflate"), (1024, "none"), (256, "jpeg"), (64, "lzw")]
 )
 def test_tiff_batches_aim_past_two_copy_parts_within_a_pixel_bound(
     tile_size: int, compression: str
 ) -> None:
-    plan = plan_tiles(
-        ImageSpec(20000, 20000, 3, "uchar"),
-        parse_chain([]),
-        tile_size,
-        output_tile_rule=output_tile_rule("tiff", {}),
-    )
+    plan = _tiff_plan(40000, tile_size)
     count = tiles_per_item(plan, {"compression": compression}, 4)
     pixels = count * plan.output_tile**2
     ratio = {"deflate": 0.4, "none": 1.0, "jpeg": 0.1, "lzw": 0.5}[compression]
-    assert pixels <= 16 * 2**20
-    assert pixels * 3 * ratio >= 2 * MIN_PART or pixels == 16 * 2**20
+    assert pixels <= 2**27 and plan.tile_count // count >= 64
+    spread = plan.tile_count // 64
+    assert pixels * 3 * ratio >= 2 * MIN_PART or pixels == 2**27 or count in (4, spread)
+
+
+@pytest.mark.parametrize("tile_size", [1024, 2048, 4096])
+def test_a_cogs_batches_aim_for_its_level_2_to_pass_two_copy_parts(tile_size: int) -> None:
+    """A pyramid's level 2 is 1/16 of a batch's level 0: batches grow until it too is copied
+    (within the pixel bound), where a one-level result keeps small ones."""
+    plan = _tiff_plan(100_000, tile_size)
+    flat = tiles_per_item(plan, {"compression": "deflate"}, 4)
+    count = tiles_per_item(plan, {"compression": "deflate", "pyramid": True}, 4)
+    level_2 = count * plan.output_tile**2 * 3 * 0.4 / 16
+    assert count > flat
+    assert level_2 >= 2 * MIN_PART or count * plan.output_tile**2 == 2**27
+
+
+def test_a_small_job_keeps_its_batches_spread_over_the_workers() -> None:
+    """Batches grow past the default only while the job keeps 64 items."""
+    plan = _tiff_plan(12000, 1024)  # 144 tiles
+    assert tiles_per_item(plan, {"compression": "deflate", "pyramid": True}, 4) == 4
+    assert tiles_per_item(plan, {"compression": "deflate", "pyramid": True}, 1) == 2
 
 
 @pytest.mark.parametrize(

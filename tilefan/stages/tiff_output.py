@@ -64,10 +64,19 @@ _EXPECTED_RATIO = {"none": 1.0, "lzw": 0.5, "deflate": 0.4, "jpeg": 0.1}
 """Encoded over raw bytes, on the small side of what DESIGN-NOTES measured for deflate
 (0.13-0.6 on 1024 px blocks), so most batches' objects pass S3's 5 MiB copy minimum."""
 
-_MAX_BATCH_PIXELS = 16 * 2**20
-"""Output pixels of one manifest item at most (four times the default batch of four 1024
-tiles), so a batch of well-compressed tiles still ends within the worker's timeout; its
-object is then gathered into plain parts rather than copied."""
+_MAX_BATCH_PIXELS = 2**27
+"""Output pixels of one manifest item at most (eight 4096 px tiles, 128 of 1024): at the
+model's 0.25 s per megapixel on Lambda such a batch ends in about half a minute, far inside
+the worker's timeout, and its encoded bytes, held until its object is written, stay a few
+hundred MB for 8-bit pixels."""
+
+_MIN_ITEMS = 64
+"""Batches grow past the default only while the job keeps this many manifest items, so a
+small job still spreads over the workers."""
+
+_COPIED_LEVELS = 3
+"""A pyramid's batches aim for its first three levels to be copied: the levels below hold
+1/48 of the result's bytes, which the merger gathers through itself."""
 
 
 def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable[[int], int] | None:
@@ -84,12 +93,22 @@ def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable
 
 
 def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> int:
-    """Tiles per manifest item for a TIFF result: enough for about two S3 minimum parts."""
+    """Tiles per manifest item for a TIFF result: enough for about two S3 minimum parts of
+    each level the merger should copy (level 0; a pyramid's first three), within a pixel
+    bound and keeping at least `_MIN_ITEMS` items; never fewer than ``default``.
+
+    The merger copies a batch's share of a level server-side when it passes 5 MiB and
+    gathers it through itself otherwise: a COG's level 2 is 1/16 of a batch's level 0.
+    """
     encoding = TiffEncoding.from_options(options)
     raw = plan.output_tile**2 * plan.spec.bands * SAMPLE_BYTES[plan.spec.format]
     expected = raw * _EXPECTED_RATIO.get(encoding.compression, 1.0)
+    if encoding.pyramid:
+        sizes = level_sizes(plan.output_width, plan.output_height, pyramid=True)
+        expected /= 4 ** (min(worker_levels(plan.output_tile, sizes), _COPIED_LEVELS) - 1)
     most = max(1, _MAX_BATCH_PIXELS // plan.output_tile**2)
-    return max(default, min(most, math.ceil(2 * MIN_PART / expected)))
+    spread = max(1, plan.tile_count // _MIN_ITEMS)
+    return max(default, min(most, spread, math.ceil(2 * MIN_PART / expected)))
 
 
 def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
