@@ -668,8 +668,7 @@ def headline(measured: Measured) -> dict[str, Any]:
     A 10 GP tiled TIFF to a COG at concurrency 1,000 (each tile size the kernel measured, as
     built), the same before the block prefetch (for the ratio), with batches sized for level 0
     only (the splitter's rule before it sized a COG's for its first three levels), and the
-    largest JPEG
-    (65,535 px a side) to a COG, with its transcode.
+    largest JPEG (65,535 px a side) to a COG, with its transcode.
     """
     sizes = [tile for tile in sorted(measured.tile_cpu_s_per_mp) if tile >= 1024]
     cog = [predict(measured, 10, tile, 1000, pyramid=True) for tile in sizes]

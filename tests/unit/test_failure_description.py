@@ -34,6 +34,13 @@ def test_an_unexpected_error_says_its_type_and_message() -> None:
     )
 
 
+def test_a_message_of_several_lines_is_told_in_one() -> None:
+    failure = _lambda_error("Error", "unable to call thing\n  VipsImage: bad\n")
+    assert describe_failure(failure)[1] == (
+        "the job stopped on an internal error (Error: unable to call thing VipsImage: bad)"
+    )
+
+
 def test_a_long_message_is_shortened_and_nothing_is_still_described() -> None:
     code, message = describe_failure(_lambda_error("KeyError", "x" * 5000))
     assert code == "INTERNAL_ERROR" and len(message) < 400 and message.endswith("...)")

@@ -46,7 +46,9 @@ def describe_failure(error: Mapping[str, Any] | None) -> tuple[str, str]:
 
 
 def _shortened(text: str, most: int = 300) -> str:
-    return text if len(text) <= most else text[: most - 3] + "..."
+    """One line (a libvips message spans several) of at most ``most`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= most else line[: most - 3] + "..."
 
 
 def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> dict[str, Any]:
