@@ -94,7 +94,8 @@ def case_main(
 
 
 def create_job(service: JobService, case: Mapping[str, Any], source: Path) -> Job:
-    """The local owner's TIFF job for ``case``'s chain and tile size, declaring ``source``."""
+    """The local owner's TIFF job for ``case``'s chain, tile size and output options (none by
+    default), declaring ``source``."""
     from benchmarks.chains import CHAINS
     from tilefan.local.stack import LOCAL_OWNER
 
@@ -103,6 +104,7 @@ def create_job(service: JobService, case: Mapping[str, Any], source: Path) -> Jo
         CHAINS[case["chain"]],
         "tiff",
         tile_size=int(case["tile_size"]),
+        output_options=case.get("output_options"),
         input_info={"size_bytes": source.stat().st_size},
     )
 

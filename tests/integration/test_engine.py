@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+import tracemalloc
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from cfnlint.decode.cfn_yaml import load as load_cfn_yaml  # type: ignore[import
 
 from tilefan.errors import TileFailed, TooManyPixels, TransientError
 from tilefan.local.engine import EmbeddedEngine, LambdaContext
+from tilefan.state.storage import TileStore
 
 pytestmark = pytest.mark.integration
 
@@ -347,6 +349,26 @@ def test_server_mode_serves_presigned_uploads_and_runs_executions() -> None:
     assert recorder.merger_events == [{"action": "merge", "job_id": "job-1"}]
     assert boto3.DEFAULT_SESSION is session
     assert dict(os.environ) == environment
+
+
+def test_an_upload_through_the_server_holds_a_few_parts_not_the_file(tmp_path: Path) -> None:
+    # The client and the engine's server share the process (`tilefan run`), and the server
+    # holds each part about three times while it passes: the upload's peak is a few parts in
+    # flight, whatever the file's size. With 64 MiB parts it was 921 MB for this file.
+    source = tmp_path / "source"
+    with source.open("wb") as sparse:
+        sparse.truncate(400 * 2**20)
+    with EmbeddedEngine(server=True, handlers=Recorder(batches=1).handlers()) as engine:
+        store = TileStore(engine.bucket, client=engine.client("s3"))
+        tracemalloc.start()
+        try:
+            store.upload(source, "uploads/j/source", "application/octet-stream")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        head = engine.client("s3").head_object(Bucket=engine.bucket, Key="uploads/j/source")
+    assert head["ContentLength"] == 400 * 2**20
+    assert peak < 300 * 2**20, f"the upload held {peak / 2**20:.0f} MB"
 
 
 def test_only_one_engine_runs_at_a_time() -> None:

@@ -38,8 +38,11 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 
-# Multipart above 64 MiB in 64 MiB parts: 10,000 parts then cover 625 GiB.
-_TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+# Multipart above 8 MiB in 8 MiB parts, 10 at a time (s3transfer's defaults; it grows the
+# parts of a file that would need more than 10,000). The embedded engine's server holds a part
+# about three times while it passes (the signature check, moto's body, its spooled file), in
+# the same process as this client: 64 MiB parts held 1.7 GB for a 1.5 GB upload.
+_TRANSFER = TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20)
 
 
 class ObjectMissing(TilefanError):
@@ -209,7 +212,7 @@ class TileStore:
             raise TransientError(f"storage did not answer for {key}") from e
 
     def upload(self, path: Path, key: str, content_type: str) -> None:
-        """Copy a local file to an object, multipart above 64 MiB."""
+        """Copy a local file to an object, multipart above 8 MiB."""
         try:
             self.client.upload_file(
                 str(path),
