@@ -95,7 +95,7 @@ def case_main(
 
 def create_job(service: JobService, case: Mapping[str, Any], source: Path) -> Job:
     """The local owner's TIFF job for ``case``'s chain, tile size and output options (none by
-    default), declaring ``source``."""
+    default; never a preview), declaring ``source``."""
     from benchmarks.chains import CHAINS
     from tilefan.local.stack import LOCAL_OWNER
 
@@ -104,7 +104,8 @@ def create_job(service: JobService, case: Mapping[str, Any], source: Path) -> Jo
         CHAINS[case["chain"]],
         "tiff",
         tile_size=int(case["tile_size"]),
-        output_options=case.get("output_options"),
+        # A run's job, as `tilefan run` makes it: no job page, so no preview.
+        output_options={"preview": False, **case.get("output_options", {})},
         input_info={"size_bytes": source.stat().st_size},
     )
 

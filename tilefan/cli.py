@@ -444,6 +444,7 @@ def _output_options(args: argparse.Namespace, output_format: str) -> dict[str, A
         )  # its sentence, before the schema's bounds
     return OutputSpec(
         format=output_format,  # type: ignore[arg-type]  # checked by _job_files
+        preview=False,  # no job page shows a run's result
         compression=args.compression,
         pyramid=args.pyramid,
         quality=args.quality,

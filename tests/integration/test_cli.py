@@ -143,6 +143,29 @@ def test_run_passes_the_output_options(
     )
 
 
+def test_run_makes_no_preview(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No job page shows a run's result: its workers and merger do not cut a preview (which
+    # also held every preview tile in the engine's memory).
+    from tilefan.local import stack
+
+    outputs: list[dict[str, Any]] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        view = run_job(*args, **kwargs)
+        outputs.append(view.job.output)
+        return view
+
+    run_job = stack.run_job
+    monkeypatch.setattr(stack, "run_job", recorded)
+    argv = ["run", str(source), "-o", str(tmp_path / "out.tif"), "--op", "invert"]
+    assert main([*argv, "--tile-size", "256"]) == 0
+    assert len(outputs) == 1
+    assert outputs[0]["key"].endswith(".tif")
+    assert "preview" not in outputs[0]
+
+
 @pytest.mark.parametrize(
     ("output", "options", "descriptor", "tiles"),
     [

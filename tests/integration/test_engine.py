@@ -354,7 +354,7 @@ def test_server_mode_serves_presigned_uploads_and_runs_executions() -> None:
 def test_an_upload_through_the_server_holds_a_few_parts_not_the_file(tmp_path: Path) -> None:
     # The client and the engine's server share the process (`tilefan run`), and the server
     # holds each part about three times while it passes: the upload's peak is a few parts in
-    # flight, whatever the file's size. With 64 MiB parts it was 921 MB for this file.
+    # flight, whatever the file's size. With 64 MiB parts it was 1,109 MB for this file.
     source = tmp_path / "source"
     with source.open("wb") as sparse:
         sparse.truncate(400 * 2**20)
