@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._child import emit_row
-from benchmarks.machine import load_average
 from benchmarks.engine_memory import make_image
+from benchmarks.machine import load_average
 from benchmarks.stage_memory import run_stage_memory
 
 __all__ = ["run"]
