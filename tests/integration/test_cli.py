@@ -151,13 +151,13 @@ def test_run_makes_no_preview(
     from tilefan.local import stack
 
     outputs: list[dict[str, Any]] = []
+    run_job = stack.run_job
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
         view = run_job(*args, **kwargs)
         outputs.append(view.job.output)
         return view
 
-    run_job = stack.run_job
     monkeypatch.setattr(stack, "run_job", recorded)
     argv = ["run", str(source), "-o", str(tmp_path / "out.tif"), "--op", "invert"]
     assert main([*argv, "--tile-size", "256"]) == 0

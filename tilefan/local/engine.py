@@ -83,8 +83,8 @@ the environment is kept (benchmarks/engine_memory.py compares the two)."""
 _MALLOC_ARENAS: Final = 2
 """glibc's malloc arenas in the engine's process at most (its default is 8 per core). Each
 thread that serves a request may take an arena of its own, and the megabytes a request body
-leaves there are reused only by that arena: with the default, a 4 GB upload left the process
-at 906 MB against 676 MB for 400 MB; with two, 568 and 520 MB, at the same speed
+leaves there are reused only by that arena: with the default, a 4 GB upload peaked at 906 MB
+against 676 MB for 400 MB; with two, at 568 and 520 MB, at the same speed
 (docs/benchmarks.md, "The engine process's memory")."""
 _M_ARENA_MAX: Final = -8
 """``mallopt``'s parameter number for the arena limit (glibc's ``malloc.h``)."""
