@@ -308,7 +308,7 @@ def _tiles_per_item(side: int, tile_size: int, compression: str, pyramid: bool) 
         output_width=side,
         output_height=side,
         tile_count=across**2,
-        spec=SimpleNamespace(bands=BANDS, format="uchar"),
+        output=SimpleNamespace(bands=BANDS, format="uchar"),
     )
     options = {"compression": compression, "pyramid": pyramid}
     return tiles_per_item(cast("TilePlan", plan), options, TILES_PER_ITEM)

@@ -24,7 +24,7 @@ from tilefan.formats.tiff_tiles import (
     tiff_output_tile,
     without_metadata,
 )
-from tilefan.imaging.plan import TilePlan
+from tilefan.imaging.plan import SAMPLE_BYTES, TilePlan
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.multipart import MIN_PART
 
@@ -237,6 +237,33 @@ def test_a_cogs_batches_aim_for_its_level_2_to_pass_two_copy_parts(tile_size: in
     level_2 = count * plan.output_tile**2 * 3 * 0.4 / 16
     assert count > flat
     assert level_2 >= 2 * MIN_PART or count * plan.output_tile**2 == 2**27
+
+
+@pytest.mark.parametrize(
+    ("chain", "pixel_bytes", "tiles"),
+    [
+        ([], 3, {"flat": 4, "cog": 8}),  # 8-bit RGB: the default, or eight 4096 px tiles
+        ([{"op": "linear", "a": 1.5, "b": 0}], 12, {"flat": 2, "cog": 2}),  # float RGB
+        ([{"op": "colourspace", "space": "rgb16"}], 6, {"flat": 4, "cog": 4}),  # 16-bit RGB
+    ],
+)
+def test_a_batch_holds_a_bounded_number_of_the_results_bytes(
+    chain: list[dict[str, Any]], pixel_bytes: int, tiles: dict[str, int]
+) -> None:
+    """A worker holds its batch's encoded tiles until it writes them: up to their raw size. The
+    bound is on the result's bytes (the chain's output, not the source's), the default of 4
+    included: two 4096 px tiles of float RGB at most, where the source's bytes allowed four."""
+    plan = plan_tiles(
+        ImageSpec(100_000, 100_000, 3, "uchar"),
+        parse_chain(chain),
+        4096,
+        output_tile_rule=output_tile_rule("tiff", {}),
+    )
+    assert plan.output.bands * SAMPLE_BYTES[plan.output.format] == pixel_bytes
+    flat = tiles_per_item(plan, {"compression": "none"}, 4)
+    cog = tiles_per_item(plan, {"compression": "deflate", "pyramid": True}, 4)
+    assert {"flat": flat, "cog": cog} == tiles
+    assert max(flat, cog) * plan.output_tile**2 * pixel_bytes <= 3 * 2**27
 
 
 def test_a_small_job_keeps_its_batches_spread_over_the_workers() -> None:

@@ -160,7 +160,13 @@ class TilePlan:
     output_height: int
     rows: int
     columns: int
-    output_interpretation: str
+    output: ImageSpec
+    """The chain's result: its size, bands, sample format and interpretation."""
+
+    @property
+    def output_interpretation(self) -> str:
+        """The result's interpretation (what a TIFF result's tags say)."""
+        return self.output.interpretation
 
     @property
     def tile_count(self) -> int:
@@ -225,7 +231,7 @@ def plan_tiles(
         output_height=out_h,
         rows=math.ceil(out_h / output_tile),
         columns=math.ceil(out_w / output_tile),
-        output_interpretation=layout.interpretation,
+        output=layout,
     )
 
 

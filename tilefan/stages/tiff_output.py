@@ -64,11 +64,12 @@ _EXPECTED_RATIO = {"none": 1.0, "lzw": 0.5, "deflate": 0.4, "jpeg": 0.1}
 """Encoded over raw bytes, on the small side of what DESIGN-NOTES measured for deflate
 (0.13-0.6 on 1024 px blocks), so most batches' objects pass S3's 5 MiB copy minimum."""
 
-_MAX_BATCH_PIXELS = 2**27
-"""Output pixels of one manifest item at most (eight 4096 px tiles, 128 of 1024): at the
-model's 0.25 s per megapixel on Lambda such a batch ends in about half a minute, far inside
-the worker's timeout, and its encoded bytes, held until its object is written, stay a few
-hundred MB for 8-bit pixels."""
+_MAX_BATCH_BYTES = 3 * 2**27
+"""Raw output bytes of one manifest item at most, the default batch included: 2^27 pixels of
+8-bit RGB (eight 4096 px tiles, 128 of 1024), two 4096 px tiles of float RGB. A worker holds
+its batch's encoded levels until it writes its object, up to their raw size for data that
+does not compress (a third more for a pyramid), beside the block it computes; at the model's
+0.25 s per megapixel on Lambda such a batch ends in about half a minute."""
 
 _MIN_ITEMS = 64
 """Batches grow past the default only while the job keeps this many manifest items, so a
@@ -94,21 +95,22 @@ def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable
 
 def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> int:
     """Tiles per manifest item for a TIFF result: enough for about two S3 minimum parts of
-    each level the merger should copy (level 0; a pyramid's first three), within a pixel
-    bound and keeping at least `_MIN_ITEMS` items; never fewer than ``default``.
+    each level the merger should copy (level 0; a pyramid's first three), keeping at least
+    `_MIN_ITEMS` items; never fewer than ``default``, and never more than `_MAX_BATCH_BYTES`
+    of the result's raw pixels (at least one tile), whatever the default.
 
     The merger copies a batch's share of a level server-side when it passes 5 MiB and
     gathers it through itself otherwise: a COG's level 2 is 1/16 of a batch's level 0.
     """
     encoding = TiffEncoding.from_options(options)
-    raw = plan.output_tile**2 * plan.spec.bands * SAMPLE_BYTES[plan.spec.format]
+    raw = plan.output_tile**2 * plan.output.bands * SAMPLE_BYTES[plan.output.format]
     expected = raw * _EXPECTED_RATIO.get(encoding.compression, 1.0)
     if encoding.pyramid:
         sizes = level_sizes(plan.output_width, plan.output_height, pyramid=True)
         expected /= 4 ** (min(worker_levels(plan.output_tile, sizes), _COPIED_LEVELS) - 1)
-    most = max(1, _MAX_BATCH_PIXELS // plan.output_tile**2)
+    most = max(1, _MAX_BATCH_BYTES // raw)
     spread = max(1, plan.tile_count // _MIN_ITEMS)
-    return max(default, min(most, spread, math.ceil(2 * MIN_PART / expected)))
+    return min(most, max(default, min(spread, math.ceil(2 * MIN_PART / expected))))
 
 
 def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
