@@ -120,6 +120,13 @@ def test_scale_of_a_flat_image_is_black_as_in_libvips() -> None:
     )
 
 
+def test_log_scale_of_an_all_negative_image_equals_libvips() -> None:
+    """libvips' C arithmetic makes NaN of a negative maximum's root (every pixel 255)."""
+    image = pyvips.Image.gaussnoise(150, 90, mean=-20000, sigma=300).cast("short")
+    ops = [{"op": "scale", "log": True}]
+    assert_identical(whole(image, ops), process_tiled(image, ops, tile_size=64))
+
+
 def test_a_pass_per_global_step_and_one_for_a_stats_output() -> None:
     chain = parse_chain(CHAINS[5])
     spec = ImageSpec(100, 100, 3, "uchar", "srgb")

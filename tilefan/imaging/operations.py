@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import enum
 import functools
-import math
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
+import numpy as np
 import pyvips
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import ErrorDetails
@@ -447,7 +447,10 @@ class ScaleFrom(_Point):
         if mn == mx:
             return pyvips.Image.black(image.width, image.height, bands=image.bands)
         if self.log:
-            f = 255.0 / math.log10(1.0 + math.pow(mx, self.exp))
+            # C's arithmetic, as libvips': a negative maximum makes NaN (every pixel 255), not
+            # an error.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f = float(255.0 / np.log10(1.0 + np.power(mx, self.exp)))
             powered = image.math2_const("pow", [self.exp])
             return powered.linear(1.0, 1.0).log10().linear(f, 0.5, uchar=True)
         f = 255.0 / (mx - mn)
