@@ -4,10 +4,10 @@ A worker's block is ``TIFF_TILE * 2**m`` pixels on a side and starts on the tile
 is whole TIFF tiles at full resolution and at each of its first ``m`` halvings. The worker
 encodes all of those levels (``encode_block``) into one object per manifest item, and writes
 an index of where each tile lies in it. Levels coarser than a block's own (a TIFF tile then
-spans several blocks) are reduced by the merger from each block's next halving, stored raw
-("pieces"). The merger decodes nothing: it lays out the header and the IFDs
-(``tiff_layout``) and assembles the result by multipart upload, copying the workers'
-objects server-side.
+spans several blocks) come from each block's next halving, stored raw ("pieces"), which the
+merger reduces group by group with the same writer (`reduction`). It decodes no tile: it
+lays out the header and the IFDs (``tiff_layout``) and assembles the result by multipart
+upload, copying the workers' and groups' objects server-side.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tilefan.errors import TilefanError
 from tilefan.formats.dz_tiles import TILESET_FORMATS
 from tilefan.formats.tiff_layout import CLASSIC_LIMIT, Page, Tag, layout
@@ -28,14 +26,13 @@ from tilefan.formats.tiff_tiles import (
     TIFF_TILE,
     TiffEncoding,
     encode_block,
-    from_array,
     halve,
     level_sizes,
-    numpy_dtype,
     tiff_output_tile,
     without_metadata,
 )
 from tilefan.imaging.plan import SAMPLE_BYTES, Tile, TilePlan
+from tilefan.stages.reduction import Blocks, Piece, PixelLayout, reduce_levels
 from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
@@ -126,7 +123,13 @@ class _Level:
 
 
 class TiffBatchWriter:
-    """Collects one manifest item's encoded blocks, then writes its object and index."""
+    """Collects one manifest item's encoded blocks, then writes its object and index.
+
+    A worker's batch by default; the merger's groups of a coarse level with ``blocks``.
+    """
+
+    margin = 0
+    """TIFF tiles do not overlap: a block needs no pixels around it."""
 
     def __init__(
         self,
@@ -134,6 +137,8 @@ class TiffBatchWriter:
         job: Job,
         first_tile: int,
         preview: TileSetBatchWriter | None = None,
+        *,
+        blocks: Blocks | None = None,
     ) -> None:
         """``preview`` also writes each block's tiles of the result's DeepZoom preview."""
         grid = job.grid or {}
@@ -141,11 +146,13 @@ class TiffBatchWriter:
         self.pipeline = pipeline
         self.job_id = job.job_id
         self.first_tile = first_tile
+        self.blocks = blocks or Blocks(0, grid["output_tile"], grid["columns"])
         self.encoding = TiffEncoding.from_options(job.output_options)
         self.sizes = level_sizes(
             grid["output_width"], grid["output_height"], pyramid=self.encoding.pyramid
         )
-        self.levels = [_Level() for _ in range(worker_levels(grid["output_tile"], self.sizes))]
+        base = self.blocks.level
+        self.levels = [_Level() for _ in range(worker_levels(self.blocks.side, self.sizes[base:]))]
         self.pieces: list[list[int]] = []
         self.piece_data = bytearray()
         self.tags: list[Tag] | None = None
@@ -159,9 +166,11 @@ class TiffBatchWriter:
         if self.preview is not None:
             self.preview.add(tile, block)
         x, y = tile.output.x, tile.output.y
+        base = self.blocks.level
+        first = tile.index == 0 and base == 0
         for number, level in enumerate(self.levels):
-            encoded = encode_block(block, self.encoding, metadata=tile.index == 0)
-            if tile.index == 0 and number == 0:
+            encoded = encode_block(block, self.encoding, metadata=first)
+            if first and number == 0:
                 self.tags = encoded.tags
                 self.layout = {"bands": block.bands, "format": block.format}
             across = -(-block.width // TIFF_TILE)
@@ -176,32 +185,35 @@ class TiffBatchWriter:
                     ]
                 )
                 level.data += data
-            if number + 1 == len(self.sizes):
+            if base + number + 1 == len(self.sizes):
                 return  # the result's last level: nothing is made from it
             if min(block.width, block.height) < 2:
                 return  # an edge block a pixel thick: the next level drops it
             block = halve(block)
-        if len(self.sizes) > len(self.levels):
+        if len(self.sizes) > base + len(self.levels):
             shift = len(self.levels)
             self.pieces.append(
                 [x >> shift, y >> shift, block.width, block.height, len(self.piece_data)]
             )
             self.piece_data += block.write_to_memory()
 
-    def finish(self) -> None:
-        """Write the tiles object, the pieces object and the index (last: it says all is there)."""
+    def finish(self) -> dict[str, Any]:
+        """Write the tiles object, the pieces object and the index (last: it says all is
+        there); returns the index."""
         store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
+        base = self.blocks.level
         if self.preview is not None:
             self.preview.finish()
-        tiles_key = keys.encoded(job_id, first, "tiles")
+        tiles_key = keys.encoded(job_id, first, "tiles", base)
         store.put_bytes(tiles_key, b"".join(bytes(level.data) for level in self.levels))
         index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}
         start = 0
-        for level in self.levels:
-            index["levels"].append({"start": start, "tiles": level.tiles})
+        for number, level in enumerate(self.levels):
+            index["levels"].append({"level": base + number, "start": start, "tiles": level.tiles})
             start += len(level.data)
         if self.pieces:
-            index["pieces_key"] = keys.encoded(job_id, first, "pieces")
+            index["pieces_key"] = keys.encoded(job_id, first, "pieces", base)
+            index["pieces_level"] = base + len(self.levels)
             index["pieces"] = self.pieces
             index["pieces_bytes"] = len(self.piece_data)
             store.put_bytes(index["pieces_key"], bytes(self.piece_data))
@@ -210,11 +222,13 @@ class TiffBatchWriter:
                 [tag.code, tag.type, tag.count, base64.b64encode(tag.value).decode()]
                 for tag in self.tags
             ]
-        store.put_json(keys.encoded(job_id, first, "index"), index)
+        store.put_json(keys.encoded(job_id, first, "index", base), index)
+        return index
 
 
 def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
-    """Write the TIFF result around the workers' tiles; returns the job's output record."""
+    """Write the TIFF result around the workers' and the coarse groups' tiles; returns the
+    job's output record."""
     store = pipeline.store
     index_keys = sorted(
         key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith(".index")
@@ -230,24 +244,33 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     ]
     encoding = TiffEncoding.from_options(job.output_options)
     sizes = level_sizes(plan.output_width, plan.output_height, pyramid=encoding.pyramid)
-    from_workers = worker_levels(plan.output_tile, sizes)
 
+    def group_writer(blocks: Blocks, number: int) -> TiffBatchWriter:
+        return TiffBatchWriter(pipeline, job, number, blocks=blocks)
+
+    pieces = [piece for index in indexes for piece in Piece.listed(index)]
+    pixels = PixelLayout(first["bands"], first["format"], plan.output_interpretation)
+    groups = reduce_levels(pipeline.store, pieces, sizes, TIFF_TILE, pixels, group_writer)
+
+    by_level: list[list[tuple[str, Mapping[str, Any]]]] = [[] for _ in sizes]
+    for index in [*indexes, *groups]:
+        for level in index["levels"]:
+            by_level[level["level"]].append((index["tiles_key"], level))
     pages: list[Page] = []
     data: list[list[bytes | Range]] = []
-    for number, (width, height) in enumerate(sizes[:from_workers]):
+    for number, (width, height) in enumerate(sizes):
         across = -(-width // TIFF_TILE)
         counts = [0] * (across * -(-height // TIFF_TILE))
         order: list[int] = []
         ranges: list[bytes | Range] = []
-        for index in indexes:
-            level = index["levels"][number]
+        for tiles_key, level in by_level[number]:
             length = 0
             for column, row, _offset, count in level["tiles"]:
                 counts[row * across + column] = count
                 order.append(row * across + column)
                 length += count
             if length:
-                ranges.append(Range(index["tiles_key"], level["start"], length))
+                ranges.append(Range(tiles_key, level["start"], length))
         if len(order) != len(counts):
             raise TilefanError(
                 f"the workers wrote {len(order)} of the {len(counts)} tiles of page {number}"
@@ -255,23 +278,16 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
         page_tags = tags if number == 0 else without_metadata(tags)
         pages.append(Page(width, height, TIFF_TILE, page_tags, counts, number > 0, order))
         data.append(ranges)
-    for width, height, tiles in _coarse_levels(
-        pipeline, indexes, sizes, from_workers, encoding, first, plan.output_interpretation
-    ):
-        pages.append(
-            Page(width, height, TIFF_TILE, without_metadata(tags), [len(t) for t in tiles], True)
-        )
-        data.append(list(tiles))
 
     head, _size = layout(pages, bigtiff_above=BIGTIFF_ABOVE)
     key = keys.result(job.job_id, "tif")
 
-    def pieces() -> Iterator[bytes | Range]:
+    def parts() -> Iterator[bytes | Range]:
         yield head.head
         for level_data in reversed(data):
             yield from level_data
 
-    size = assemble_object(store, key, pieces(), "image/tiff")
+    size = assemble_object(store, key, parts(), "image/tiff")
     return {
         "key": key,
         "format": job.output_format,
@@ -281,39 +297,3 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
         "bands": first["bands"],
         "pixel_format": first["format"],
     }
-
-
-def _coarse_levels(
-    pipeline: Pipeline,
-    indexes: Sequence[Mapping[str, Any]],
-    sizes: Sequence[tuple[int, int]],
-    from_workers: int,
-    encoding: TiffEncoding,
-    first: Mapping[str, Any],
-    interpretation: str,
-) -> Iterator[tuple[int, int, list[bytes]]]:
-    """The levels coarser than a block: each block's raw halving, joined, halved, encoded.
-
-    Memory: the first coarse level as raw pixels, 1/4**from_workers of the full resolution.
-    """
-    if len(sizes) <= from_workers:
-        return
-    pixel_format, bands = first["format"], first["bands"]
-    width, height = sizes[from_workers]
-    mosaic = np.zeros((height, width, bands), dtype=numpy_dtype(pixel_format))
-    with_pieces = [index for index in indexes if "pieces" in index]
-
-    def fetch(index: Mapping[str, Any]) -> bytes:
-        return pipeline.store.get_range(index["pieces_key"], 0, index["pieces_bytes"])
-
-    # One request per batch: fetched several at a time, as the indexes are.
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        for index, raw in zip(with_pieces, pool.map(fetch, with_pieces), strict=True):
-            for x, y, w, h, offset in index["pieces"]:
-                block = np.frombuffer(raw, dtype=mosaic.dtype, count=w * h * bands, offset=offset)
-                mosaic[y : y + h, x : x + w] = block.reshape(h, w, bands)
-    level = from_array(mosaic, pixel_format, interpretation)
-    for number in range(from_workers, len(sizes)):
-        if number > from_workers:
-            level = halve(level)
-        yield level.width, level.height, encode_block(level, encoding, metadata=False).tiles

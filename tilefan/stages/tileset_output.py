@@ -8,10 +8,11 @@ its block grown by ``overlap * 2**m`` on each side (`TileSetBatchWriter.expand`,
 the image), halves it level by level with ``dzsave``'s arithmetic and cuts its tiles, overlap
 and all. A tile set's tiles go straight to their final keys under the result's prefix (a
 retried batch writes the same bytes again); a zip's go into one object per batch as stored
-entries. Each block also keeps its next halving raw ("pieces"): the merger joins those into
-the first level no block holds whole, halves it down to the last level, and writes those few
-tiles, then the ``.dzi`` or ``info.json``, which says the set is complete, or for a zip the
-central directory around server-side copies of the workers' objects. It decodes no tile.
+entries. Each block also keeps its next halving raw ("pieces"): the merger reduces those
+group by group with the same writer (`reduction`), grown by the same margin, down to the last
+level, then writes the ``.dzi`` or ``info.json``, which says the set is complete, or for a
+zip the central directory around server-side copies of the workers' and groups' objects.
+It decodes no tile.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tilefan.errors import TilefanError
 from tilefan.formats.dz_tiles import TileSetLayout, halve_padded
 from tilefan.formats.outputs import STREAMED_FORMATS
-from tilefan.formats.tiff_tiles import TIFF_TILE, from_array, numpy_dtype, power_of_two_block
+from tilefan.formats.tiff_tiles import TIFF_TILE, power_of_two_block
 from tilefan.formats.zip_layout import ZipEntry, central_directory, local_entry
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, stage_regions, stage_sizes
+from tilefan.stages.reduction import Blocks, Piece, PixelLayout, reduce_levels
 from tilefan.state.multipart import Range, assemble_object
 from tilefan.state.storage import keys
 
@@ -98,17 +98,22 @@ def tileset_paths(output_format: str) -> tuple[str, str]:
 
 
 class TileSetBatchWriter:
-    """Writes one manifest item's tiles at every level its blocks hold whole, keeps pieces."""
+    """Writes one manifest item's tiles at every level its blocks hold whole, keeps pieces.
+
+    A worker's batch (its ``chain`` and source ``spec`` say what each block reads); with
+    ``blocks``, the merger's groups of a coarse level.
+    """
 
     def __init__(
         self,
         pipeline: Pipeline,
         job: Job,
         first_tile: int,
-        chain: Chain,
-        spec: ImageSpec,
+        chain: Chain | None,
+        spec: ImageSpec | None,
         *,
         preview: bool = False,
+        blocks: Blocks | None = None,
     ) -> None:
         """The writer of the job's tile set, or with ``preview`` of its result's preview."""
         grid = job.grid or {}
@@ -124,39 +129,46 @@ class TileSetBatchWriter:
             self.tiles_root = tileset_paths(job.output_format)[0]
         self.part = _PREVIEW_PART if preview else ""
         self.zipped = job.output_format == "dz"
-        self.width, self.height = grid["output_width"], grid["output_height"]
-        self.block, self.columns = grid["output_tile"], grid["columns"]
-        self.sizes = self.layout.level_sizes(self.width, self.height)
-        self.levels = worker_levels(self.block, self.layout.tile_size, len(self.sizes))
-        self.stage_sizes = stage_sizes(chain, spec.width, spec.height)
+        self.sizes = self.layout.level_sizes(grid["output_width"], grid["output_height"])
+        self.blocks = blocks or Blocks(0, grid["output_tile"], grid["columns"])
+        self.width, self.height = self.sizes[self.blocks.level]
+        self.levels = worker_levels(
+            self.blocks.side, self.layout.tile_size, len(self.sizes) - self.blocks.level
+        )
         self.chain = chain
+        self.spec = spec
         self.entries: list[list[Any]] = []
         self.entry_data = bytearray()
         self.pieces: list[list[int]] = []
         self.piece_data = bytearray()
         self.pixels: dict[str, Any] = {}
-        self.blocks = 0
+        self.block_count = 0
         self.tiles = 0
         self.tile_bytes = 0
 
+    @property
+    def margin(self) -> int:
+        """Pixels around a block its tiles reach into: the overlap its coarsest level needs."""
+        return self.layout.overlap << (self.levels - 1)
+
     def expand(self, tile: Tile) -> Tile:
-        """The tile grown by the overlap its coarsest level needs, with that rectangle's source."""
-        margin = self.layout.overlap * 2 ** (self.levels - 1)
+        """A worker's tile grown by the `margin`, with that rectangle's source."""
+        assert self.chain is not None and self.spec is not None, "a worker's writer"
+        margin = self.margin
         out = tile.output.grow(margin, margin, margin, margin).clip(self.width, self.height)
-        return Tile(tile.index, stage_regions(self.chain, self.stage_sizes, out)[0], out)
+        sizes = stage_sizes(self.chain, self.spec.width, self.spec.height)
+        return Tile(tile.index, stage_regions(self.chain, sizes, out)[0], out)
 
     def add(self, tile: Tile, block: Image) -> None:
         """Cut and write the tiles of ``block`` (an `expand`-ed tile's result) at each level."""
-        row, column = divmod(tile.index, self.columns)
-        core = Rect(column * self.block, row * self.block, self.block, self.block).clip(
-            self.width, self.height
-        )
+        core = self.blocks.core(tile.index, self.width, self.height)
         if self.preview and block.format != "uchar":
             return  # JPEG tiles need 8-bit pixels: a preview of other results is not made
         # Cut into many tiles and halved: computed once, not once per tile.
         image = self.layout.saveable(block).copy_memory()
         tiles: list[tuple[str, bytes]] = []
-        self.blocks += 1
+        self.block_count += 1
+        base = self.blocks.level
         self.pixels = {
             "bands": block.bands,
             "format": block.format,
@@ -166,19 +178,19 @@ class TileSetBatchWriter:
         for level in range(self.levels):
             scale = 2**level
             origin_x, origin_y = tile.output.x // scale, tile.output.y // scale
-            width, height = self.sizes[level]
+            width, height = self.sizes[base + level]
             for tile_column, tile_row, rect in self.layout.tiles(
                 width, height, _scaled(core, scale)
             ):
                 data = self.layout.encode(
                     image.crop(rect.x - origin_x, rect.y - origin_y, rect.w, rect.h)
                 )
-                name = self.layout.tile_name(self.sizes, level, tile_column, tile_row)
+                name = self.layout.tile_name(self.sizes, base + level, tile_column, tile_row)
                 tiles.append((self.tiles_root + name, data))
             if level + 1 < self.levels:
                 image = halve_padded(image)
         self._write(tiles)
-        if len(self.sizes) > self.levels:
+        if len(self.sizes) > base + self.levels:
             scale = 2 ** (self.levels - 1)
             last = _scaled(core, scale)
             piece = halve_padded(
@@ -211,28 +223,32 @@ class TileSetBatchWriter:
                 )
             )
 
-    def finish(self) -> None:
-        """Write the batch's entries and pieces, then its index (last: it says all is there)."""
+    def finish(self) -> dict[str, Any]:
+        """Write the batch's entries and pieces, then its index (last: it says all is there);
+        returns the index (empty for a preview not made)."""
         store, job_id, first = self.pipeline.store, self.job_id, self.first_tile
-        if not self.blocks:
-            return  # a preview not made
+        base = self.blocks.level
+        if not self.block_count:
+            return {}  # a preview not made
         index: dict[str, Any] = {
-            "blocks": self.blocks,
+            "blocks": self.block_count,
             "tiles": self.tiles,
             "tile_bytes": self.tile_bytes,
             **self.pixels,
         }
         if self.zipped:
-            index["entries_key"] = keys.encoded(job_id, first, "tiles")
+            index["entries_key"] = keys.encoded(job_id, first, "tiles", base)
             index["entries"] = self.entries
             index["entries_bytes"] = len(self.entry_data)
             store.put_bytes(index["entries_key"], bytes(self.entry_data))
         if self.pieces:
-            index["pieces_key"] = keys.encoded(job_id, first, self.part + "pieces")
+            index["pieces_key"] = keys.encoded(job_id, first, self.part + "pieces", base)
+            index["pieces_level"] = base + self.levels
             index["pieces"] = self.pieces
             index["pieces_bytes"] = len(self.piece_data)
             store.put_bytes(index["pieces_key"], bytes(self.piece_data))
-        store.put_json(keys.encoded(job_id, first, self.part + "index"), index)
+        store.put_json(keys.encoded(job_id, first, self.part + "index", base), index)
+        return index
 
 
 def _scaled(core: Rect, scale: int) -> Rect:
@@ -244,30 +260,29 @@ def _scaled(core: Rect, scale: int) -> Rect:
 def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
     """Write the coarse levels and the descriptor (a zip: around the workers' entries)."""
     store = pipeline.store
-    indexes = _indexes(pipeline, job, plan, "index")
     layout = TileSetLayout.from_options(job.output_format, job.output_options)
+    indexes = _indexes(pipeline, job, plan, "index")
+    indexes += _reduced(pipeline, job, plan, indexes, layout, preview=False)
     width, height = plan.output_width, plan.output_height
     tiles_root, descriptor_path = tileset_paths(job.output_format)
-    coarse = _coarse_named(pipeline, indexes, layout, plan, tiles_root)
     descriptor = layout.descriptor(width, height, SET_NAME)
-    worker_bytes = sum(index["tile_bytes"] for index in indexes)
     record = {
         "format": job.output_format,
         "width": width,
         "height": height,
         "bands": indexes[0]["bands"],
         "pixel_format": indexes[0]["format"],
-        "tiles": sum(index["tiles"] for index in indexes) + len(coarse),
+        "tiles": sum(index["tiles"] for index in indexes),
     }
     if job.output_format == "dz":
         key = keys.result(job.job_id, "zip")
         size = assemble_object(
-            store, key, _zip_pieces(indexes, coarse, descriptor_path, descriptor), "application/zip"
+            store, key, _zip_pieces(indexes, descriptor_path, descriptor), "application/zip"
         )
         return {"key": key, "size_bytes": size, **record}
     prefix = keys.result_prefix(job.job_id)
-    key = _write_set(store, layout, prefix, coarse, descriptor_path, descriptor)
-    size = worker_bytes + sum(len(data) for _, data in coarse) + len(descriptor)
+    key = _write_descriptor(store, layout, prefix + descriptor_path, descriptor)
+    size = sum(index["tile_bytes"] for index in indexes) + len(descriptor)
     return {"key": key, "prefix": prefix + tiles_root, "size_bytes": size, **record}
 
 
@@ -276,12 +291,37 @@ def assemble_preview(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
     indexes = _indexes(pipeline, job, plan, _PREVIEW_PART + "index")
     if not indexes:
         return None
+    _reduced(pipeline, job, plan, indexes, PREVIEW_LAYOUT, preview=True)
     tiles_root, descriptor_path = tileset_paths("dzi")
-    coarse = _coarse_named(pipeline, indexes, PREVIEW_LAYOUT, plan, tiles_root)
     descriptor = PREVIEW_LAYOUT.descriptor(plan.output_width, plan.output_height, SET_NAME)
     prefix = keys.result_prefix(job.job_id) + _PREVIEW_FOLDER
-    key = _write_set(pipeline.store, PREVIEW_LAYOUT, prefix, coarse, descriptor_path, descriptor)
+    key = _write_descriptor(pipeline.store, PREVIEW_LAYOUT, prefix + descriptor_path, descriptor)
     return {"key": key, "prefix": prefix + tiles_root}
+
+
+def _reduced(
+    pipeline: Pipeline,
+    job: Job,
+    plan: TilePlan,
+    indexes: Sequence[Mapping[str, Any]],
+    layout: TileSetLayout,
+    *,
+    preview: bool,
+) -> list[dict[str, Any]]:
+    """The levels no block holds whole, written group by group; the groups' indexes."""
+
+    def group_writer(blocks: Blocks, number: int) -> TileSetBatchWriter:
+        return TileSetBatchWriter(pipeline, job, number, None, None, preview=preview, blocks=blocks)
+
+    bands, pixel_format, interpretation = indexes[0]["saved"]
+    return reduce_levels(
+        pipeline.store,
+        [piece for index in indexes for piece in Piece.listed(index)],
+        layout.level_sizes(plan.output_width, plan.output_height),
+        layout.tile_size,
+        PixelLayout(bands, pixel_format, interpretation),
+        group_writer,
+    )
 
 
 def _indexes(pipeline: Pipeline, job: Job, plan: TilePlan, part: str) -> list[Any]:
@@ -298,51 +338,16 @@ def _indexes(pipeline: Pipeline, job: Job, plan: TilePlan, part: str) -> list[An
     return indexes
 
 
-def _coarse_named(
-    pipeline: Pipeline,
-    indexes: Sequence[Mapping[str, Any]],
-    layout: TileSetLayout,
-    plan: TilePlan,
-    tiles_root: str,
-) -> list[tuple[str, bytes]]:
-    """The coarse levels' tiles, by their paths in the set."""
-    sizes = layout.level_sizes(plan.output_width, plan.output_height)
-    from_workers = worker_levels(plan.output_tile, layout.tile_size, len(sizes))
-    return [
-        (tiles_root + layout.tile_name(sizes, level, column, row), data)
-        for level, column, row, data in _coarse_tiles(
-            pipeline, indexes, layout, sizes, from_workers
-        )
-    ]
-
-
-def _write_set(
-    store: TileStore,
-    layout: TileSetLayout,
-    prefix: str,
-    coarse: Sequence[tuple[str, bytes]],
-    descriptor_path: str,
-    descriptor: bytes,
-) -> str:
-    """Write the coarse tiles, then the descriptor (last: it says the set is complete)."""
-    content_type = layout.content_type
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        list(
-            pool.map(lambda tile: store.put_bytes(prefix + tile[0], tile[1], content_type), coarse)
-        )
-    key = prefix + descriptor_path
-    descriptor_type = "application/json" if layout.iiif else "application/xml"
-    store.put_bytes(key, descriptor, descriptor_type)
+def _write_descriptor(store: TileStore, layout: TileSetLayout, key: str, descriptor: bytes) -> str:
+    """Write the descriptor, after every tile: it says the set is complete."""
+    store.put_bytes(key, descriptor, "application/json" if layout.iiif else "application/xml")
     return key
 
 
 def _zip_pieces(
-    indexes: Sequence[Mapping[str, Any]],
-    coarse: Sequence[tuple[str, bytes]],
-    descriptor_path: str,
-    descriptor: bytes,
+    indexes: Sequence[Mapping[str, Any]], descriptor_path: str, descriptor: bytes
 ) -> Iterator[bytes | Range]:
-    """The zip: the workers' entries copied, the coarse tiles, the descriptor, the directory."""
+    """The zip: the workers' and groups' entries copied, the descriptor, the directory."""
     entries: list[ZipEntry] = []
     offset = 0
     for index in indexes:
@@ -351,38 +356,7 @@ def _zip_pieces(
         if index["entries_bytes"]:
             yield Range(index["entries_key"], 0, index["entries_bytes"])
         offset += index["entries_bytes"]
-    for name, data in [*coarse, (descriptor_path, descriptor)]:
-        entry, crc = local_entry(name, data)
-        entries.append(ZipEntry(name, crc, len(data), offset))
-        offset += len(entry)
-        yield entry
-    yield central_directory(entries, offset)
-
-
-def _coarse_tiles(
-    pipeline: Pipeline,
-    indexes: Sequence[Mapping[str, Any]],
-    layout: TileSetLayout,
-    sizes: Sequence[tuple[int, int]],
-    from_workers: int,
-) -> Iterator[tuple[int, int, int, bytes]]:
-    """The levels no block holds whole: the blocks' pieces joined, halved, cut and encoded.
-
-    Memory: the first of those levels as raw pixels, 1/4**from_workers of the full resolution.
-    """
-    if len(sizes) <= from_workers:
-        return
-    bands, pixel_format, interpretation = indexes[0]["saved"]
-    width, height = sizes[from_workers]
-    mosaic = np.zeros((height, width, bands), dtype=numpy_dtype(pixel_format))
-    for index in indexes:
-        raw = pipeline.store.get_range(index["pieces_key"], 0, index["pieces_bytes"])
-        for x, y, w, h, offset in index["pieces"]:
-            block = np.frombuffer(raw, dtype=mosaic.dtype, count=w * h * bands, offset=offset)
-            mosaic[y : y + h, x : x + w] = block.reshape(h, w, bands)
-    level_image = from_array(mosaic, pixel_format, interpretation)
-    for level in range(from_workers, len(sizes)):
-        if level > from_workers:
-            level_image = halve_padded(level_image)
-        for column, row, rect in layout.tiles(*sizes[level], Rect(0, 0, *sizes[level])):
-            yield level, column, row, layout.encode(level_image.crop(*rect))
+    entry, crc = local_entry(descriptor_path, descriptor)
+    entries.append(ZipEntry(descriptor_path, crc, len(descriptor), offset))
+    yield entry
+    yield central_directory(entries, offset + len(entry))

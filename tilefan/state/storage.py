@@ -85,12 +85,15 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/{stage}/{index:06d}.tif"
 
     @staticmethod
-    def encoded(job_id: str, first_tile: int, part: str) -> str:
-        """A worker's encoded output for the batch starting at ``first_tile``.
+    def encoded(job_id: str, first_tile: int, part: str, level: int = 0) -> str:
+        """A worker's encoded output for the batch starting at ``first_tile``, or at a
+        coarser ``level`` the merger's output for its group number ``first_tile``.
 
         ``part`` is ``tiles`` (the encoded tile bytes), ``index`` (where each tile lies in
         them) or ``pieces`` (raw pixels the merger reduces into coarser levels).
         """
+        if level:
+            return f"jobs/{job_id}/reduced/{level:02d}/{first_tile:06d}.{part}"
         return f"jobs/{job_id}/encoded/{first_tile:06d}.{part}"
 
     @staticmethod

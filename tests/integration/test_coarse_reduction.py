@@ -1,0 +1,97 @@
+"""The levels below the workers' blocks, reduced group by group: with groups made small, a
+level takes several groups and the pyramid several rounds, and every page and tile still
+equals whole-image libvips while the merger never holds more than one group's pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyvips
+
+import tilefan.stages.reduction
+from tests.integration.test_preview import PREVIEW, preview_files, run_with_preview
+from tests.integration.test_tiff_output import assert_cog, libvips_tiff, pages, run_tiff
+from tests.integration.test_tileset_output import (
+    BLUR,
+    assert_same_tiles,
+    dzsave_files,
+    got_files,
+    run_set,
+)
+from tests.support import assert_identical, noise_image, whole
+from tilefan.local.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def mosaics(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Groups of at most 256 x 256 RGB pixels; the size of every group the merger reads."""
+    monkeypatch.setattr(tilefan.stages.reduction, "GROUP_BYTES", 3 * 256 * 256)
+    made: list[tuple[int, int]] = []
+    real = tilefan.stages.reduction.from_array
+
+    def watched(pixels: Any, pixel_format: str, interpretation: str) -> pyvips.Image:
+        made.append((pixels.shape[1], pixels.shape[0]))
+        return real(pixels, pixel_format, interpretation)
+
+    monkeypatch.setattr(tilefan.stages.reduction, "from_array", watched)
+    return made
+
+
+def test_a_cog_reduced_in_many_groups_and_rounds_equals_libvips(
+    stack: LocalStack, tmp_path: Path, mosaics: list[tuple[int, int]]
+) -> None:
+    """256 px blocks leave level 1 (1500 x 1100) to the merger: 6 x 5 groups of 256 px, whose
+    pieces make level 2 (750 x 550, 3 x 3 groups), then level 3 (375 x 275, 2 x 2), then the
+    last level in one group."""
+    image = noise_image(3000, 2200, 3, seed=5)
+    output = run_tiff(stack, image, tmp_path, BLUR, 256, pyramid=True)
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="deflate", pyramid=True)
+    got, want = pages(output), pages(expected)
+    assert len(got) == len(want) == 5
+    for page_got, page_want in zip(got, want, strict=True):
+        assert_identical(page_want, page_got)
+    assert_cog(output)
+    assert len(mosaics) == 30 + 9 + 4 + 1
+    assert (1500 - 5 * 256, 1100 - 4 * 256) in mosaics  # the first level's corner group
+    assert max(width * height for width, height in mosaics) == 256 * 256
+
+
+@pytest.mark.parametrize(
+    ("output_format", "options"),
+    [
+        ("dzi", {"tile_size": 128, "overlap": 3, "suffix": "png"}),
+        ("dz", {"tile_size": 254, "overlap": 1}),
+        ("iiif", {"tile_size": 128, "suffix": "png"}),
+    ],
+)
+def test_a_tile_set_reduced_in_many_groups_and_rounds_equals_dzsave(
+    stack: LocalStack,
+    tmp_path: Path,
+    mosaics: list[tuple[int, int]],
+    output_format: str,
+    options: dict[str, Any],
+) -> None:
+    """Groups at a level reach into their neighbours' pieces for the tiles' overlap."""
+    image = noise_image(2300, 1700, 3, seed=9)  # level 2: 575 x 425
+    output = run_set(stack, image, tmp_path, output_format, 256, options=options)
+    expected = dzsave_files(whole(image, BLUR), tmp_path, output_format, **options)
+    assert_same_tiles(expected, got_files(output, output_format))
+    assert len(mosaics) > 6  # at least the first level's 3 x 2 groups, and a group a round
+    # A group grows by its tiles' overlap at its coarsest level, at most two levels down.
+    bound = 256 + 2 * options.get("overlap", 0) * 2
+    assert all(width <= bound and height <= bound for width, height in mosaics)
+
+
+def test_a_preview_reduced_in_many_groups_equals_dzsave(
+    stack: LocalStack, tmp_path: Path, mosaics: list[tuple[int, int]]
+) -> None:
+    image = noise_image(2600, 1900, 3, seed=13)
+    output = run_with_preview(stack, image, tmp_path, "tiff", 256)
+    expected = dzsave_files(whole(image, BLUR), tmp_path, "dzi", **PREVIEW)
+    assert_same_tiles(expected, preview_files(stack, output["job_id"]))
+    assert len(mosaics) > 6
+    assert max(width * height for width, height in mosaics) == 256 * 256
