@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -90,8 +90,9 @@ def assemble_object(
     gathered: list[bytes | Future[bytes]] = []
     gathered_bytes = 0
 
-    def upload(number: int, body: Sequence[bytes | Future[bytes]]) -> CompletedPartTypeDef:
+    def upload(number: int, body: list[bytes | Future[bytes]]) -> CompletedPartTypeDef:
         data = b"".join(piece if isinstance(piece, bytes) else piece.result() for piece in body)
+        body.clear()  # the pieces go now: a part in flight holds its bytes once, not twice
         etag = client.upload_part(
             Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
         )["ETag"]
