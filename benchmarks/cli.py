@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         "--images", type=Path, default=IMAGES, help="where synthetic inputs are cached"
     )
     parser.add_argument(
+        "--source",
+        choices=["jpeg", "tiff"],
+        default="jpeg",
+        help="the synthetic input: a JPEG the splitter transcodes (the default), or a tiled "
+        "TIFF the workers read by range",
+    )
+    parser.add_argument(
         "--s3-checksums",
         action="store_true",
         help="keep botocore's optional checksums in the embedded engine",
@@ -118,7 +125,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     """Run everything the profile names; the whole result document."""
     from benchmarks.baselines import run_baseline
     from benchmarks.embedded import run_embedded
-    from benchmarks.images import synthetic_source
+    from benchmarks.images import synthetic_source, synthetic_tiled_tiff
     from benchmarks.machine import describe_machine, load_average
 
     profile = _profile(args)
@@ -127,6 +134,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": describe_machine(),
         "settings": {
+            "source": args.source,
             "s3_checksums": bool(args.s3_checksums),
             "deployed_api": args.api,
             "profile": asdict(profile),
@@ -139,7 +147,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
 
     def source_for(megapixels: float) -> Path:
         if megapixels not in sources:
-            path, seconds = synthetic_source(megapixels, args.images)
+            make = synthetic_tiled_tiff if args.source == "tiff" else synthetic_source
+            path, seconds = make(megapixels, args.images)
             if seconds:
                 _log(f"made {path.name} in {seconds:.1f}s")
             sources[megapixels] = path

@@ -139,6 +139,8 @@ def _category(operation: str, key: str) -> str:
         return "split_write_transcode" if operation == "put" else "map_read_source"
     if "/out/" in key or "/encoded/" in key:
         return "map_write_tiles" if operation == "put" else "merge_read_tiles"
+    if "/reduced/" in key:  # the coarse levels' groups, which the merger writes and reads
+        return "merge_write_coarse" if operation == "put" else "merge_read_coarse"
     return f"other_{operation}"
 
 

@@ -59,3 +59,18 @@ def test_smoke_profile_writes_every_section_and_field(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert "## Targets" in summary and "stages.png" in summary
     assert (out / "stages.png").stat().st_size > 0
+
+
+def test_a_tiled_tiff_source_is_read_by_range_not_transcoded(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    arguments = ["--profile", "smoke", "--source", "tiff", "--no-memory", "--no-kernel"]
+    assert main([*arguments, "--no-dask", "--out", str(out), "--images", str(tmp_path)]) == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["settings"]["source"] == "tiff"
+    (run,) = document["runs"]
+    assert run["status"] == "SUCCEEDED"
+    bytes_moved = run["storage"]["bytes"]
+    # The workers read their blocks of the upload itself, which the splitter never rewrote.
+    assert "split_write_transcode" not in bytes_moved and "map_read_source" not in bytes_moved
+    assert bytes_moved["range_read_upload"] > 0
+    assert [baseline["kind"] for baseline in document["baselines"]] == ["libvips"]
