@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 from tilefan.imaging.plan import WORKER_RUNTIME_MB
+from tilefan.stages.reduction import GROUP_BYTES
 from tilefan.state.multipart import MIN_PART
 from tilefan.state.ranged import REQUEST_BYTES, REQUESTS_IN_FLIGHT
 
@@ -414,7 +415,8 @@ def predict(
     map_s = cold + ramp + waves * item_s
 
     # Merger: list and read the batches' indexes (16 at a time), for a COG fetch the blocks'
-    # coarsest level and encode the levels above them on one thread, then assemble: each
+    # pieces group by group (at most `GROUP_BYTES` each) and encode the levels above them on
+    # one thread into an object per group, then assemble: each
     # item's level ranges of at least 5 MiB copied server-side, smaller ones read and sent as
     # plain parts, 16 requests in flight.
     merge_vcpu = _vcpu(MERGER_MB)
@@ -435,6 +437,7 @@ def predict(
     )
     coarse_bytes = coarse_px * measured.output_bytes_per_px
     pieces_bytes = pixels / 4**levels * BANDS if pyramid else 0.0
+    groups = math.ceil(pieces_bytes / GROUP_BYTES)
     plain_parts = math.ceil((gathered + coarse_bytes) / PART_BYTES) + 1
     merge = {
         "cold_start": cold,
@@ -446,11 +449,13 @@ def predict(
         / 1e6
         / measured.merge_encode_mp_per_cpu_s
         / min(1.0, merge_vcpu),
+        # Each group's tiles, pieces and index written, in turn.
+        "coarse_write": 3 * groups * s3 + coarse_bytes / net,
         "assemble": max(
             (copies * s3 + copied / (_a("copy_mb_per_s") * 1e6)) / IO_THREADS
             + (small_reads + plain_parts) * s3 / IO_THREADS,
             # What is gathered comes in and goes out through the merger's network.
-            (2 * gathered + coarse_bytes) / net,
+            2 * (gathered + coarse_bytes) / net,
         ),
         "complete": _a("complete_multipart_s"),
     }
@@ -470,6 +475,7 @@ def predict(
         + math.ceil(3 * items / 1000)  # the merger's listings
         + copies
         + plain_parts
+        + 3 * groups
         + 2  # create and complete the result's upload
     )
     gets = (
@@ -488,12 +494,12 @@ def predict(
         * _a("price_ddb_write")
         + (units["worker_job_reads"] + units["merge_check_read_units"] + 5) * _a("price_ddb_read"),
     }
-    # The merger holds every batch's index (about 40 bytes per tile and level), the coarse
-    # level's raw pixels (COG), and the plain parts in flight.
+    # The merger holds every batch's index (about 40 bytes per tile and level), one group of
+    # the coarse levels' raw pixels (COG) about three times, and the plain parts in flight.
     merge_memory_mb = (
         150
         + tiles * levels * 40 / 2**20
-        + pieces_bytes / 2**20
+        + 3 * min(pieces_bytes, GROUP_BYTES) / 2**20
         + (PLAIN_PARTS_IN_FLIGHT + 1) * PART_BYTES / 2**20
     )
     # The measured peak (the chain's copies of the block, while the reader keeps at most
