@@ -1,6 +1,8 @@
-"""The levels below the workers' blocks, reduced group by group: with groups made small, a
-level takes several groups and the pyramid several rounds, and every page and tile still
-equals whole-image libvips while the merger never holds more than one group's pixels."""
+"""What the merger no longer does alone. The levels below the workers' blocks, reduced group
+by group: with groups made small, a level takes several groups and the pyramid several
+rounds, and every page and tile still equals whole-image libvips while the merger never holds
+more than one group's pixels. A COG's small levels, joined across batches by a second
+fan-out before the merge."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from typing import Any
 import pytest
 import pyvips
 
+import tilefan.stages.compaction
 import tilefan.stages.reduction
+import tilefan.stages.tiff_output
 from tests.integration.test_preview import PREVIEW, preview_files, run_with_preview
 from tests.integration.test_tiff_output import assert_cog, libvips_tiff, pages, run_tiff
 from tests.integration.test_tileset_output import (
@@ -22,6 +26,7 @@ from tests.integration.test_tileset_output import (
 )
 from tests.support import assert_identical, noise_image, whole
 from tilefan.local.stack import LocalStack
+from tilefan.state.multipart import MIN_PART, Range
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +100,50 @@ def test_a_preview_reduced_in_many_groups_equals_dzsave(
     assert_same_tiles(expected, preview_files(stack, output["job_id"]))
     assert len(mosaics) > 6
     assert max(width * height for width, height in mosaics) == 256 * 256
+
+
+@pytest.mark.parametrize(
+    "ops", [BLUR, [{"op": "hist_equal"}, *BLUR]], ids=["blur", "after-a-statistics-pass"]
+)
+def test_a_cog_of_many_batches_joins_their_small_levels_before_the_merge(
+    stack: LocalStack,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ops: list[dict[str, Any]],
+) -> None:
+    """Groups of two batches: the second fan-out joins each group's small levels, and the
+    merger copies every batch range it uses (it passes none of them through itself)."""
+    monkeypatch.setattr(tilefan.stages.compaction, "_MAX_GROUP", 2)
+    groups: list[list[int]] = []
+    real_compact = tilefan.stages.compaction.compact
+
+    def compact(pipeline: Any, job_id: str, batches: list[int]) -> dict[str, Any]:
+        groups.append(list(batches))
+        return real_compact(pipeline, job_id, batches)
+
+    monkeypatch.setattr(tilefan.stages.compaction, "compact", compact)
+    ranges: list[Range] = []
+    real_assemble = tilefan.stages.tiff_output.assemble_object
+
+    def assemble(store: Any, key: str, pieces: Any, content_type: str) -> int:
+        def watched() -> Any:
+            for piece in pieces:
+                if isinstance(piece, Range):
+                    ranges.append(piece)
+                yield piece
+
+        return real_assemble(store, key, watched(), content_type)
+
+    monkeypatch.setattr(tilefan.stages.tiff_output, "assemble_object", assemble)
+    image = noise_image(4096, 4096, 3, seed=17)  # 16 blocks of 1024 px: 4 batches of 4
+    output = run_tiff(stack, image, tmp_path, ops, 1024, pyramid=True)
+    got, want = pages(output), pages(libvips_tiff(whole(image, ops), tmp_path, pyramid=True))
+    assert len(got) == len(want) == 5
+    for page_got, page_want in zip(got, want, strict=True):
+        assert_identical(page_want, page_got)
+    assert_cog(output)
+    assert sorted(groups) == [[0, 4], [8, 12]]
+    from_groups = [piece for piece in ranges if piece.key.endswith(".compact-tiles")]
+    batch_objects = {f"/encoded/{first:06d}.tiles" for first in (0, 4, 8, 12)}
+    from_batches = [piece for piece in ranges if piece.key[-20:] in batch_objects]
+    assert from_groups and all(piece.length >= MIN_PART for piece in from_batches), ranges

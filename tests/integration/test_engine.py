@@ -53,6 +53,7 @@ class Recorder:
             "tile_count": 2 * self.batches,
             "batch_count": self.batches,
             "statistics_manifest_key": None,
+            "compact_manifest_key": None,
         }
 
     def worker(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -147,6 +148,7 @@ def test_every_manifest_item_is_processed_exactly_once() -> None:
             "tile_count": 600,
             "batch_count": 300,
             "statistics_manifest_key": None,
+            "compact_manifest_key": None,
         }
         assert "error" not in output
     assert Counter(recorder.items) == Counter(range(300))
@@ -288,7 +290,13 @@ from helper import manifest  # a sibling module, importable as on Lambda
 def lambda_handler(event, context):
     key = "jobs/" + event["job_id"] + "/manifest.json"
     boto3.client("s3").put_object(Bucket=os.environ["TILEFAN_BUCKET"], Key=key, Body=manifest())
-    return {"manifest_key": key, "tile_count": 3, "batch_count": 3, "statistics_manifest_key": None}
+    return {
+        "manifest_key": key,
+        "tile_count": 3,
+        "batch_count": 3,
+        "statistics_manifest_key": None,
+        "compact_manifest_key": None,
+    }
 """,
         "tile_worker": """
 import os, boto3

@@ -135,6 +135,7 @@ def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str
         "GatherBatch",
         "ReduceStatistics",
         "ProcessBatch",
+        "CompactGroup",
         "Merge",
         "Abort",
     }
@@ -181,7 +182,8 @@ def test_the_asl_names_no_partition(asl: dict[str, Any]) -> None:
     text = ASL_PATH.read_text()
     assert "arn:aws:" not in text
     resources = [state["Resource"] for state in tasks(asl["States"]).values()]
-    resources.append(asl["States"]["ProcessTiles"]["ItemReader"]["Resource"])
+    for name in ("GatherStatistics", "ProcessTiles", "CompactLevels"):
+        resources.append(asl["States"][name]["ItemReader"]["Resource"])
     assert all(resource.startswith("arn:${Partition}:states:::") for resource in resources)
 
 
@@ -201,7 +203,14 @@ def test_the_state_machine_name_fits_80_characters_whatever_the_stack_name(
 
 def test_every_failure_reaches_abort_and_then_fails(asl: dict[str, Any]) -> None:
     states = asl["States"]
-    for name in ("Split", "GatherStatistics", "ReduceStatistics", "ProcessTiles", "Merge"):
+    for name in (
+        "Split",
+        "GatherStatistics",
+        "ReduceStatistics",
+        "ProcessTiles",
+        "CompactLevels",
+        "Merge",
+    ):
         [catch] = states[name]["Catch"]
         assert catch == {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Abort"}
     assert states["Abort"]["Parameters"]["Payload"] == {

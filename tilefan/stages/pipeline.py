@@ -8,7 +8,7 @@ from typing import Any
 import boto3
 
 from tilefan.settings import Settings
-from tilefan.stages import abort, cleanup, merge, process, split, statistics
+from tilefan.stages import abort, cleanup, compaction, merge, process, split, statistics
 from tilefan.state.jobs import (
     TERMINAL,
     JobRepository,
@@ -58,6 +58,10 @@ class Pipeline:
     def reduce_statistics(self, job_id: str, manifest_key: str) -> dict[str, Any]:
         """Combine a statistics pass's partials and move the job to its next pass or stage."""
         return statistics.reduce_statistics(self, job_id, manifest_key)
+
+    def compact(self, job_id: str, batches: Sequence[int]) -> dict[str, Any]:
+        """Join the small pyramid levels of the batches starting at ``batches``."""
+        return compaction.compact(self, job_id, batches)
 
     def merge(self, job_id: str) -> dict[str, Any]:
         """Assemble the output, upload it, and mark the job SUCCEEDED."""

@@ -27,6 +27,7 @@ from tilefan.imaging.plan import (
     stage_sizes,
 )
 from tilefan.stages import statistics
+from tilefan.stages.compaction import compaction_groups
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
     MAX_TILES,
@@ -96,6 +97,11 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     for item in manifest:
         item["job_id"] = job_id
     pipeline.store.put_json(keys.manifest(job_id), manifest)
+    groups = (
+        compaction_groups(plan, job.output_options, manifest) if job.output_format == "tiff" else []
+    )
+    if groups:
+        pipeline.store.put_json(keys.compaction(job_id), groups)
     pipeline.jobs.create_tiles(job_id, plan.tile_count)
     statistics.track(pipeline, job_id, pass_grids)
     try:
@@ -110,6 +116,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
                 "read": {"key": read_key, "page": 0},
                 "bytes_read": origin.remote.bytes_fetched,
                 "passes": pass_grids,
+                "compaction_groups": len(groups),
             },
             t_split=time.monotonic() - started,
         )
@@ -123,6 +130,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         "statistics_manifest_key": (
             keys.statistics_manifest(job_id, passes[0].upto) if passes else None
         ),
+        "compact_manifest_key": keys.compaction(job_id) if groups else None,
     }
 
 

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TiffBatchWriter",
     "assemble_tiff",
+    "expected_batch_bytes",
     "output_tile_rule",
     "tiles_per_item",
     "worker_levels",
@@ -101,13 +102,20 @@ def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> 
     """
     encoding = TiffEncoding.from_options(options)
     raw = plan.output_tile**2 * plan.output.bands * SAMPLE_BYTES[plan.output.format]
-    expected = raw * _EXPECTED_RATIO.get(encoding.compression, 1.0)
+    expected = expected_batch_bytes(plan, options, 1)
     if encoding.pyramid:
         sizes = level_sizes(plan.output_width, plan.output_height, pyramid=True)
         expected /= 4 ** (min(worker_levels(plan.output_tile, sizes), _COPIED_LEVELS) - 1)
     most = max(1, _MAX_BATCH_BYTES // raw)
     spread = max(1, plan.tile_count // _MIN_ITEMS)
     return min(most, max(default, min(spread, math.ceil(2 * MIN_PART / expected))))
+
+
+def expected_batch_bytes(plan: TilePlan, options: Mapping[str, Any], tiles: int) -> float:
+    """What ``tiles`` output tiles are expected to take encoded, at full resolution."""
+    raw = plan.output_tile**2 * plan.output.bands * SAMPLE_BYTES[plan.output.format]
+    compression = TiffEncoding.from_options(options).compression
+    return tiles * raw * _EXPECTED_RATIO.get(compression, 1.0)
 
 
 def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
@@ -226,6 +234,16 @@ class TiffBatchWriter:
         return index
 
 
+def _compacted(pipeline: Pipeline, job_id: str) -> list[Any]:
+    """The indexes of the batch groups whose small levels were joined (`compaction`)."""
+    store = pipeline.store
+    group_keys = sorted(
+        key for key in store.list_keys(keys.encoded_prefix(job_id)) if key.endswith(".compact")
+    )
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        return list(pool.map(store.get_json, group_keys))
+
+
 def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
     """Write the TIFF result around the workers' and the coarse groups' tiles; returns the
     job's output record."""
@@ -252,10 +270,18 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     pixels = PixelLayout(first["bands"], first["format"], plan.output_interpretation)
     groups = reduce_levels(pipeline.store, pieces, sizes, TIFF_TILE, pixels, group_writer)
 
+    joined = _compacted(pipeline, job.job_id)
+    replaced = {
+        (tiles_key, level["level"])
+        for group in joined
+        for tiles_key in group["replaces"]
+        for level in group["levels"]
+    }
     by_level: list[list[tuple[str, Mapping[str, Any]]]] = [[] for _ in sizes]
-    for index in [*indexes, *groups]:
+    for index in [*indexes, *groups, *joined]:
         for level in index["levels"]:
-            by_level[level["level"]].append((index["tiles_key"], level))
+            if (index["tiles_key"], level["level"]) not in replaced:
+                by_level[level["level"]].append((index["tiles_key"], level))
     pages: list[Page] = []
     data: list[list[bytes | Range]] = []
     for number, (width, height) in enumerate(sizes):
