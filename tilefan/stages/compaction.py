@@ -33,9 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["compact", "compact_manifest_key", "compaction_groups"]
 
 _MAX_GROUP = 64
-"""Batches per group at most: a group's task reads their indexes and gathers their small
-levels (at most about twice 5 MiB each by the rule below, so about 640 MiB in all, through
-its parts in flight)."""
+"""Batches per group at most: a group's task reads their indexes and joins their small
+levels, through its parts in flight."""
 
 _IO_THREADS = 16
 
@@ -46,8 +45,9 @@ def compaction_groups(
     """Groups of the batches' first tiles, or none when the merger gathers little anyway:
     not a pyramid, every level copied, or all batches within one group.
 
-    A group holds enough batches for the smallest level workers write to pass 5 MiB twice,
-    at the encoding's expected ratio (`tiles_per_item`'s).
+    A group holds enough batches for the smallest level workers write to pass 5 MiB, at the
+    encoding's expected ratio (`tiles_per_item`'s); a job of one group is left to the merger,
+    which then gathers at most that group's small levels.
     """
     encoding = TiffEncoding.from_options(options)
     if not encoding.pyramid or not manifest:
@@ -58,7 +58,7 @@ def compaction_groups(
     smallest = expected_batch_bytes(plan, options, per_batch) / 4 ** (levels - 1)
     if smallest >= MIN_PART:
         return []
-    size = min(_MAX_GROUP, max(2, math.ceil(2 * MIN_PART / smallest)))
+    size = min(_MAX_GROUP, max(2, math.ceil(MIN_PART / smallest)))
     firsts = [int(item["tiles"][0][0]) for item in manifest]
     if len(firsts) <= size:
         return []
