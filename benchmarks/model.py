@@ -185,6 +185,8 @@ IO_THREADS = 16
 PART_BYTES = 8 * 2**20
 """The transcode's and the merger's plain multipart parts."""
 PLAIN_PARTS_IN_FLIGHT = 4
+COMPACTION_MAX_GROUP = 64
+"""Batches per compaction group at most (`stages/compaction.py`'s ``_MAX_GROUP``)."""
 """The merger's plain parts in flight (`tilefan.state.multipart`), plus the one gathering."""
 TIFF_TILE = 256
 """The TIFF tile edge of the transcoded intermediate and of the result."""
@@ -421,14 +423,40 @@ def predict(
     # plain parts, 16 requests in flight.
     merge_vcpu = _vcpu(MERGER_MB)
     item_bytes = per_item * tile_px * measured.tile_bytes_out_per_px[tile_size]
-    copies, copied, gathered = 0, 0.0, 0.0
+    # A COG of more batches than one group holds: the second fan-out joins each group's small
+    # levels into one object first (`stages/compaction.py`), a group to each tile worker,
+    # warm from the map, all at once; the merge then copies those ranges where they pass 5 MiB.
+    group = min(
+        COMPACTION_MAX_GROUP, max(2, math.ceil(MIN_PART / (item_bytes / 4 ** (levels - 1))))
+    )
+    small = [level for level in range(levels) if item_bytes / 4**level < MIN_PART]
+    compact_groups = math.ceil(items / group) if pyramid and small and items > group else 0
+    compact: dict[str, float] = {}
+    joined = group * sum(item_bytes / 4**level for level in small) if compact_groups else 0.0
+    if compact_groups:
+        compact = {
+            "indexes": group / IO_THREADS * s3,
+            "ranges": (group * len(small) + math.ceil(joined / PART_BYTES) + 2) * s3 / IO_THREADS,
+            "gather": 2 * joined / net,
+            # A few parts, not the result's thousands: assumed one request's latency.
+            "complete": s3,
+        }
+    compact_s = math.ceil(compact_groups / lanes) * sum(compact.values()) if compact_groups else 0.0
+    copies, copied, gathered, small_reads = 0, 0.0, 0.0, 0
     for level in range(levels):
-        level_bytes = item_bytes / 4**level
-        if level_bytes >= MIN_PART:
-            copies, copied = copies + items, copied + items * level_bytes
+        # The ranges the merger takes for a level: a batch's, or a group's when joined.
+        count, size = (
+            (compact_groups, group * item_bytes / 4**level)
+            if compact_groups and level in small
+            else (
+                items,
+                item_bytes / 4**level,
+            )
+        )
+        if size >= MIN_PART:
+            copies, copied = copies + count, copied + count * size
         else:
-            gathered += items * level_bytes
-    small_reads = items * sum(item_bytes / 4**level < MIN_PART for level in range(levels))
+            gathered, small_reads = gathered + count * size, small_reads + count
     # The levels coarser than a block, down to one TIFF tile: encoded by the merger.
     coarse_px = (
         sum(pixels / 4**level for level in range(levels, 64) if pixels / 4**level >= TIFF_TILE**2)
@@ -437,7 +465,7 @@ def predict(
     )
     coarse_bytes = coarse_px * measured.output_bytes_per_px
     pieces_bytes = pixels / 4**levels * BANDS if pyramid else 0.0
-    groups = math.ceil(pieces_bytes / GROUP_BYTES)
+    coarse_groups = math.ceil(pieces_bytes / GROUP_BYTES)
     plain_parts = math.ceil((gathered + coarse_bytes) / PART_BYTES) + 1
     merge = {
         "cold_start": cold,
@@ -450,7 +478,7 @@ def predict(
         / measured.merge_encode_mp_per_cpu_s
         / min(1.0, merge_vcpu),
         # Each group's tiles, pieces and index written, in turn.
-        "coarse_write": 3 * groups * s3 + coarse_bytes / net,
+        "coarse_write": 3 * coarse_groups * s3 + coarse_bytes / net,
         "assemble": max(
             (copies * s3 + copied / (_a("copy_mb_per_s") * 1e6)) / IO_THREADS
             + (small_reads + plain_parts) * s3 / IO_THREADS,
@@ -460,12 +488,13 @@ def predict(
         "complete": _a("complete_multipart_s"),
     }
     split_s, merge_s = sum(split.values()), sum(merge.values())
-    wall = split_s + map_s + merge_s
+    wall = split_s + map_s + compact_s + merge_s
 
     gb_s = (
         SPLITTER_MB / 1024 * split_s
         + WORKER_MB / 1024 * (items * item_s + lanes * cold)
         + MERGER_MB / 1024 * merge_s
+        + WORKER_MB / 1024 * compact_groups * sum(compact.values())
     )
     transcode_parts = math.ceil(transcode_bytes / PART_BYTES) + 2 if source == "jpeg" else 0
     puts = (
@@ -475,7 +504,9 @@ def predict(
         + math.ceil(3 * items / 1000)  # the merger's listings
         + copies
         + plain_parts
-        + 3 * groups
+        + 3 * coarse_groups
+        # Each group's multipart object (its parts) and index.
+        + compact_groups * (math.ceil(joined / PART_BYTES) + 3)
         + 2  # create and complete the result's upload
     )
     gets = (
@@ -484,11 +515,12 @@ def predict(
         + tiles * reads_per_tile
         + items * (1 + (levels > 1))  # indexes, pieces
         + small_reads
+        + compact_groups * group * (1 + len(small))  # a group's indexes and small ranges
     )
     cost = {
         "lambda_duration": gb_s * _a("price_gb_s_arm64"),
-        "lambda_requests": (items + 2) * _a("price_per_request_lambda"),
-        "step_functions": (6 + 2 * items) * _a("price_per_transition"),
+        "lambda_requests": (items + compact_groups + 2) * _a("price_per_request_lambda"),
+        "step_functions": (6 + 2 * (items + compact_groups)) * _a("price_per_transition"),
         "s3_requests": puts * _a("price_s3_put") + gets * _a("price_s3_get"),
         "dynamodb": (units["split_write_units"] + units["worker_write_units"] + 10)
         * _a("price_ddb_write")
@@ -514,6 +546,7 @@ def predict(
     limits = {
         "split_within_timeout": split_s <= _a("timeout_s"),
         "merge_within_timeout": merge_s <= _a("timeout_s"),
+        "compaction_within_timeout": sum(compact.values()) <= _a("timeout_s"),
         "worker_within_timeout": item_s <= _a("timeout_s"),
         "split_fits_memory": SPLITTER_PEAK_MB <= SPLITTER_MB,
         "merge_fits_memory": merge_memory_mb <= MERGER_MB,
@@ -522,7 +555,7 @@ def predict(
         # Neither serial stage writes to /tmp any more.
         "fits_tmp": True,
     }
-    stages = {"split": split_s, "map": map_s, "merge": merge_s}
+    stages = {"split": split_s, "map": map_s, "compact": compact_s, "merge": merge_s}
     return {
         "gigapixels": gigapixels,
         "tile_size": tile_size,
@@ -539,6 +572,9 @@ def predict(
         "split_s": split_s,
         "split_parts": split,
         "map_s": map_s,
+        "compact_s": compact_s,
+        "compaction_groups": compact_groups,
+        "compact_parts": compact,
         "merge_s": merge_s,
         "merge_parts": merge,
         "merge_requests": {

@@ -19,11 +19,9 @@ pyvips.cache_set_max(0)
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Event: ``{"action": "merge" | "compact" | "abort" | "reduce_statistics" | "cleanup",
-    "job_id": ...}``.
+    """Event: ``{"action": "merge" | "abort" | "reduce_statistics" | "cleanup", "job_id": ...}``.
 
-    ``compact`` takes a group's ``batches``; ``abort`` the ``error``; ``reduce_statistics`` the
-    pass's ``manifest_key``. The API
+    ``abort`` takes the ``error``; ``reduce_statistics`` the pass's ``manifest_key``. The API
     invokes ``cleanup`` asynchronously when a job is cancelled or deleted.
     """
     # This invocation's keys only: the embedded engine runs invocations as threads of one process.
@@ -33,8 +31,6 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         return pipeline.abort(event["job_id"], event.get("error"))
     if event["action"] == "reduce_statistics":
         return pipeline.reduce_statistics(event["job_id"], event["manifest_key"])
-    if event["action"] == "compact":
-        return pipeline.compact(event["job_id"], event["batches"])
     if event["action"] == "cleanup":
         return pipeline.cleanup(event["job_id"])
     return pipeline.merge(event["job_id"])

@@ -18,9 +18,14 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     """Event: ``{"job_id": ..., "item": {"batch": n, "tiles": [[index, sx, sy, ...], ...]}}``.
 
     An item with ``upto`` belongs to a statistics pass: its tiles' partial statistics are stored.
+    ``{"job_id": ..., "batches": [first tile, ...]}`` is a group of a COG's batches whose small
+    levels are joined (the second fan-out).
     """
     # This invocation's keys only: the embedded engine runs invocations as threads of one process.
     logger.thread_safe_clear_keys()
+    if "batches" in event:
+        logger.thread_safe_append_keys(job_id=event["job_id"], batches=event["batches"][0])
+        return pipeline.compact(event["job_id"], event["batches"])
     item = event["item"]
     logger.thread_safe_append_keys(job_id=event["job_id"], batch=item["batch"])
     job_id = event["job_id"]

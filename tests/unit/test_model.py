@@ -47,8 +47,14 @@ def test_the_merger_copies_level_ranges_of_5_mib_and_gathers_the_rest() -> None:
     items, per_item = cog["items"], cog["tiles_per_item"]
     item_bytes = per_item * 2048**2 * 0.85
     copied_levels = sum(item_bytes / 4**level >= MIN_PART for level in range(4))
-    assert cog["merge_requests"]["copies"] == items * copied_levels
-    assert cog["merge_requests"]["small_reads"] == items * (4 - copied_levels)
+    # The levels under 5 MiB come joined, one range per group of batches (the second fan-out).
+    groups = cog["compaction_groups"]
+    assert 0 < groups < items and cog["compact_s"] > 0
+    requests = cog["merge_requests"]
+    assert requests["copies"] >= items * copied_levels
+    assert requests["copies"] + requests["small_reads"] == (
+        items * copied_levels + groups * (4 - copied_levels)
+    )
     flat = predict(measured(), 10, 2048, 1000)
     assert flat["merge_requests"] == {"copies": flat["items"], "small_reads": 0, "plain_parts": 1}
     assert flat["merge_parts"]["coarse_encode"] == 0 < cog["merge_parts"]["coarse_encode"]
@@ -111,11 +117,12 @@ def test_a_cogs_batches_are_sized_for_its_first_three_levels_to_be_copied() -> N
         built = predict(measured(), 10, tile, 1000, pyramid=True)
         level_bytes = built["tiles_per_item"] * tile**2 * 0.85 / 16
         assert level_bytes >= MIN_PART
-        assert built["merge_requests"]["copies"] == 3 * built["items"]
+        assert built["merge_requests"]["copies"] >= 3 * built["items"]
         level_0 = predict(
             measured(), 10, tile, 1000, pyramid=True, batch_tiles=model.TILES_PER_ITEM
         )
-        assert built["merge_gathered_mb"] < level_0["merge_gathered_mb"] / 2
+        # Since the second fan-out, small levels of either rule's batches come joined.
+        assert built["merge_gathered_mb"] <= level_0["merge_gathered_mb"]
         assert built["merge_s"] < level_0["merge_s"]
 
 

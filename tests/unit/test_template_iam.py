@@ -74,7 +74,10 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:GetItem": {TABLE},
         "dynamodb:UpdateItem": {TABLE},
         "s3:GetObject": {JOBS, UPLOADS},
+        # A COG's group of batches is joined by multipart upload under jobs/, aborted if
+        # it fails (the second fan-out).
         "s3:PutObject": {JOBS, RESULTS},
+        "s3:AbortMultipartUpload": {JOBS},
         "s3:DeleteObject": {JOBS, RESULTS},
         "s3:ListBucket": {BUCKET},
     },
@@ -90,7 +93,8 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         # CompleteMultipartUpload, is PutObject on the destination.
         "s3:GetObject": {JOBS},
         "s3:DeleteObject": {JOBS, RESULTS, UPLOADS},
-        # The reduce of a statistics pass stores the combined statistics under jobs/.
+        # The reduce of a statistics pass stores the combined statistics under jobs/, the
+        # merge its coarse levels' groups.
         "s3:PutObject": {JOBS, RESULTS},
         "s3:AbortMultipartUpload": {RESULTS},
         "s3:ListBucket": {BUCKET},

@@ -4,8 +4,8 @@ A batch's share of a pyramid level is four times smaller a level down: under S3'
 minimum it cannot be copied server-side, and the merger would read it and send it on itself,
 bytes that grow with the image. When a COG has more batches than one group holds, the
 splitter writes a second manifest, groups of consecutive batches (`compaction_groups`), and
-the state machine's second fan-out (``CompactLevels``) gives each group to the merger
-function (`compact`): it writes one object holding, level by level, the group's ranges of
+the state machine's second fan-out (``CompactLevels``) gives each group to a tile worker,
+warm from the map (`compact`): it writes one object holding, level by level, the group's ranges of
 every level some batch holds under 5 MiB (copied server-side where a range passes it,
 gathered otherwise, by `assemble_object`), and an index of where each tile now lies. The
 merger takes those levels from the groups' objects, ranges it copies, so what passes through
