@@ -62,6 +62,9 @@ def run(
             "merge_handler_s": [merge["handler_s"] for merge in merges],
             "merge_handler_cpu_s": [merge.get("handler_cpu_s") for merge in merges],
             "batches": sum(1 for row in result.get("invocations", []) if "tiles" in row),
+            "compaction_groups": sum(
+                1 for row in result.get("invocations", []) if row.get("stage") == "compact"
+            ),
             "load_before": load_before,
             "load_after": load_average(),
         }

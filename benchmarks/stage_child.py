@@ -56,17 +56,62 @@ def main() -> None:
         timeout_s=spec.timeout_s,
     )
     sampler = PeakMemory().start()
+    traced = _PythonPeak() if "TILEFAN_BENCH_TRACEMALLOC" in os.environ else None
     began, cpu_began = time.monotonic(), time.process_time()
     try:
         report["response"] = handler(event, context)
     except Exception as e:  # reported to the parent, which fails the invocation
         report["error"] = f"{type(e).__name__}: {e}"
+    if traced is not None:
+        report["python_memory"] = traced.stop()
     report["handler_s"] = time.monotonic() - began
     # The process's own CPU (every thread): what the handler did, apart from its waits on
     # storage, which in the engine include moto's server-side copies.
     report["handler_cpu_s"] = time.process_time() - cpu_began
     report["memory"] = sampler.stop()
     write_result(args.result, report)
+
+
+class _PythonPeak:
+    """An experiment's knob: Python's own allocations (tracemalloc), their peak, and where the
+    largest were at the highest point seen, every half second."""
+
+    def __init__(self) -> None:
+        import threading
+        import tracemalloc
+
+        tracemalloc.start(8)
+        self.highest = 0
+        self.lines: list[str] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        import tracemalloc
+
+        while not self.stopped.wait(0.5):
+            current, _ = tracemalloc.get_traced_memory()
+            if current > self.highest * 1.1:
+                self.highest = current
+                top = tracemalloc.take_snapshot().statistics("traceback")[:8]
+                self.lines = [
+                    f"{stat.size / 2**20:.1f} MiB in {stat.count}: "
+                    + " < ".join(
+                        f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}"
+                        for frame in stat.traceback
+                    )
+                    for stat in top
+                ]
+
+    def stop(self) -> dict[str, Any]:
+        import tracemalloc
+
+        self.stopped.set()
+        self.thread.join()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return {"peak_mb": peak / 2**20, "largest_at_highest_seen": self.lines}
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ class _ChildHandler:
             report["stage"] = "abort"
         if "item" in event:
             report["tiles"] = len(event["item"].get("tiles", []))
+        if "batches" in event:  # the second fan-out's group, on the tile workers
+            report["stage"] = "compact"
         with self.lock:
             self.records.append({k: v for k, v in report.items() if k != "response"})
         if "error" in report:
