@@ -192,9 +192,10 @@ def to_array(image: pyvips.Image) -> np.ndarray[Any, Any]:
 def from_array(
     pixels: np.ndarray[Any, Any], pixel_format: str, interpretation: str
 ) -> pyvips.Image:
-    """A (height, width, bands) array as an image of ``pixel_format``."""
+    """A (height, width, bands) array as an image of ``pixel_format``, sharing its memory
+    (the array must not change while the image is used)."""
     height, width, bands = pixels.shape
     image = pyvips.Image.new_from_memory(
-        np.ascontiguousarray(pixels).tobytes(), width, height, bands, pixel_format
+        np.ascontiguousarray(pixels), width, height, bands, pixel_format
     )
     return image.copy(interpretation=interpretation)

@@ -168,8 +168,9 @@ class TiffBatchWriter:
 
     def add(self, tile: Tile, block: Image) -> None:
         """Encode the block of ``tile`` at every level it is whole tiles; keep its next halving."""
-        if self.preview is not None or len(self.sizes) > 1:
-            # Read more than once (the preview's tiles, the halvings): run the chain once.
+        if (self.preview is not None or len(self.sizes) > 1) and self.blocks.level == 0:
+            # Read more than once (the preview's tiles, the halvings): run the chain once. A
+            # coarse level's group is in memory already.
             block = block.copy_memory()
         if self.preview is not None:
             self.preview.add(tile, block)

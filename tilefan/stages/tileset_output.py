@@ -164,8 +164,11 @@ class TileSetBatchWriter:
         core = self.blocks.core(tile.index, self.width, self.height)
         if self.preview and block.format != "uchar":
             return  # JPEG tiles need 8-bit pixels: a preview of other results is not made
-        # Cut into many tiles and halved: computed once, not once per tile.
-        image = self.layout.saveable(block).copy_memory()
+        # Cut into many tiles and halved: computed once, not once per tile (a coarse level's
+        # group is in memory already, and saveable as it is).
+        image = self.layout.saveable(block)
+        if self.blocks.level == 0:
+            image = image.copy_memory()
         tiles: list[tuple[str, bytes]] = []
         self.block_count += 1
         base = self.blocks.level
