@@ -235,25 +235,15 @@ class TiffBatchWriter:
         return index
 
 
-def _compacted(pipeline: Pipeline, job_id: str) -> list[Any]:
-    """The indexes of the batch groups whose small levels were joined (`compaction`)."""
-    store = pipeline.store
-    group_keys = sorted(
-        key for key in store.list_keys(keys.encoded_prefix(job_id)) if key.endswith(".compact")
-    )
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        return list(pool.map(store.get_json, group_keys))
-
-
 def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
     """Write the TIFF result around the workers' and the coarse groups' tiles; returns the
     job's output record."""
     store = pipeline.store
-    index_keys = sorted(
-        key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith(".index")
-    )
+    listed = store.list_keys(keys.encoded_prefix(job.job_id))
     with ThreadPoolExecutor(_IO_THREADS) as pool:
-        indexes = list(pool.map(store.get_json, index_keys))
+        indexes = list(pool.map(store.get_json, sorted(k for k in listed if k.endswith(".index"))))
+        # The batch groups whose small levels were joined (`compaction`).
+        joined = list(pool.map(store.get_json, sorted(k for k in listed if k.endswith(".compact"))))
     first = next((index for index in indexes if "tags" in index), None)
     if first is None:
         raise TilefanError("the first tile's encoded output is missing")
@@ -271,7 +261,6 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     pixels = PixelLayout(first["bands"], first["format"], plan.output_interpretation)
     groups = reduce_levels(pipeline.store, pieces, sizes, TIFF_TILE, pixels, group_writer)
 
-    joined = _compacted(pipeline, job.job_id)
     replaced = {
         (tiles_key, level["level"])
         for group in joined

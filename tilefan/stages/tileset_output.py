@@ -136,7 +136,12 @@ class TileSetBatchWriter:
             self.blocks.side, self.layout.tile_size, len(self.sizes) - self.blocks.level
         )
         self.chain = chain
-        self.spec = spec
+        # What each stage of a worker's chain makes: the source rectangles `expand` reads.
+        self.stage_sizes = (
+            stage_sizes(chain, spec.width, spec.height)
+            if chain is not None and spec is not None
+            else []
+        )
         self.entries: list[list[Any]] = []
         self.entry_data = bytearray()
         self.pieces: list[list[int]] = []
@@ -153,11 +158,10 @@ class TileSetBatchWriter:
 
     def expand(self, tile: Tile) -> Tile:
         """A worker's tile grown by the `margin`, with that rectangle's source."""
-        assert self.chain is not None and self.spec is not None, "a worker's writer"
+        assert self.chain is not None and self.stage_sizes, "a worker's writer"
         margin = self.margin
         out = tile.output.grow(margin, margin, margin, margin).clip(self.width, self.height)
-        sizes = stage_sizes(self.chain, self.spec.width, self.spec.height)
-        return Tile(tile.index, stage_regions(self.chain, sizes, out)[0], out)
+        return Tile(tile.index, stage_regions(self.chain, self.stage_sizes, out)[0], out)
 
     def add(self, tile: Tile, block: Image) -> None:
         """Cut and write the tiles of ``block`` (an `expand`-ed tile's result) at each level."""
