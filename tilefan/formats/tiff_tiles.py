@@ -150,30 +150,53 @@ def halve(block: pyvips.Image) -> pyvips.Image:
         pixels[1:height:2, 0:width:2],
         pixels[1:height:2, 1:width:2],
     ]
+    # Sums are made in place, in the narrowest type that holds them: a block's halving
+    # needs about half its own size again, not eight times it (int64 copies of each quarter).
     mean: np.ndarray[Any, Any]
     if block.hasalpha():
         mean = _alpha_weighted(quads)
     elif pixels.dtype.kind == "f":
         # In the pixel's own precision, added in libvips' order.
-        mean = (((quads[0] + quads[1]) + quads[2]) + quads[3]) / pixels.dtype.type(4)
+        mean = quads[0] + quads[1]
+        mean += quads[2]
+        mean += quads[3]
+        mean /= pixels.dtype.type(4)
     else:
-        wide = [quad.astype(np.int64) for quad in quads]
-        mean = (wide[0] + wide[1] + wide[2] + wide[3] + 2) >> 2
-    return from_array(mean.astype(pixels.dtype), block.format, block.interpretation)
+        mean = quads[0].astype(_SUM_TYPES.get(pixels.dtype.type, np.int64))
+        for quad in quads[1:]:
+            mean += quad
+        mean += 2
+        mean >>= 2
+    return from_array(mean.astype(pixels.dtype, copy=False), block.format, block.interpretation)
+
+
+_SUM_TYPES: dict[type[np.generic], type[np.generic]] = {
+    np.uint8: np.uint16,
+    np.int8: np.int16,
+    np.uint16: np.uint32,
+    np.int16: np.int32,
+}
+"""The integer type that holds four pixels' sum plus two (32-bit pixels: int64)."""
 
 
 def _alpha_weighted(quads: Sequence[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
-    """libvips' 2x2 mean of an image whose last band is alpha (computed in double)."""
-    wide = [quad.astype(np.float64) for quad in quads]
-    alpha_sum = np.zeros_like(wide[0][..., -1:])
-    colour_sum = np.zeros_like(wide[0][..., :-1])
-    for quad in wide:
-        alpha_sum += quad[..., -1:]
-        colour_sum += quad[..., :-1] * quad[..., -1:]
+    """libvips' 2x2 mean of an image whose last band is alpha (computed in double), in the
+    pixels' own type."""
+    height, width, bands = quads[0].shape
+    alpha_sum = np.zeros((height, width, 1))
+    colour_sum = np.zeros((height, width, bands - 1))
+    for quad in quads:
+        alpha = quad[..., -1:]
+        alpha_sum += alpha
+        colour_sum += np.multiply(quad[..., :-1], alpha, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        colour = np.where(alpha_sum == 0, 0.0, colour_sum / alpha_sum)
-    weighted: np.ndarray[Any, Any] = np.trunc(np.concatenate([colour, alpha_sum / 4], axis=-1))
-    return weighted
+        colour_sum /= alpha_sum
+    colour_sum[np.broadcast_to(alpha_sum == 0, colour_sum.shape)] = 0.0
+    alpha_sum /= 4
+    mean = np.empty_like(quads[0])
+    mean[..., :-1] = np.trunc(colour_sum, out=colour_sum)
+    mean[..., -1:] = np.trunc(alpha_sum, out=alpha_sum)
+    return mean
 
 
 def numpy_dtype(pixel_format: str) -> type[np.generic]:
