@@ -10,6 +10,7 @@ Both are reported; the sampled peak can miss a spike shorter than the interval.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,6 +43,9 @@ class PeakMemory:
         self.peak_anon_kb = self.baseline.get("RssAnon", 0)
         self.peak_file_kb = self.baseline.get("RssFile", 0)
         self.peak_rss_kb = self.baseline.get("VmRSS", 0)
+        self.cpu_s = 0.0
+        """The sampler's own CPU time, known once stopped (a process's CPU less this is the
+        measured code's)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
 
@@ -54,6 +58,7 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+        self.cpu_s = time.thread_time()
 
     def start(self) -> PeakMemory:
         self._thread.start()
