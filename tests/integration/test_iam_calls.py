@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import tilefan.stages.compaction
 import tilefan.stages.process
 import tilefan.stages.split
 from tests.e2e.support import raw, serving, wait_until_ended
@@ -52,6 +53,7 @@ _S3_ACTIONS = {
     "PutObject": "s3:PutObject",
     "CreateMultipartUpload": "s3:PutObject",
     "UploadPart": "s3:PutObject",
+    "UploadPartCopy": "s3:PutObject",
     "CompleteMultipartUpload": "s3:PutObject",
     "AbortMultipartUpload": "s3:AbortMultipartUpload",
     "DeleteObject": "s3:DeleteObject",
@@ -72,6 +74,9 @@ def needed(service: str, operation: str, params: dict[str, Any]) -> set[tuple[st
             return {(action, BUCKET)}
         if operation == "DeleteObjects":
             return {(action, _object(item["Key"])) for item in params["Delete"]["Objects"]}
+        if operation == "UploadPartCopy":  # reads its source as GetObject does
+            source = params["CopySource"]["Key"]
+            return {(action, _object(params["Key"])), ("s3:GetObject", _object(source))}
         return {(action, _object(params["Key"]))}
     if service == "dynamodb":
         return {(f"dynamodb:{operation}", OWNER_INDEX if params.get("IndexName") else TABLE)}
@@ -124,15 +129,19 @@ def calls(api: LocalApi) -> Calls:
 
 
 def create(
-    client: TilefanClient, source: Path, op: str = "invert", output_format: str = "tiff"
+    client: TilefanClient,
+    source: Path,
+    op: str = "invert",
+    output_format: str = "tiff",
+    options: dict[str, Any] | None = None,
 ) -> str:
     body = {
         "operations": [{"op": op}],
-        "output": {"format": output_format},
+        "output": {"format": output_format, **(options or {})},
         "tile_size": TILE,
         "input": {"size_bytes": source.stat().st_size},
     }
-    key = f"{source.name}-{output_format}"
+    key = f"{source.name}-{output_format}-{sorted((options or {}).items())}"
     created = client.request("POST", "/jobs", body, {"Idempotency-Key": key})
     client.upload(source, created)
     return str(created["job_id"])
@@ -167,6 +176,24 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
             assert tile.status == 200
         jobs.append(job_id)
     client.request("GET", "/jobs")
+
+    # A COG of more batches than a group (made two here): the tile workers join the batches'
+    # small levels (the second fan-out) before the merge.
+    monkeypatch.setattr(tilefan.stages.compaction, "_MAX_GROUP", 2)
+    groups: list[list[int]] = []
+    real_compact = tilefan.stages.compaction.compact
+
+    def compact(pipeline: Any, job_id: str, batches: list[int]) -> dict[str, Any]:
+        groups.append(list(batches))
+        return real_compact(pipeline, job_id, batches)
+
+    monkeypatch.setattr(tilefan.stages.compaction, "compact", compact)
+    job_id = create(client, large, "invert", "tiff", {"pyramid": True})
+    client.request("POST", f"/jobs/{job_id}/start")
+    assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
+    assert groups
+    jobs.append(job_id)
+    monkeypatch.undo()
 
     # Fails on a tile: Abort reads the tile records and removes the intermediates.
     real_execute = tilefan.stages.process.execute_tile
