@@ -1,4 +1,5 @@
-"""A worker computes its block's chain once, however many times its output writer reads it.
+"""A worker computes its block's chain once, however many times its output writer reads it,
+and holds its encoded levels once when it writes them.
 
 A tile's result is a lazy libvips pipeline: every read (an encode, a halving, each cut tile)
 would run the chain again. Counted with libvips' own ``preeval`` signal, which fires each
@@ -7,6 +8,8 @@ time a pipeline is computed.
 
 from __future__ import annotations
 
+import json
+import tracemalloc
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,6 +35,9 @@ class _Store:
 
     def put_bytes(self, key: str, body: bytes, *args: Any) -> None:
         self.objects[key] = len(body)
+
+    def put_json(self, key: str, document: Any) -> None:
+        self.objects[key] = len(json.dumps(document))
 
     def put_tile(self, job_id: str, stage: str, index: int, tile: pyvips.Image, **_: Any) -> None:
         self.objects[f"{stage}/{index}"] = len(tile.write_to_memory())
@@ -102,6 +108,25 @@ def test_a_result_of_one_level_is_never_halved(monkeypatch: pytest.MonkeyPatch) 
     writer = TiffBatchWriter(pipeline, _job("tiff"), first_tile=0)  # type: ignore[arg-type]
     writer.add(_tile(), _counted_block()[0])
     assert len(writer.levels[0].tiles) == (SIZE // 256) ** 2
+
+
+def test_a_tiff_batch_holds_its_encoded_levels_once_when_it_writes_them() -> None:
+    """The batch's object is joined from its levels' own buffers, not from a copy of each
+    (a batch of 4096 px blocks holds hundreds of MB of levels: the copies were the worker's
+    peak)."""
+    pipeline = SimpleNamespace(store=_Store())
+    job = _job("tiff", pyramid=True, compression="none")
+    writer = TiffBatchWriter(pipeline, job, first_tile=0)  # type: ignore[arg-type]
+    writer.add(_tile(), _counted_block()[0])
+    held = sum(len(level.data) for level in writer.levels)
+    tracemalloc.start()
+    try:
+        writer.finish()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pipeline.store.objects["jobs/job/encoded/000000.tiles"] == held > SIZE * SIZE * 3
+    assert peak < 1.5 * held
 
 
 @pytest.mark.parametrize("output_format", ["dzi", "iiif", "dz"])

@@ -214,7 +214,8 @@ class TiffBatchWriter:
         if self.preview is not None:
             self.preview.finish()
         tiles_key = keys.encoded(job_id, first, "tiles", base)
-        store.put_bytes(tiles_key, b"".join(bytes(level.data) for level in self.levels))
+        # Joined from the levels' own buffers: the object and the levels, held once each.
+        store.put_bytes(tiles_key, b"".join(level.data for level in self.levels))
         index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}
         start = 0
         for number, level in enumerate(self.levels):
