@@ -59,6 +59,8 @@ def run(
             "status": result.get("status", result.get("error")),
             "job_wall_s": result.get("wall_s"),
             "merge": result.get("stages", {}).get("merge"),
+            # The workers' too: each halves its block for the levels it writes.
+            "tile_batch": result.get("stages", {}).get("tile_batch"),
             "merge_handler_s": [merge["handler_s"] for merge in merges],
             "merge_handler_cpu_s": [merge.get("handler_cpu_s") for merge in merges],
             "batches": sum(1 for row in result.get("invocations", []) if "tiles" in row),
