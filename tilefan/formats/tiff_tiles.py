@@ -150,8 +150,9 @@ def halve(block: pyvips.Image) -> pyvips.Image:
         pixels[1:height:2, 0:width:2],
         pixels[1:height:2, 1:width:2],
     ]
-    # Sums are made in place, in the narrowest type that holds them: a block's halving
-    # needs about half its own size again, not eight times it (int64 copies of each quarter).
+    # Sums are made in place, in the narrowest type that holds them: beside the block's
+    # pixels, a halving holds 3/4 of its size (the sums, the result), not the ten times
+    # that int64 copies of each quarter and their sums took.
     mean: np.ndarray[Any, Any]
     if block.hasalpha():
         mean = _alpha_weighted(quads)
