@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 from moto import mock_aws
 
 import tilefan.state.multipart
+from tilefan.local.stack import local_stack
 from tilefan.state.multipart import MIN_PART, Range, TooManyParts, assemble_object
 from tilefan.state.storage import TileStore
 
@@ -85,3 +88,21 @@ def test_too_many_parts_fails_with_a_code_and_leaves_no_upload(
     with pytest.raises(TooManyParts):
         assemble_object(store, "result", [Range("big", 0, MIN_PART)] * 3, "image/tiff")
     assert store.client.list_multipart_uploads(Bucket="tilefan-test").get("Uploads", []) == []
+
+
+def test_the_mergers_client_keeps_a_connection_for_every_request_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over real HTTP (the engine as a server), the merger's own client assembles an object of
+    40 copied parts: urllib3 drops no connection (botocore's default pool of 10 dropped one
+    for each request past it, which on AWS is a new TLS handshake)."""
+    with local_stack(server=True) as stack:
+        merger = inspect.unwrap(stack.engine.handler("MergerFunction")).__globals__
+        store = merger["pipeline"].store
+        put(store, "jobs/job/source", MIN_PART, 7)
+        with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+            size = assemble_object(
+                store, "jobs/job/result", [Range("jobs/job/source", 0, MIN_PART)] * 40, "x/y"
+            )
+        assert size == 40 * MIN_PART
+    assert not [record for record in caplog.records if "pool is full" in record.getMessage()]

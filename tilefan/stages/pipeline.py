@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import boto3
+from botocore.config import Config
 
 from tilefan.settings import Settings
 from tilefan.stages import abort, cleanup, compaction, merge, process, split, statistics
@@ -14,6 +15,7 @@ from tilefan.state.jobs import (
     JobRepository,
     JobStatus,
 )
+from tilefan.state.multipart import CONNECTIONS
 from tilefan.state.storage import TileStore, keys
 
 __all__ = ["Pipeline"]
@@ -37,7 +39,9 @@ class Pipeline:
                 settings.table, resource=boto3.resource("dynamodb"), ttl_days=settings.job_ttl_days
             ),
             store=TileStore(
-                settings.bucket, client=boto3.client("s3"), compression=settings.tile_encoding
+                settings.bucket,
+                client=boto3.client("s3", config=Config(max_pool_connections=CONNECTIONS)),
+                compression=settings.tile_encoding,
             ),
         )
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 __all__ = [
+    "CONNECTIONS",
     "MAX_PARTS",
     "MIN_PART",
     "MIN_PART_SIZE",
@@ -45,6 +46,11 @@ _PLAIN_PART = 8 * 2**20
 
 _TRANSFERS = 16
 """Requests `assemble_object` keeps in flight: parts copied or sent, and ranges read."""
+
+CONNECTIONS = 2 * _TRANSFERS
+"""Connections the S3 client of a stage that assembles must keep: its transfers and its
+reads in flight at once. botocore keeps 10 by default and opens, then drops, a connection for
+each request past them (on AWS, a TLS handshake each time)."""
 
 _PLAIN_PARTS_IN_FLIGHT = 4
 """Of those, plain parts (8 MiB each, held until sent): the merger holds at most about
