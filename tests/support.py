@@ -103,3 +103,20 @@ def libvips_error(detail: str) -> pyvips.Error:
     clearing it), so an injected failure brings its own.
     """
     return pyvips.Error("unable to call the operation", detail)
+
+
+def compaction_groups_of_two(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Make the second fan-out's groups two batches each; returns the list of the groups its
+    tasks are given, filled as they run."""
+    import tilefan.stages.compaction as compaction
+
+    monkeypatch.setattr(compaction, "_MAX_GROUP", 2)
+    groups: list[list[int]] = []
+    real_compact = compaction.compact
+
+    def compact(pipeline: Any, job_id: str, batches: list[int]) -> dict[str, Any]:
+        groups.append(list(batches))
+        return real_compact(pipeline, job_id, batches)
+
+    monkeypatch.setattr(compaction, "compact", compact)
+    return groups

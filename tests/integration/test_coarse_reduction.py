@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import pyvips
 
-import tilefan.stages.compaction
 import tilefan.stages.reduction
 import tilefan.stages.tiff_output
 from tests.integration.test_preview import PREVIEW, preview_files, run_with_preview
@@ -24,7 +23,7 @@ from tests.integration.test_tileset_output import (
     got_files,
     run_set,
 )
-from tests.support import assert_identical, noise_image, whole
+from tests.support import assert_identical, compaction_groups_of_two, noise_image, whole
 from tilefan.local.stack import LocalStack
 from tilefan.state.multipart import MIN_PART, Range
 
@@ -113,15 +112,7 @@ def test_a_cog_of_many_batches_joins_their_small_levels_before_the_merge(
 ) -> None:
     """Groups of two batches: the second fan-out joins each group's small levels, and the
     merger copies every batch range it uses (it passes none of them through itself)."""
-    monkeypatch.setattr(tilefan.stages.compaction, "_MAX_GROUP", 2)
-    groups: list[list[int]] = []
-    real_compact = tilefan.stages.compaction.compact
-
-    def compact(pipeline: Any, job_id: str, batches: list[int]) -> dict[str, Any]:
-        groups.append(list(batches))
-        return real_compact(pipeline, job_id, batches)
-
-    monkeypatch.setattr(tilefan.stages.compaction, "compact", compact)
+    groups = compaction_groups_of_two(monkeypatch)
     ranges: list[Range] = []
     real_assemble = tilefan.stages.tiff_output.assemble_object
 

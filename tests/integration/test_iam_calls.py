@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 
-import tilefan.stages.compaction
 import tilefan.stages.process
 import tilefan.stages.split
 from tests.e2e.support import raw, serving, wait_until_ended
-from tests.support import libvips_error, noise_image
+from tests.support import compaction_groups_of_two, libvips_error, noise_image
 from tests.unit.test_template_iam import (
     BUCKET,
     FUNCTION_ROLES,
@@ -179,15 +178,7 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
 
     # A COG of more batches than a group (made two here): the tile workers join the batches'
     # small levels (the second fan-out) before the merge.
-    monkeypatch.setattr(tilefan.stages.compaction, "_MAX_GROUP", 2)
-    groups: list[list[int]] = []
-    real_compact = tilefan.stages.compaction.compact
-
-    def compact(pipeline: Any, job_id: str, batches: list[int]) -> dict[str, Any]:
-        groups.append(list(batches))
-        return real_compact(pipeline, job_id, batches)
-
-    monkeypatch.setattr(tilefan.stages.compaction, "compact", compact)
+    groups = compaction_groups_of_two(monkeypatch)
     job_id = create(client, large, "invert", "tiff", {"pyramid": True})
     client.request("POST", f"/jobs/{job_id}/start")
     assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
