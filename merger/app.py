@@ -21,8 +21,9 @@ pyvips.cache_set_max(0)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Event: ``{"action": "merge" | "abort" | "reduce_statistics" | "cleanup", "job_id": ...}``.
 
-    ``abort`` takes the ``error``; ``reduce_statistics`` the pass's ``manifest_key``. The API
-    invokes ``cleanup`` asynchronously when a job is cancelled or deleted.
+    ``abort`` takes the ``error``; ``reduce_statistics`` the pass's ``manifest_key``. The state
+    machine runs ``cleanup`` after a job succeeds; the API invokes it asynchronously when a
+    job is cancelled or deleted.
     """
     # This invocation's keys only: the embedded engine runs invocations as threads of one process.
     logger.thread_safe_clear_keys()

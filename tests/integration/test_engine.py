@@ -152,7 +152,10 @@ def test_every_manifest_item_is_processed_exactly_once() -> None:
         }
         assert "error" not in output
     assert Counter(recorder.items) == Counter(range(300))
-    assert recorder.merger_events == [{"action": "merge", "job_id": "job-1"}]
+    assert recorder.merger_events == [
+        {"action": "merge", "job_id": "job-1"},
+        {"action": "cleanup", "job_id": "job-1"},
+    ]
     context = recorder.contexts[0]
     assert context.function_name == "TileWorkerFunction"
     assert context.invoked_function_arn.endswith(":function:TileWorkerFunction")
@@ -178,7 +181,7 @@ def test_transient_errors_are_retried_until_the_item_succeeds() -> None:
     assert result["status"] == "SUCCEEDED", result
     assert attempts == Counter({batch: 2 for batch in range(6)})
     assert sorted(recorder.items) == list(range(6))
-    assert [event["action"] for event in recorder.merger_events] == ["merge"]
+    assert [event["action"] for event in recorder.merger_events] == ["merge", "cleanup"]
 
 
 def test_a_failing_tile_runs_abort_and_fails_the_execution() -> None:
@@ -354,7 +357,10 @@ def test_server_mode_serves_presigned_uploads_and_runs_executions() -> None:
         result = run_job(engine, max_concurrency=4)
         assert result["status"] == "SUCCEEDED", result
     assert Counter(recorder.items) == Counter(range(20))
-    assert recorder.merger_events == [{"action": "merge", "job_id": "job-1"}]
+    assert recorder.merger_events == [
+        {"action": "merge", "job_id": "job-1"},
+        {"action": "cleanup", "job_id": "job-1"},
+    ]
     assert boto3.DEFAULT_SESSION is session
     assert dict(os.environ) == environment
 

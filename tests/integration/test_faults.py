@@ -51,7 +51,7 @@ TILES = COLUMNS * GRID_ROWS
 OPS = [{"op": "gaussblur", "sigma": 1.5}, {"op": "invert"}]
 
 # Interval before jitter of each Task's Retry (statemachine/tilefan.asl.json).
-WORKER, SPLIT, MERGE, ABORT = 1.0, 2.0, 2.0, 2.0
+WORKER, SPLIT, MERGE, CLEANUP, ABORT = 1.0, 2.0, 2.0, 2.0, 2.0
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +416,13 @@ MATRIX = {
         JobStatus.FAILED,
         code="INTERNAL_ERROR",
         message="the job table refused the request (ValidationException)",
+    ),
+    "s3-errors-while-removing-the-intermediates": Row(
+        # The job has SUCCEEDED with its result when its intermediates are removed: a
+        # refusal there is retried on its own and never makes the merge run again.
+        _aws(("DeleteObjects", lambda p: True, "InternalError", 500, 1)),
+        JobStatus.SUCCEEDED,
+        backoff=[CLEANUP],
     ),
     "abort-itself-is-throttled": Row(
         _both(

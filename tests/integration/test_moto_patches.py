@@ -337,7 +337,7 @@ def test_a_failed_map_item_fails_the_map_with_the_patch_and_not_without(
     # moto as it is lets every item fail and the Map succeed; if it stops doing so, the
     # patch has nothing left to do and this says so.
     status, job = _run_failing_map(monkeypatch, with_patch=False)
-    assert (status, job.merger_actions) == ("SUCCEEDED", ["merge"])
+    assert (status, job.merger_actions) == ("SUCCEEDED", ["merge", "cleanup"])
 
 
 def _stop_while_the_split_runs(monkeypatch: pytest.MonkeyPatch, *, with_patch: bool) -> str:

@@ -137,6 +137,7 @@ def test_every_task_retries_transient_errors_with_jittered_backoff(asl: dict[str
         "ProcessBatch",
         "CompactGroup",
         "Merge",
+        "RemoveIntermediates",
         "Abort",
     }
     for name, state in all_tasks.items():

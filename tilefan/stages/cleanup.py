@@ -1,4 +1,5 @@
-"""Cleanup: remove what a cancelled or deleted job left, off the API's request path."""
+"""Cleanup: remove what a job left once it ended: the state machine's last task after a
+success, and off the API's request path for a cancelled or deleted job."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def cleanup(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
-    """A deleted job loses every object and tile item; a cancelled one, what it ran with."""
+    """A deleted job loses every object and tile item; an ended one, what it ran with."""
     try:
         pipeline.jobs.get(job_id)
     except JobNotFound:

@@ -19,7 +19,6 @@ from tilefan.state.jobs import (
     Job,
     JobStatus,
 )
-from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
@@ -28,7 +27,7 @@ _ERROR_CODES: dict[str, str] = {}
 
 
 def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
-    """Assemble the output tiles strip by strip, save, upload, and mark the job SUCCEEDED."""
+    """Assemble the result from the workers' output, save it, and mark the job SUCCEEDED."""
     started = time.monotonic()
     job = pipeline.jobs.get(job_id)
     if job.grid is None or job.source is None:
@@ -74,7 +73,8 @@ def merge(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     except InvalidTransition:
         pipeline.discard_if_ended(job_id)
         raise
-    pipeline.store.delete_prefix(keys.job_prefix(job_id))
+    # The intermediates go in the state machine's next task (`cleanup`): once the job has
+    # SUCCEEDED, a refused delete must not make this merge run again.
     return {"status": JobStatus.SUCCEEDED.value, "output_key": key}
 
 

@@ -214,8 +214,7 @@ def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dic
                 output=output,
                 **spent,
             )
-            pipeline.store.delete_prefix(keys.job_prefix(job_id))
-            answer["finished"] = True
+            answer["finished"] = True  # the next task removes the intermediates
         else:
             pipeline.jobs.transition(
                 job_id, JobStatus.PROCESSING, allowed_from={JobStatus.STATISTICS}, **spent
