@@ -67,6 +67,11 @@ def run(
             "compaction_groups": sum(
                 1 for row in result.get("invocations", []) if row.get("stage") == "compact"
             ),
+            # The first coarse level's groups, reduced by the second fan-out, and their peak.
+            "reduce_groups": sum(
+                1 for row in result.get("invocations", []) if row.get("stage") == "reduce"
+            ),
+            "reduce": result.get("stages", {}).get("reduce"),
             "load_before": load_before,
             "load_after": load_average(),
         }

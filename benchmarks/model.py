@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 from tilefan.imaging.plan import WORKER_RUNTIME_MB
-from tilefan.stages.reduction import GROUP_BYTES
+from tilefan.stages.reduction import FANOUT_SIDE, GROUP_BYTES
 from tilefan.state.multipart import MIN_PART
 from tilefan.state.ranged import REQUEST_BYTES, REQUESTS_IN_FLIGHT
 
@@ -441,7 +441,38 @@ def predict(
             # A few parts, not the result's thousands: assumed one request's latency.
             "complete": s3,
         }
-    compact_s = math.ceil(compact_groups / lanes) * sum(compact.values()) if compact_groups else 0.0
+    # The first level no block holds whole, when wider than one fan-out group: the second
+    # fan-out's tasks reduce it a `FANOUT_SIDE` square each (its levels down to one tile
+    # a side), alongside the compaction groups; the merger starts that many levels down.
+    first_side = math.sqrt(pixels / 4**levels) if pyramid else 0.0
+    reduce_groups = math.ceil(first_side / FANOUT_SIDE) ** 2 if first_side > FANOUT_SIDE else 0
+    fanned = int(math.log2(FANOUT_SIDE // TIFF_TILE)) + 1 if reduce_groups else 0
+    reduce: dict[str, float] = {}
+    under = 0
+    if reduce_groups:
+        group_px = FANOUT_SIDE**2
+        # The batches under a group: its square at level 0, a row of batches per tile row.
+        under = math.ceil((FANOUT_SIDE << levels) / tile_size) * max(
+            1, math.ceil((FANOUT_SIDE << levels) / tile_size / per_item)
+        )
+        reduce = {
+            "indexes": math.ceil(under / IO_THREADS) * s3,
+            "pieces": math.ceil(under / IO_THREADS) * s3 + group_px * BANDS / net,
+            "encode": group_px
+            * 4
+            / 3
+            / 1e6
+            / measured.merge_encode_mp_per_cpu_s
+            / min(1.0, worker_vcpu),
+            # Its tiles, pieces and index.
+            "write": 3 * s3 + group_px * 4 / 3 * measured.output_bytes_per_px / net,
+        }
+    fanout_items = compact_groups + reduce_groups
+    fanout_s = (
+        math.ceil(fanout_items / lanes) * max(sum(compact.values()), sum(reduce.values()))
+        if fanout_items
+        else 0.0
+    )
     copies, copied, gathered, small_reads = 0, 0.0, 0.0, 0
     for level in range(levels):
         # The ranges the merger takes for a level: a batch's, or a group's when joined.
@@ -457,28 +488,40 @@ def predict(
             copies, copied = copies + count, copied + count * size
         else:
             gathered, small_reads = gathered + count * size, small_reads + count
-    # The levels coarser than a block, down to one TIFF tile: encoded by the merger.
-    coarse_px = (
+    # The levels coarser than a block, down to one TIFF tile: encoded by the merger, below
+    # those the fan-out reduced; all their tiles pass through it, a range per fan-out level.
+    coarse_bytes = measured.output_bytes_per_px * (
         sum(pixels / 4**level for level in range(levels, 64) if pixels / 4**level >= TIFF_TILE**2)
         if pyramid
         else 0.0
     )
-    coarse_bytes = coarse_px * measured.output_bytes_per_px
-    pieces_bytes = pixels / 4**levels * BANDS if pyramid else 0.0
+    coarse_px = (
+        sum(
+            pixels / 4**level
+            for level in range(levels + fanned, 64)
+            if pixels / 4**level >= TIFF_TILE**2
+        )
+        if pyramid
+        else 0.0
+    )
+    small_reads += reduce_groups * fanned
+    pieces_bytes = pixels / 4 ** (levels + fanned) * BANDS if pyramid else 0.0
     coarse_groups = math.ceil(pieces_bytes / GROUP_BYTES)
     plain_parts = math.ceil((gathered + coarse_bytes) / PART_BYTES) + 1
     merge = {
         "cold_start": cold,
         "progress_read": 2 * ddb,
         "list": math.ceil(3 * items / 1000) * s3,
-        "indexes": items / IO_THREADS * s3,
-        "pieces": (items / IO_THREADS * s3 + pieces_bytes / net) if pyramid else 0.0,
+        "indexes": (items + reduce_groups) / IO_THREADS * s3,
+        "pieces": ((reduce_groups or items) / IO_THREADS * s3 + pieces_bytes / net)
+        if pyramid
+        else 0.0,
         "coarse_encode": coarse_px
         / 1e6
         / measured.merge_encode_mp_per_cpu_s
         / min(1.0, merge_vcpu),
         # Each group's tiles, pieces and index written, in turn.
-        "coarse_write": 3 * coarse_groups * s3 + coarse_bytes / net,
+        "coarse_write": 3 * coarse_groups * s3 + coarse_px * measured.output_bytes_per_px / net,
         "assemble": max(
             (copies * s3 + copied / (_a("copy_mb_per_s") * 1e6)) / IO_THREADS
             + (small_reads + plain_parts) * s3 / IO_THREADS,
@@ -488,13 +531,14 @@ def predict(
         "complete": _a("complete_multipart_s"),
     }
     split_s, merge_s = sum(split.values()), sum(merge.values())
-    wall = split_s + map_s + compact_s + merge_s
+    wall = split_s + map_s + fanout_s + merge_s
 
     gb_s = (
         SPLITTER_MB / 1024 * split_s
         + WORKER_MB / 1024 * (items * item_s + lanes * cold)
         + MERGER_MB / 1024 * merge_s
         + WORKER_MB / 1024 * compact_groups * sum(compact.values())
+        + WORKER_MB / 1024 * reduce_groups * sum(reduce.values())
     )
     transcode_parts = math.ceil(transcode_bytes / PART_BYTES) + 2 if source == "jpeg" else 0
     puts = (
@@ -507,6 +551,7 @@ def predict(
         + 3 * coarse_groups
         # Each group's multipart object (its parts) and index.
         + compact_groups * (math.ceil(joined / PART_BYTES) + 3)
+        + 3 * reduce_groups  # a reduced group's tiles, pieces and index
         + 2  # create and complete the result's upload
     )
     gets = (
@@ -516,11 +561,12 @@ def predict(
         + items * (1 + (levels > 1))  # indexes, pieces
         + small_reads
         + compact_groups * group * (1 + len(small))  # a group's indexes and small ranges
+        + reduce_groups * 2 * under  # the indexes and pieces under each group
     )
     cost = {
         "lambda_duration": gb_s * _a("price_gb_s_arm64"),
-        "lambda_requests": (items + compact_groups + 2) * _a("price_per_request_lambda"),
-        "step_functions": (6 + 2 * (items + compact_groups)) * _a("price_per_transition"),
+        "lambda_requests": (items + fanout_items + 3) * _a("price_per_request_lambda"),
+        "step_functions": (7 + 2 * (items + fanout_items)) * _a("price_per_transition"),
         "s3_requests": puts * _a("price_s3_put") + gets * _a("price_s3_get"),
         "dynamodb": (units["split_write_units"] + units["worker_write_units"] + 10)
         * _a("price_ddb_write")
@@ -546,7 +592,8 @@ def predict(
     limits = {
         "split_within_timeout": split_s <= _a("timeout_s"),
         "merge_within_timeout": merge_s <= _a("timeout_s"),
-        "compaction_within_timeout": sum(compact.values()) <= _a("timeout_s"),
+        "fanout_within_timeout": max(sum(compact.values()), sum(reduce.values()))
+        <= _a("timeout_s"),
         "worker_within_timeout": item_s <= _a("timeout_s"),
         "split_fits_memory": SPLITTER_PEAK_MB <= SPLITTER_MB,
         "merge_fits_memory": merge_memory_mb <= MERGER_MB,
@@ -555,7 +602,7 @@ def predict(
         # Neither serial stage writes to /tmp any more.
         "fits_tmp": True,
     }
-    stages = {"split": split_s, "map": map_s, "compact": compact_s, "merge": merge_s}
+    stages = {"split": split_s, "map": map_s, "fanout": fanout_s, "merge": merge_s}
     return {
         "gigapixels": gigapixels,
         "tile_size": tile_size,
@@ -572,9 +619,11 @@ def predict(
         "split_s": split_s,
         "split_parts": split,
         "map_s": map_s,
-        "compact_s": compact_s,
+        "fanout_s": fanout_s,
         "compaction_groups": compact_groups,
         "compact_parts": compact,
+        "reduce_groups": reduce_groups,
+        "reduce_parts": reduce,
         "merge_s": merge_s,
         "merge_parts": merge,
         "merge_requests": {

@@ -63,12 +63,15 @@ class _ChildHandler:
         if "memory" not in report:  # the child ended before its report: run_child's error
             raise RuntimeError(f"{self.logical_id} child failed: {report['error']}")
         report["stage"] = _STAGE.get(self.logical_id, self.logical_id)
-        if event.get("action") == "abort":
-            report["stage"] = "abort"
-        if "item" in event:
-            report["tiles"] = len(event["item"].get("tiles", []))
-        if "batches" in event:  # the second fan-out's group, on the tile workers
+        if event.get("action") in ("abort", "cleanup"):
+            report["stage"] = event["action"]
+        item = event.get("item", {})
+        if "reduce" in item:  # the second fan-out's tasks, on the tile workers
+            report["stage"] = "reduce"
+        elif "batches" in item:
             report["stage"] = "compact"
+        elif "tiles" in item:
+            report["tiles"] = len(item["tiles"])
         with self.lock:
             self.records.append({k: v for k, v in report.items() if k != "response"})
         if "error" in report:

@@ -1,11 +1,13 @@
 """What the merger no longer does alone. The levels below the workers' blocks, reduced group
 by group: with groups made small, a level takes several groups and the pyramid several
 rounds, and every page and tile still equals whole-image libvips while the merger never holds
-more than one group's pixels. A COG's small levels, joined across batches by a second
-fan-out before the merge."""
+more than one group's pixels. The first of those levels, when larger than one fan-out group,
+reduced by the second fan-out's tasks, the merger starting from their pieces. A COG's small
+levels, joined across batches by the second fan-out before the merge."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ import pytest
 import pyvips
 
 import tilefan.stages.reduction
+import tilefan.stages.second_fanout
 import tilefan.stages.tiff_output
+import tilefan.stages.tileset_output
 from tests.integration.test_preview import PREVIEW, preview_files, run_with_preview
 from tests.integration.test_tiff_output import assert_cog, libvips_tiff, pages, run_tiff
 from tests.integration.test_tileset_output import (
@@ -32,8 +36,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def mosaics(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Groups of at most 256 x 256 RGB pixels; the size of every group the merger reads."""
+    """Groups of at most 256 x 256 RGB pixels, all of them the merger's (no fan-out); the
+    size of every group the merger reads."""
     monkeypatch.setattr(tilefan.stages.reduction, "GROUP_BYTES", 3 * 256 * 256)
+    monkeypatch.setattr(tilefan.stages.reduction, "FANOUT_SIDE", 2**30)
     made: list[tuple[int, int]] = []
     real = tilefan.stages.reduction.from_array
 
@@ -101,9 +107,112 @@ def test_a_preview_reduced_in_many_groups_equals_dzsave(
     assert max(width * height for width, height in mosaics) == 256 * 256
 
 
+@dataclass
+class Fanout:
+    """What the second fan-out reduced, and the levels the merger reduced itself."""
+
+    groups: list[tuple[str, int, list[int]]] = field(default_factory=list)
+    """Each task's kind, group number and batches."""
+    levels: set[int] = field(default_factory=set)
+    """The levels the tasks reduced."""
+    merger_levels: list[int] = field(default_factory=list)
+    """The level of the pieces each `reduce_levels` of the merger started from."""
+
+
+@pytest.fixture
+def fanout(monkeypatch: pytest.MonkeyPatch) -> Fanout:
+    """Fan-out groups of 256 px; the tasks and the merger's reductions, recorded."""
+    monkeypatch.setattr(tilefan.stages.reduction, "FANOUT_SIDE", 256)
+    seen = Fanout()
+    real_reduce = tilefan.stages.second_fanout.reduce
+
+    def reduce(pipeline: Any, job_id: str, kind: str, number: int, batches: Any) -> Any:
+        seen.groups.append((kind, number, list(batches)))
+        answer = real_reduce(pipeline, job_id, kind, number, batches)
+        seen.levels.add(answer["level"])
+        return answer
+
+    monkeypatch.setattr(tilefan.stages.second_fanout, "reduce", reduce)
+    for module in (tilefan.stages.tiff_output, tilefan.stages.tileset_output):
+        real_levels = module.reduce_levels
+
+        def reduce_levels(store: Any, pieces: Any, *args: Any, real: Any = real_levels) -> Any:
+            if pieces:  # none for a TIFF without a pyramid
+                seen.merger_levels.append(min(piece.level for piece in pieces))
+            return real(store, pieces, *args)
+
+        monkeypatch.setattr(module, "reduce_levels", reduce_levels)
+    return seen
+
+
+STATISTICS_FIRST = [{"op": "hist_equal"}, *BLUR]
+
+
+@pytest.mark.parametrize("ops", [BLUR, STATISTICS_FIRST], ids=["blur", "after-a-statistics-pass"])
+def test_a_cog_whose_first_coarse_level_is_fanned_out_equals_libvips(
+    stack: LocalStack, tmp_path: Path, fanout: Fanout, ops: list[dict[str, Any]]
+) -> None:
+    """256 px blocks leave level 1 (1500 x 1100): 6 x 5 fan-out groups of 256 px, each read
+    from the batches under it; the merger starts from their pieces, at level 2."""
+    image = noise_image(3000, 2200, 3, seed=5)
+    output = run_tiff(stack, image, tmp_path, ops, 256, pyramid=True)
+    expected = libvips_tiff(whole(image, ops), tmp_path, compression="deflate", pyramid=True)
+    got, want = pages(output), pages(expected)
+    assert len(got) == len(want) == 5
+    for page_got, page_want in zip(got, want, strict=True):
+        assert_identical(page_want, page_got)
+    assert_cog(output)
+    assert sorted(number for _, number, _ in fanout.groups) == list(range(30))
+    assert {kind for kind, _, _ in fanout.groups} == {"tiff"}
+    batches = {first for _, _, firsts in fanout.groups for first in firsts}
+    assert all(len(firsts) < len(batches) for _, _, firsts in fanout.groups)
+    assert fanout.levels == {1}
+    assert fanout.merger_levels == [2]
+
+
 @pytest.mark.parametrize(
-    "ops", [BLUR, [{"op": "hist_equal"}, *BLUR]], ids=["blur", "after-a-statistics-pass"]
+    ("output_format", "options"),
+    [
+        ("dzi", {"tile_size": 128, "overlap": 3, "suffix": "png"}),
+        ("dz", {"tile_size": 254, "overlap": 1}),
+        ("iiif", {"tile_size": 128, "suffix": "png"}),
+    ],
 )
+def test_a_tile_set_whose_first_coarse_level_is_fanned_out_equals_dzsave(
+    stack: LocalStack,
+    tmp_path: Path,
+    fanout: Fanout,
+    output_format: str,
+    options: dict[str, Any],
+) -> None:
+    """Fan-out groups reach into their neighbours' pieces for the tiles' overlap, as the
+    merger's do."""
+    image = noise_image(2300, 1700, 3, seed=9)
+    output = run_set(stack, image, tmp_path, output_format, 256, options=options)
+    expected = dzsave_files(whole(image, BLUR), tmp_path, output_format, **options)
+    assert_same_tiles(expected, got_files(output, output_format))
+    assert len(fanout.groups) > 1
+    assert {kind for kind, _, _ in fanout.groups} == {"set"}
+    [fanned_out] = fanout.levels
+    [merger_level] = fanout.merger_levels
+    assert merger_level > fanned_out
+
+
+def test_a_preview_whose_first_coarse_level_is_fanned_out_equals_dzsave(
+    stack: LocalStack, tmp_path: Path, fanout: Fanout
+) -> None:
+    image = noise_image(2600, 1900, 3, seed=13)
+    output = run_with_preview(stack, image, tmp_path, "tiff", 256)
+    expected = dzsave_files(whole(image, BLUR), tmp_path, "dzi", **PREVIEW)
+    assert_same_tiles(expected, preview_files(stack, output["job_id"]))
+    assert {kind for kind, _, _ in fanout.groups} == {"preview"}
+    assert len(fanout.groups) > 1
+    [fanned_out] = fanout.levels
+    [merger_level] = fanout.merger_levels
+    assert merger_level > fanned_out
+
+
+@pytest.mark.parametrize("ops", [BLUR, STATISTICS_FIRST], ids=["blur", "after-a-statistics-pass"])
 def test_a_cog_of_many_batches_joins_their_small_levels_before_the_merge(
     stack: LocalStack,
     tmp_path: Path,

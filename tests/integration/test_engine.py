@@ -53,7 +53,7 @@ class Recorder:
             "tile_count": 2 * self.batches,
             "batch_count": self.batches,
             "statistics_manifest_key": None,
-            "compact_manifest_key": None,
+            "fanout_manifest_key": None,
         }
 
     def worker(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -148,7 +148,7 @@ def test_every_manifest_item_is_processed_exactly_once() -> None:
             "tile_count": 600,
             "batch_count": 300,
             "statistics_manifest_key": None,
-            "compact_manifest_key": None,
+            "fanout_manifest_key": None,
         }
         assert "error" not in output
     assert Counter(recorder.items) == Counter(range(300))
@@ -298,7 +298,7 @@ def lambda_handler(event, context):
         "tile_count": 3,
         "batch_count": 3,
         "statistics_manifest_key": None,
-        "compact_manifest_key": None,
+        "fanout_manifest_key": None,
     }
 """,
         "tile_worker": """

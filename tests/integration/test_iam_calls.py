@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 import tilefan.stages.process
+import tilefan.stages.reduction
+import tilefan.stages.second_fanout
 import tilefan.stages.split
 from tests.e2e.support import raw, serving, wait_until_ended
 from tests.support import compaction_groups_of_two, libvips_error, noise_image
@@ -176,13 +178,25 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
         jobs.append(job_id)
     client.request("GET", "/jobs")
 
-    # A COG of more batches than a group (made two here): the tile workers join the batches'
-    # small levels (the second fan-out) before the merge.
+    # A COG of more batches than a group (made two here), whose first coarse level is larger
+    # than a fan-out group (made 256 px): the tile workers join the batches' small levels and
+    # reduce that level's groups, of the pyramid and of the preview (the second fan-out),
+    # before the merge.
     groups = compaction_groups_of_two(monkeypatch)
+    monkeypatch.setattr(tilefan.stages.reduction, "FANOUT_SIDE", 256)
+    reduced: list[str] = []
+    real_reduce = tilefan.stages.second_fanout.reduce
+
+    def reduce(pipeline: Any, job: str, kind: str, *args: Any) -> Any:
+        reduced.append(kind)
+        return real_reduce(pipeline, job, kind, *args)
+
+    monkeypatch.setattr(tilefan.stages.second_fanout, "reduce", reduce)
     job_id = create(client, large, "invert", "tiff", {"pyramid": True})
     client.request("POST", f"/jobs/{job_id}/start")
     assert wait_until_ended(client, job_id)["status"] == "SUCCEEDED"
     assert groups
+    assert set(reduced) == {"tiff", "preview"}
     jobs.append(job_id)
     monkeypatch.undo()
 

@@ -300,7 +300,7 @@ class _Job:
             "tile_count": self.batches,
             "batch_count": self.batches,
             "statistics_manifest_key": None,
-            "compact_manifest_key": None,
+            "fanout_manifest_key": None,
         }
 
     def merger(self, event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -49,11 +49,12 @@ def test_the_merger_copies_level_ranges_of_5_mib_and_gathers_the_rest() -> None:
     copied_levels = sum(item_bytes / 4**level >= MIN_PART for level in range(4))
     # The levels under 5 MiB come joined, one range per group of batches (the second fan-out).
     groups = cog["compaction_groups"]
-    assert 0 < groups < items and cog["compact_s"] > 0
+    assert 0 < groups < items and cog["fanout_s"] > 0
     requests = cog["merge_requests"]
     assert requests["copies"] >= items * copied_levels
+    # And a range of each level a fan-out group reduced (1024 px: three levels each).
     assert requests["copies"] + requests["small_reads"] == (
-        items * copied_levels + groups * (4 - copied_levels)
+        items * copied_levels + groups * (4 - copied_levels) + cog["reduce_groups"] * 3
     )
     flat = predict(measured(), 10, 2048, 1000)
     assert flat["merge_requests"] == {"copies": flat["items"], "small_reads": 0, "plain_parts": 1}
@@ -141,3 +142,18 @@ def test_the_headline_reports_the_largest_jpeg_with_its_transcode() -> None:
 
 def test_every_assumption_names_its_source() -> None:
     assert all(entry["source"] and entry["note"] for entry in ASSUMPTIONS.values())
+
+
+def test_the_first_coarse_level_of_a_large_cog_is_reduced_by_the_second_fanout() -> None:
+    """At 1024 px, blocks hold three levels: level 3 of 10 GP is 12,500 px a side, 13 x 13
+    fan-out groups of 1024 px; the merger encodes from level 6 on, so its share grows with the
+    image at 1/4096 of its pixels, not 1/64."""
+    ten, one = (predict(measured(), gp, 1024, 1000, pyramid=True) for gp in (10, 1))
+    assert ten["reduce_groups"] == 13 * 13 and ten["fanout_s"] > 0
+    assert ten["reduce_parts"]["encode"] == one["reduce_parts"]["encode"]
+    merger_px = sum(10e9 / 4**level for level in range(6, 64) if 10e9 / 4**level >= 256**2)
+    rate = ten["merge_parts"]["coarse_encode"] / merger_px
+    assert one["merge_parts"]["coarse_encode"] == pytest.approx(
+        rate * sum(1e9 / 4**level for level in range(6, 64) if 1e9 / 4**level >= 256**2)
+    )
+    assert predict(measured(), 0.05, 1024, 1000, pyramid=True)["reduce_groups"] == 0

@@ -28,9 +28,8 @@ from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
-    from tilefan.state.jobs import Job
 
-__all__ = ["compact", "compact_manifest_key", "compaction_groups"]
+__all__ = ["compact", "compaction_groups"]
 
 _MAX_GROUP = 64
 """Batches per group at most: a group's task reads their indexes and joins their small
@@ -63,11 +62,6 @@ def compaction_groups(
     if len(firsts) <= size:
         return []
     return [firsts[start : start + size] for start in range(0, len(firsts), size)]
-
-
-def compact_manifest_key(job: Job) -> str | None:
-    """The key of the job's groups for the fan-out, or None when it has none."""
-    return keys.compaction(job.job_id) if (job.grid or {}).get("compaction_groups") else None
 
 
 def compact(pipeline: Pipeline, job_id: str, batches: Sequence[int]) -> dict[str, Any]:

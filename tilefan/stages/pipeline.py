@@ -9,7 +9,16 @@ import boto3
 from botocore.config import Config
 
 from tilefan.settings import Settings
-from tilefan.stages import abort, cleanup, compaction, merge, process, split, statistics
+from tilefan.stages import (
+    abort,
+    cleanup,
+    compaction,
+    merge,
+    process,
+    second_fanout,
+    split,
+    statistics,
+)
 from tilefan.state.jobs import (
     TERMINAL,
     JobRepository,
@@ -66,6 +75,13 @@ class Pipeline:
     def compact(self, job_id: str, batches: Sequence[int]) -> dict[str, Any]:
         """Join the small pyramid levels of the batches starting at ``batches``."""
         return compaction.compact(self, job_id, batches)
+
+    def reduce_group(
+        self, job_id: str, kind: str, number: int, batches: Sequence[int]
+    ) -> dict[str, Any]:
+        """Reduce group ``number`` of the first coarse round of the job's ``kind`` of
+        pyramid from the pieces of the batches starting at ``batches``."""
+        return second_fanout.reduce(self, job_id, kind, number, batches)
 
     def merge(self, job_id: str) -> dict[str, Any]:
         """Assemble the output, upload it, and mark the job SUCCEEDED."""

@@ -8,6 +8,12 @@ writer encodes the levels the group holds whole and hands over the group's own n
 as a piece. Each round is a level several halvings coarser than the last; the rounds end
 with the pyramid. The merger holds one group's pixels whatever the size of the image, and
 the groups' encoded tiles go to objects, as a batch's do, which the assembly copies or reads.
+
+The first round's pixels grow with the image (1/4^m of them, for blocks of m levels): when
+that level is wider or taller than one `FANOUT_SIDE` group, its groups are the state
+machine's second fan-out (`reduction_fanout`), each a tile worker's task, and the merger
+starts from their pieces, a level several halvings coarser: what it reduces itself stays
+within about one such group however large the image.
 """
 
 from __future__ import annotations
@@ -23,18 +29,35 @@ from tilefan.errors import TilefanError
 from tilefan.formats.tiff_tiles import from_array, numpy_dtype
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import Tile
+from tilefan.state.storage import ObjectMissing, keys
 
 if TYPE_CHECKING:
     from pyvips import Image
 
     from tilefan.state.storage import TileStore
 
-__all__ = ["GROUP_BYTES", "Blocks", "GroupWriter", "Piece", "PixelLayout", "reduce_levels"]
+__all__ = [
+    "FANOUT_SIDE",
+    "GROUP_BYTES",
+    "Blocks",
+    "GroupWriter",
+    "Piece",
+    "PixelLayout",
+    "Reduction",
+    "fanned_out",
+    "reduce_group",
+    "reduce_levels",
+]
 
 GROUP_BYTES = 64 * 2**20
 """Raw bytes of one group at most (its halo aside): 4096 px squares of 8-bit RGB, 2048 of
 float RGB. The merger holds a group's pixels about three times (the pieces read, the mosaic,
 its encoded levels), well inside its memory whatever the image's size."""
+
+FANOUT_SIDE = 1024
+"""A second-fan-out group's side at most, px at its level (whole tiles times a power of two):
+1 MP, which a tile worker reduces in well under a second, and of which the merger keeps
+1/64 or less for its own rounds."""
 
 _IO_THREADS = 16
 
@@ -104,20 +127,108 @@ class GroupWriter(Protocol):
         """Write the objects and the index; returns the index."""
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """One pyramid completed from pieces: a TIFF's, a tile set's or a preview's."""
+
+    part: str
+    """The name of its batches' and groups' index objects (`keys.encoded`)."""
+    sizes: Sequence[tuple[int, int]]
+    """Every level's size, full resolution first."""
+    tile_size: int
+    level: int
+    """The pieces' level: the first no worker's block holds whole."""
+    writer: Callable[[Blocks, int], GroupWriter]
+    """The writer of group ``number`` of a round at ``blocks``."""
+    pixels: Callable[[Mapping[str, Any]], PixelLayout]
+    """The pieces' pixels, as a batch's or group's index records them."""
+
+    @property
+    def has_pieces(self) -> bool:
+        """Whether the workers' blocks leave levels to reduce."""
+        return self.level < len(self.sizes)
+
+    def fanout(self) -> Blocks | None:
+        """The groups of the first round when it is the second fan-out's: squares of at
+        most `FANOUT_SIDE` at the pieces' level, when that level is larger than one; None
+        when the merger reduces it itself."""
+        if not self.has_pieces:
+            return None
+        width, height = self.sizes[self.level]
+        side = self.tile_size
+        while 2 * side <= FANOUT_SIDE:
+            side *= 2
+        if max(width, height) <= side:
+            return None
+        return Blocks(self.level, side, -(-width // side))
+
+    def group_count(self, blocks: Blocks) -> int:
+        """Groups of ``blocks`` over their level."""
+        return blocks.columns * -(-self.sizes[blocks.level][1] // blocks.side)
+
+    def group_rect(self, blocks: Blocks, number: int, margin: int) -> Rect:
+        """The pixels group ``number`` reads at its level: its square grown by the
+        ``margin`` its writer's tiles reach into, clipped to the level."""
+        width, height = self.sizes[blocks.level]
+        grown = blocks.core(number, width, height).grow(margin, margin, margin, margin)
+        return grown.clip(width, height)
+
+    def batches_under(self, blocks: Blocks, number: int, grid: Mapping[str, Any]) -> list[int]:
+        """The worker blocks (tile indexes of the job's ``grid``) whose pieces group
+        ``number`` reads."""
+        rect = self.group_rect(blocks, number, self.writer(blocks, number).margin)
+        scale, side = 2**blocks.level, grid["output_tile"]
+        columns = range(rect.x * scale // side, -(-rect.right * scale // side))
+        rows = range(rect.y * scale // side, -(-rect.bottom * scale // side))
+        return [
+            row * grid["columns"] + column
+            for row in rows
+            if row < grid["rows"]
+            for column in columns
+            if column < grid["columns"]
+        ]
+
+
+def fanned_out(store: TileStore, job_id: str, reduction: Reduction) -> list[dict[str, Any]]:
+    """The indexes of the first round's groups when the second fan-out reduced them (the
+    merger starts from their pieces); none when the merger reduces that round itself."""
+    blocks = reduction.fanout()
+    if blocks is None:
+        return []
+    names = [
+        keys.encoded(job_id, number, reduction.part, blocks.level)
+        for number in range(reduction.group_count(blocks))
+    ]
+    try:
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            return list(pool.map(store.get_json, names))
+    except ObjectMissing as e:
+        raise TilefanError(f"a group of level {blocks.level} was never reduced: {e}") from e
+
+
+def reduce_group(
+    store: TileStore,
+    pieces: Sequence[Piece],
+    reduction: Reduction,
+    blocks: Blocks,
+    number: int,
+    pixels: PixelLayout,
+) -> dict[str, Any]:
+    """Group ``number`` of ``blocks`` (a task of the second fan-out), read from ``pieces``
+    and written by its writer; returns its index."""
+    cells = _Cells(pieces, reduction.tile_size // 2)
+    return _reduce(store, cells, reduction, blocks, number, pixels)
+
+
 def reduce_levels(
     store: TileStore,
     pieces: Sequence[Piece],
-    sizes: Sequence[tuple[int, int]],
-    tile_size: int,
+    reduction: Reduction,
     pixels: PixelLayout,
-    writer: Callable[[Blocks, int], GroupWriter],
 ) -> list[dict[str, Any]]:
-    """Every level below the pieces', group by group; returns the groups' indexes.
-
-    ``writer(blocks, number)`` is the writer of group ``number`` of a round; ``tile_size``
-    is the result's tile, ``sizes`` every level's size, full resolution first.
-    """
+    """Every level below the pieces', group by group; returns the groups' indexes."""
     indexes: list[dict[str, Any]] = []
+    sizes, tile_size = reduction.sizes, reduction.tile_size
     while pieces:
         level = pieces[0].level
         width, height = sizes[level]
@@ -125,17 +236,26 @@ def reduce_levels(
         blocks = Blocks(level, side, -(-width // side))
         cells = _Cells(pieces, tile_size // 2)
         coarser: list[Piece] = []
-        for number in range(blocks.columns * -(-height // side)):
-            group = writer(blocks, number)
-            margin = group.margin
-            grown = blocks.core(number, width, height).grow(margin, margin, margin, margin)
-            grown = grown.clip(width, height)
-            group.add(Tile(number, grown, grown), cells.read(store, grown, pixels))
-            index = group.finish()
+        for number in range(reduction.group_count(blocks)):
+            index = _reduce(store, cells, reduction, blocks, number, pixels)
             indexes.append(index)
             coarser += Piece.listed(index)
         pieces = coarser
     return indexes
+
+
+def _reduce(
+    store: TileStore,
+    cells: _Cells,
+    reduction: Reduction,
+    blocks: Blocks,
+    number: int,
+    pixels: PixelLayout,
+) -> dict[str, Any]:
+    group = reduction.writer(blocks, number)
+    rect = reduction.group_rect(blocks, number, group.margin)
+    group.add(Tile(number, rect, rect), cells.read(store, rect, pixels))
+    return group.finish()
 
 
 def _group_side(tile_size: int, levels: int, width: int, height: int, pixel_bytes: int) -> int:

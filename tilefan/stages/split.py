@@ -27,7 +27,7 @@ from tilefan.imaging.plan import (
     stage_sizes,
 )
 from tilefan.stages import statistics
-from tilefan.stages.compaction import compaction_groups
+from tilefan.stages.second_fanout import fanout_items
 from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
 from tilefan.state.jobs import (
     MAX_TILES,
@@ -97,11 +97,10 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     for item in manifest:
         item["job_id"] = job_id
     pipeline.store.put_json(keys.manifest(job_id), manifest)
-    groups = (
-        compaction_groups(plan, job.output_options, manifest) if job.output_format == "tiff" else []
-    )
-    if groups:
-        pipeline.store.put_json(keys.compaction(job_id), groups)
+    grid = _grid(plan, bytes_split=written)
+    fanout = fanout_items(pipeline, job, plan, grid, manifest)
+    if fanout:
+        pipeline.store.put_json(keys.fanout(job_id), fanout)
     pipeline.jobs.create_tiles(job_id, plan.tile_count)
     statistics.track(pipeline, job_id, pass_grids)
     try:
@@ -111,12 +110,12 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
             allowed_from={JobStatus.SPLITTING},
             source=asdict(spec),
             grid={
-                **_grid(plan, bytes_split=written),
+                **grid,
                 # What the workers open by range: the upload itself, or its transcode.
                 "read": {"key": read_key, "page": 0},
                 "bytes_read": origin.remote.bytes_fetched,
                 "passes": pass_grids,
-                "compaction_groups": len(groups),
+                "fanout_items": len(fanout),
             },
             t_split=time.monotonic() - started,
         )
@@ -130,7 +129,7 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         "statistics_manifest_key": (
             keys.statistics_manifest(job_id, passes[0].upto) if passes else None
         ),
-        "compact_manifest_key": keys.compaction(job_id) if groups else None,
+        "fanout_manifest_key": keys.fanout(job_id) if fanout else None,
     }
 
 

@@ -23,8 +23,8 @@ from tilefan.imaging.execute import StatisticsPass, pass_plan, statistics_passes
 from tilefan.imaging.operations import Chain, parse_chain
 from tilefan.imaging.plan import ImageSpec, Tile, TilePlan
 from tilefan.imaging.statistics import Statistics
-from tilefan.stages.compaction import compact_manifest_key
 from tilefan.stages.merge import _seconds_since_iso
+from tilefan.stages.second_fanout import fanout_manifest_key
 from tilefan.state.jobs import MAX_TILES, TERMINAL, InvalidTransition, JobStatus
 from tilefan.state.storage import ObjectMissing, keys
 
@@ -196,7 +196,7 @@ def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dic
         "tile_count": job.grid["tile_count"],
         "batch_count": math.ceil(job.grid["tile_count"] / pipeline.settings.tiles_per_item),
         "statistics_manifest_key": None,
-        "compact_manifest_key": compact_manifest_key(job),
+        "fanout_manifest_key": fanout_manifest_key(job),
         "finished": False,
     }
     try:

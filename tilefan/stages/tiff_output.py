@@ -32,7 +32,14 @@ from tilefan.formats.tiff_tiles import (
     without_metadata,
 )
 from tilefan.imaging.plan import SAMPLE_BYTES, Tile, TilePlan
-from tilefan.stages.reduction import Blocks, Piece, PixelLayout, reduce_levels
+from tilefan.stages.reduction import (
+    Blocks,
+    Piece,
+    PixelLayout,
+    Reduction,
+    fanned_out,
+    reduce_levels,
+)
 from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
@@ -50,6 +57,7 @@ __all__ = [
     "assemble_tiff",
     "expected_batch_bytes",
     "output_tile_rule",
+    "tiff_reduction",
     "tiles_per_item",
     "worker_levels",
 ]
@@ -177,11 +185,12 @@ class TiffBatchWriter:
         x, y = tile.output.x, tile.output.y
         base = self.blocks.level
         first = tile.index == 0 and base == 0
+        # Every index says what its pieces are: a group of the second fan-out reads a few.
+        self.layout = {"bands": block.bands, "format": block.format}
         for number, level in enumerate(self.levels):
             encoded = encode_block(block, self.encoding, metadata=first)
             if first and number == 0:
                 self.tags = encoded.tags
-                self.layout = {"bands": block.bands, "format": block.format}
             across = -(-block.width // TIFF_TILE)
             for position, data in enumerate(encoded.tiles):
                 row, column = divmod(position, across)
@@ -236,6 +245,25 @@ class TiffBatchWriter:
         return index
 
 
+def tiff_reduction(pipeline: Pipeline, job: Job) -> Reduction:
+    """The pyramid levels of a TIFF result that no worker's block holds whole."""
+    grid = job.grid or {}
+    encoding = TiffEncoding.from_options(job.output_options)
+    sizes = level_sizes(grid["output_width"], grid["output_height"], pyramid=encoding.pyramid)
+
+    def group_writer(blocks: Blocks, number: int) -> TiffBatchWriter:
+        return TiffBatchWriter(pipeline, job, number, blocks=blocks)
+
+    return Reduction(
+        "index",
+        sizes,
+        TIFF_TILE,
+        worker_levels(grid["output_tile"], sizes),
+        group_writer,
+        lambda index: PixelLayout(index["bands"], index["format"], grid["interpretation"]),
+    )
+
+
 def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any]:
     """Write the TIFF result around the workers' and the coarse groups' tiles; returns the
     job's output record."""
@@ -252,15 +280,12 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
         Tag(code, type_, count, base64.b64decode(value))
         for code, type_, count, value in first["tags"]
     ]
-    encoding = TiffEncoding.from_options(job.output_options)
-    sizes = level_sizes(plan.output_width, plan.output_height, pyramid=encoding.pyramid)
-
-    def group_writer(blocks: Blocks, number: int) -> TiffBatchWriter:
-        return TiffBatchWriter(pipeline, job, number, blocks=blocks)
-
-    pieces = [piece for index in indexes for piece in Piece.listed(index)]
-    pixels = PixelLayout(first["bands"], first["format"], plan.output_interpretation)
-    groups = reduce_levels(pipeline.store, pieces, sizes, TIFF_TILE, pixels, group_writer)
+    reduction = tiff_reduction(pipeline, job)
+    sizes = reduction.sizes
+    # The first round's groups, when the second fan-out reduced them; else the batches'.
+    groups = fanned_out(store, job.job_id, reduction)
+    pieces = [piece for index in (groups or indexes) for piece in Piece.listed(index)]
+    groups += reduce_levels(store, pieces, reduction, reduction.pixels(first))
 
     replaced = {
         (tiles_key, level["level"])

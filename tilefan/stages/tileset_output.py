@@ -29,7 +29,14 @@ from tilefan.formats.tiff_tiles import TIFF_TILE, power_of_two_block
 from tilefan.formats.zip_layout import ZipEntry, central_directory, local_entry
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, stage_regions, stage_sizes
-from tilefan.stages.reduction import Blocks, Piece, PixelLayout, reduce_levels
+from tilefan.stages.reduction import (
+    Blocks,
+    Piece,
+    PixelLayout,
+    Reduction,
+    fanned_out,
+    reduce_levels,
+)
 from tilefan.state.multipart import Range, assemble_object
 from tilefan.state.storage import keys
 
@@ -49,6 +56,7 @@ __all__ = [
     "TileSetBatchWriter",
     "assemble_preview",
     "assemble_tileset",
+    "set_reduction",
     "tileset_output_tile",
     "tileset_paths",
     "wants_preview",
@@ -269,7 +277,7 @@ def assemble_tileset(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
     store = pipeline.store
     layout = TileSetLayout.from_options(job.output_format, job.output_options)
     indexes = _indexes(pipeline, job, plan, "index")
-    indexes += _reduced(pipeline, job, plan, indexes, layout, preview=False)
+    indexes += _reduced(pipeline, job, indexes, preview=False)
     width, height = plan.output_width, plan.output_height
     tiles_root, descriptor_path = tileset_paths(job.output_format)
     descriptor = layout.descriptor(width, height, SET_NAME)
@@ -298,7 +306,7 @@ def assemble_preview(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
     indexes = _indexes(pipeline, job, plan, _PREVIEW_PART + "index")
     if not indexes:
         return None
-    _reduced(pipeline, job, plan, indexes, PREVIEW_LAYOUT, preview=True)
+    _reduced(pipeline, job, indexes, preview=True)
     tiles_root, descriptor_path = tileset_paths("dzi")
     descriptor = PREVIEW_LAYOUT.descriptor(plan.output_width, plan.output_height, SET_NAME)
     prefix = keys.result_prefix(job.job_id) + _PREVIEW_FOLDER
@@ -306,29 +314,45 @@ def assemble_preview(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, 
     return {"key": key, "prefix": prefix + tiles_root}
 
 
-def _reduced(
-    pipeline: Pipeline,
-    job: Job,
-    plan: TilePlan,
-    indexes: Sequence[Mapping[str, Any]],
-    layout: TileSetLayout,
-    *,
-    preview: bool,
-) -> list[dict[str, Any]]:
-    """The levels no block holds whole, written group by group; the groups' indexes."""
+def set_reduction(pipeline: Pipeline, job: Job, *, preview: bool) -> Reduction:
+    """The levels of the job's tile set, or with ``preview`` of its result's preview, that
+    no worker's block holds whole."""
+    grid = job.grid or {}
+    layout = (
+        PREVIEW_LAYOUT
+        if preview
+        else TileSetLayout.from_options(job.output_format, job.output_options)
+    )
+    sizes = layout.level_sizes(grid["output_width"], grid["output_height"])
 
     def group_writer(blocks: Blocks, number: int) -> TileSetBatchWriter:
         return TileSetBatchWriter(pipeline, job, number, None, None, preview=preview, blocks=blocks)
 
-    bands, pixel_format, interpretation = indexes[0]["saved"]
-    return reduce_levels(
-        pipeline.store,
-        [piece for index in indexes for piece in Piece.listed(index)],
-        layout.level_sizes(plan.output_width, plan.output_height),
+    level = worker_levels(grid["output_tile"], layout.tile_size, len(sizes))
+    part = (_PREVIEW_PART if preview else "") + "index"
+    return Reduction(
+        part,
+        sizes,
         layout.tile_size,
-        PixelLayout(bands, pixel_format, interpretation),
+        level,
         group_writer,
+        lambda index: PixelLayout(*index["saved"]),
     )
+
+
+def _reduced(
+    pipeline: Pipeline,
+    job: Job,
+    indexes: Sequence[Mapping[str, Any]],
+    *,
+    preview: bool,
+) -> list[dict[str, Any]]:
+    """The levels no block holds whole, written group by group; the groups' indexes (the
+    second fan-out's first, when it reduced the first round)."""
+    reduction = set_reduction(pipeline, job, preview=preview)
+    groups = fanned_out(pipeline.store, job.job_id, reduction)
+    pieces = [piece for index in (groups or indexes) for piece in Piece.listed(index)]
+    return groups + reduce_levels(pipeline.store, pieces, reduction, reduction.pixels(indexes[0]))
 
 
 def _indexes(pipeline: Pipeline, job: Job, plan: TilePlan, part: str) -> list[Any]:

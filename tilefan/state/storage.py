@@ -97,9 +97,9 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/encoded/{first_tile:06d}.{part}"
 
     @staticmethod
-    def compaction(job_id: str) -> str:
+    def fanout(job_id: str) -> str:
         """The second fan-out's items: groups of batches whose small levels are joined."""
-        return f"jobs/{job_id}/compaction.json"
+        return f"jobs/{job_id}/fanout.json"
 
     @staticmethod
     def encoded_prefix(job_id: str) -> str:
