@@ -468,8 +468,11 @@ def predict(
             "write": 3 * s3 + group_px * 4 / 3 * measured.output_bytes_per_px / net,
         }
     fanout_items = compact_groups + reduce_groups
+    # The map's environments are warm; items past them wait for new ones' cold starts.
+    fanout_lanes = max(1, min(concurrency, fanout_items))
     fanout_s = (
-        math.ceil(fanout_items / lanes) * max(sum(compact.values()), sum(reduce.values()))
+        (cold if fanout_lanes > lanes else 0.0)
+        + math.ceil(fanout_items / fanout_lanes) * max(sum(compact.values()), sum(reduce.values()))
         if fanout_items
         else 0.0
     )

@@ -81,7 +81,7 @@ class _ChildHandler:
 
 def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     stages: dict[str, Any] = {}
-    for stage in ("split", "tile_batch", "merge"):
+    for stage in ("split", "tile_batch", "compact", "reduce", "merge"):
         rows = [row for row in records if row.get("stage") == stage]
         if not rows:
             continue
