@@ -28,8 +28,11 @@ from tests.integration.test_tileset_output import (
     run_set,
 )
 from tests.support import assert_identical, compaction_groups_of_two, noise_image, whole
-from tilefan.local.stack import LocalStack
+from tilefan.errors import TilefanError, TransientError
+from tilefan.local.stack import LocalStack, run_job
+from tilefan.state.jobs import JobStatus
 from tilefan.state.multipart import MIN_PART, Range
+from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
 
@@ -168,6 +171,51 @@ def test_a_cog_whose_first_coarse_level_is_fanned_out_equals_libvips(
     assert all(len(firsts) < len(batches) for _, _, firsts in fanout.groups)
     assert fanout.levels == {1}
     assert fanout.merger_levels == [2]
+
+
+def test_a_fanned_out_group_that_fails_is_retried_or_fails_the_job_with_its_sentence(
+    stack: LocalStack, tmp_path: Path, fanout: Fanout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group 3's reduction fails: once with a transient error (the state machine runs it
+    again and the result still equals libvips), then for good (the job ends FAILED, saying
+    which group and why, and leaves nothing behind)."""
+    image = noise_image(1500, 1100, 3, seed=7)  # level 1: 750 x 550, 3 x 3 groups of 256 px
+    real = tilefan.stages.second_fanout.reduce_group
+    failures: list[BaseException] = [TransientError("injected: storage hiccup")]
+
+    def reduce_group(store: Any, pieces: Any, reduction: Any, blocks: Any, number: int, *a: Any):
+        if number == 3 and failures:
+            raise failures.pop(0)
+        return real(store, pieces, reduction, blocks, number, *a)
+
+    monkeypatch.setattr(tilefan.stages.second_fanout, "reduce_group", reduce_group)
+    output = run_tiff(stack, image, tmp_path, BLUR, 256, pyramid=True)
+    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="deflate", pyramid=True)
+    for page_got, page_want in zip(pages(output), pages(expected), strict=True):
+        assert_identical(page_want, page_got)
+    assert [number for _, number, _ in fanout.groups].count(3) == 2
+
+    failures.append(TilefanError("injected: the pieces do not cover the group"))
+    source = tmp_path / "fails.png"
+    image.pngsave(str(source))
+    view = run_job(
+        stack,
+        source,
+        tmp_path / "fails.tif",
+        BLUR,
+        output_format="tiff",
+        tile_size=256,
+        output_options={"pyramid": True},
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.FAILED
+    assert view.job.error == {
+        "code": "INTERNAL_ERROR",
+        "message": "level 1, group 3: injected: the pieces do not cover the group",
+    }
+    store = stack.service.store
+    assert store.list_keys(keys.job_prefix(view.job.job_id)) == []
+    assert store.list_keys(keys.result_prefix(view.job.job_id)) == []
 
 
 @pytest.mark.parametrize(

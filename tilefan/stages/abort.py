@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tilefan.errors import TileFailed, TilefanError, TransientError
-from tilefan.stages import statistics
+from tilefan.stages import second_fanout, statistics
 from tilefan.state.jobs import (
     JobStatus,
     TileState,
@@ -60,6 +60,7 @@ def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> d
         code, message = (
             _tile_failure(pipeline, job_id)
             or statistics.stored_failure(pipeline, job_id)
+            or second_fanout.stored_failure(pipeline, job_id)
             or (code, message)
         )
     ended = pipeline.jobs.finish_failed(job_id, code, message)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from tilefan.errors import TilefanError
+from tilefan.errors import TilefanError, TransientError
 from tilefan.formats.dz_tiles import TILESET_FORMATS
 from tilefan.imaging.plan import TilePlan
 from tilefan.stages.compaction import compaction_groups
@@ -27,13 +27,13 @@ from tilefan.stages.reduction import Piece, Reduction, reduce_group
 from tilefan.stages.tiff_output import tiff_reduction
 from tilefan.stages.tileset_output import set_reduction, wants_preview
 from tilefan.state.jobs import TERMINAL
-from tilefan.state.storage import keys
+from tilefan.state.storage import ObjectMissing, keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
     from tilefan.state.jobs import Job
 
-__all__ = ["fanout_items", "fanout_manifest_key", "reduce"]
+__all__ = ["fanout_items", "fanout_manifest_key", "reduce", "stored_failure"]
 
 _REDUCTIONS: dict[str, Callable[[Pipeline, Job], Reduction]] = {
     "tiff": tiff_reduction,
@@ -95,9 +95,29 @@ def reduce(
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         indexes = list(pool.map(store.get_json, names))
     pieces = [piece for index in indexes for piece in Piece.listed(index)]
-    index = reduce_group(store, pieces, reduction, blocks, number, reduction.pixels(indexes[0]))
-    pipeline.discard_if_ended(job_id)
+    try:
+        index = reduce_group(store, pieces, reduction, blocks, number, reduction.pixels(indexes[0]))
+    except TransientError:
+        raise  # retried by the state machine
+    except TilefanError as e:
+        # The Map reports only that an item failed: the abort tells the user this.
+        store.put_json(
+            keys.fanout_failure(job_id),
+            {"code": e.code, "message": f"level {blocks.level}, group {number}: {e}"},
+        )
+        raise
+    finally:
+        pipeline.discard_if_ended(job_id)
     return {"level": blocks.level, "group": number, "pieces": len(index.get("pieces", ()))}
+
+
+def stored_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
+    """The code and sentence of the fan-out task that failed, if one said why."""
+    try:
+        failure = pipeline.store.get_json(keys.fanout_failure(job_id))
+    except ObjectMissing:
+        return None
+    return str(failure["code"]), str(failure["message"])
 
 
 def _kinds(job: Job, plan: TilePlan) -> list[str]:

@@ -117,6 +117,11 @@ class keys:  # noqa: N801 - a namespace of key builders, read as keys.upload(job
         return f"jobs/{job_id}/statistics/{upto:02d}/parts/{batch:06d}.npz"
 
     @staticmethod
+    def fanout_failure(job_id: str) -> str:
+        """Why a task of the second fan-out failed, for the abort (it has no tile records)."""
+        return f"jobs/{job_id}/fanout-failure.json"
+
+    @staticmethod
     def statistics_failure(job_id: str) -> str:
         """Why a statistics pass's tile failed, for the abort (a pass has no tile records)."""
         return f"jobs/{job_id}/statistics/failure.json"
