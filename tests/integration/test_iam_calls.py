@@ -25,6 +25,7 @@ import tilefan.stages.process
 import tilefan.stages.reduction
 import tilefan.stages.second_fanout
 import tilefan.stages.split
+import tilefan.state.multipart
 from tests.e2e.support import raw, serving, wait_until_ended
 from tests.support import compaction_groups_of_two, libvips_error, noise_image
 from tests.unit.test_template_iam import (
@@ -179,11 +180,13 @@ def test_every_call_each_function_makes_is_granted_to_its_role(
     client.request("GET", "/jobs")
 
     # A COG of more batches than a group (made two here), whose first coarse level is larger
-    # than a fan-out group (made 256 px): the tile workers join the batches' small levels and
-    # reduce that level's groups, of the pyramid and of the preview (the second fan-out),
-    # before the merge.
+    # than a fan-out group (made 256 px): the tile workers upload their batches by parts,
+    # join the batches' small levels and reduce that level's groups, of the pyramid and of
+    # the preview (the second fan-out), before the merge.
     groups = compaction_groups_of_two(monkeypatch)
     monkeypatch.setattr(tilefan.stages.reduction, "FANOUT_SIDE", 256)
+    # Every batch's object by multipart upload, as a large batch's is (`put_joined`).
+    monkeypatch.setattr(tilefan.state.multipart, "_JOINED_UP_TO", 0)
     reduced: list[str] = []
     real_reduce = tilefan.stages.second_fanout.reduce
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,14 @@ from moto import mock_aws
 
 import tilefan.state.multipart
 from tilefan.local.stack import local_stack
-from tilefan.state.multipart import MIN_PART, Range, TooManyParts, assemble_object
+from tilefan.state.multipart import (
+    MIN_PART,
+    MIN_PART_SIZE,
+    Range,
+    TooManyParts,
+    assemble_object,
+    put_joined,
+)
 from tilefan.state.storage import TileStore
 
 pytestmark = pytest.mark.integration
@@ -106,3 +115,59 @@ def test_the_mergers_client_keeps_a_connection_for_every_request_in_flight(
             )
         assert size == 40 * MIN_PART
     assert not [record for record in caplog.records if "pool is full" in record.getMessage()]
+
+
+@pytest.mark.parametrize(("buffers", "requests"), [(3, {"PutObject": 1}), (12, {"UploadPart": 8})])
+def test_joined_buffers_are_one_object_in_their_order(
+    store: TileStore, calls: Counter[str], buffers: int, requests: dict[str, int]
+) -> None:
+    """Three 5 MiB buffers go in one PUT; twelve (60 MiB) by multipart upload, in 8 MiB
+    parts cut across the buffers' ends."""
+    parts = [bytes([n]) * (5 * MIB) for n in range(buffers)]
+    put_joined(store, "jobs/job/joined", len(parts) * 5 * MIB, iter(parts))
+    assert store.get_bytes("jobs/job/joined") == b"".join(parts)
+    assert {operation: calls[operation] for operation in requests} == requests
+
+
+class _PartsClient:
+    """Takes an object or a multipart upload's parts, and keeps only their sizes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def create_multipart_upload(self, **_: Any) -> dict[str, str]:
+        return {"UploadId": "upload"}
+
+    def upload_part(self, *, PartNumber: int, Body: bytes, **_: Any) -> dict[str, str]:  # noqa: N803
+        with self.lock:
+            self.sizes.append(len(Body))
+        return {"ETag": f'"{PartNumber}"'}
+
+    def complete_multipart_upload(self, **_: Any) -> None:
+        return None
+
+    def put_object(self, *, Body: bytes, **_: Any) -> None:  # noqa: N803
+        self.sizes.append(len(Body))
+
+
+def test_large_joined_buffers_are_sent_without_joining_them() -> None:
+    """120 MiB of buffers, each dropped once sent: what is allocated beside them is a few
+    parts, not their join (a worker's batch of encoded levels was held twice)."""
+    client = _PartsClient()
+    store = TileStore("bucket", client=client)  # type: ignore[arg-type]
+    buffers = [bytearray(10 * MIB) for _ in range(12)]
+
+    def drained() -> Iterator[bytearray]:
+        while buffers:
+            yield buffers.pop(0)
+
+    tracemalloc.start()
+    try:
+        put_joined(store, "jobs/job/joined", 120 * MIB, drained())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(client.sizes) == 120 * MIB
+    assert all(size >= MIN_PART_SIZE for size in client.sizes[:-1])
+    assert peak < 6 * MIN_PART_SIZE < 120 * MIB / 2

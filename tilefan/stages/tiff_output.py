@@ -41,7 +41,7 @@ from tilefan.stages.reduction import (
     reduce_levels,
 )
 from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
-from tilefan.state.multipart import MIN_PART, Range, assemble_object
+from tilefan.state.multipart import MIN_PART, Range, assemble_object, put_joined
 from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
@@ -223,13 +223,19 @@ class TiffBatchWriter:
         if self.preview is not None:
             self.preview.finish()
         tiles_key = keys.encoded(job_id, first, "tiles", base)
-        # Joined from the levels' own buffers: the object and the levels, held once each.
-        store.put_bytes(tiles_key, b"".join(level.data for level in self.levels))
         index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}
         start = 0
         for number, level in enumerate(self.levels):
             index["levels"].append({"level": base + number, "start": start, "tiles": level.tiles})
             start += len(level.data)
+
+        def drained() -> Iterator[bytearray]:
+            # Each level handed over and dropped here: freed once sent, not held to the end.
+            for level in self.levels:
+                data, level.data = level.data, bytearray()
+                yield data
+
+        put_joined(store, tiles_key, start, drained())
         if self.pieces:
             index["pieces_key"] = keys.encoded(job_id, first, "pieces", base)
             index["pieces_level"] = base + len(self.levels)

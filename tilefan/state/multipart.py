@@ -35,6 +35,7 @@ __all__ = [
     "Range",
     "TooManyParts",
     "assemble_object",
+    "put_joined",
 ]
 
 MIN_PART = 5 * 2**20
@@ -190,8 +191,39 @@ def _check_count(parts: int) -> None:
 MIN_PART_SIZE = 8 * 2**20
 """S3 takes parts from 5 MiB (the last may be smaller); 8 MiB keeps 10,000 parts at 78 GiB."""
 
+_JOINED_UP_TO = 2 * MIN_PART_SIZE
+"""`put_joined` sends an object up to this size in one PUT, joined first."""
+
 _PARTS_IN_FLIGHT = 2
 """Parts uploading while the encoder fills the next: memory is at most this many plus one."""
+
+
+def put_joined(
+    store: TileStore, key: str, size: int, buffers: Iterable[bytes | bytearray | memoryview]
+) -> None:
+    """Write ``buffers`` (``size`` bytes in all) one after the other as object ``key``.
+
+    Up to `_JOINED_UP_TO` they are joined and sent in one PUT; above it they go by multipart
+    upload a part-size slice at a time, never joined, so what is held beside them is a few
+    parts. A buffer the iterable no longer refers to is freed once it is sent: a worker's
+    batch of encoded levels (hundreds of MB at 4096 px) is not held twice.
+    """
+    if size <= _JOINED_UP_TO:
+        store.put_bytes(key, b"".join(buffers))
+        return
+    with MultipartWriter(
+        store.client,
+        store.bucket,
+        key,
+        content_type="application/octet-stream",
+        expected_bytes=size,
+    ) as writer:
+        for buffer in buffers:
+            view = memoryview(buffer)
+            for start in range(0, len(view), writer.part_size):
+                writer.write(view[start : start + writer.part_size])
+            del view, buffer
+        writer.close()
 
 
 class MultipartWriter:
