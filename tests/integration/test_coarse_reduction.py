@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pyvips
 
+import tilefan.stages.compaction
 import tilefan.stages.reduction
 import tilefan.stages.second_fanout
 import tilefan.stages.tiff_output
@@ -295,3 +296,38 @@ def test_a_cog_of_many_batches_joins_their_small_levels_before_the_merge(
     batch_objects = {f"/encoded/{first:06d}.tiles" for first in (0, 4, 8, 12)}
     from_batches = [piece for piece in ranges if piece.key[-20:] in batch_objects]
     assert from_groups and all(piece.length >= MIN_PART for piece in from_batches), ranges
+
+
+def test_a_joining_group_that_fails_fails_the_job_with_its_sentence(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second group of two batches cannot write its joined object: the job ends FAILED
+    saying which group and why, not with the Map's failure threshold."""
+    compaction_groups_of_two(monkeypatch)
+    real_assemble = tilefan.stages.compaction.assemble_object
+
+    def assemble(store: Any, key: str, pieces: Any, content_type: str) -> int:
+        if key.endswith("/000008.compact-tiles"):
+            raise TilefanError("storage refused the joined object (injected)")
+        return real_assemble(store, key, pieces, content_type)
+
+    monkeypatch.setattr(tilefan.stages.compaction, "assemble_object", assemble)
+    source = tmp_path / "source.png"
+    noise_image(4096, 4096, 3, seed=17).pngsave(str(source))  # 4 batches of 4 blocks
+    view = run_job(
+        stack,
+        source,
+        tmp_path / "out.tif",
+        BLUR,
+        output_format="tiff",
+        tile_size=1024,
+        output_options={"pyramid": True},
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.FAILED
+    assert view.job.error == {
+        "code": "INTERNAL_ERROR",
+        "message": "joining the small levels of the batches from tile 8: "
+        "storage refused the joined object (injected)",
+    }
+    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []

@@ -74,7 +74,9 @@ class Pipeline:
 
     def compact(self, job_id: str, batches: Sequence[int]) -> dict[str, Any]:
         """Join the small pyramid levels of the batches starting at ``batches``."""
-        return compaction.compact(self, job_id, batches)
+        task = f"joining the small levels of the batches from tile {batches[0]}"
+        with second_fanout.says_why(self, job_id, task):
+            return compaction.compact(self, job_id, batches)
 
     def reduce_group(
         self, job_id: str, kind: str, number: int, batches: Sequence[int]

@@ -14,8 +14,9 @@ The splitter writes the items (`fanout_items`) to one object, the Map's item lis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
     from tilefan.state.jobs import Job
 
-__all__ = ["fanout_items", "fanout_manifest_key", "reduce", "stored_failure"]
+__all__ = ["fanout_items", "fanout_manifest_key", "reduce", "says_why", "stored_failure"]
 
 _REDUCTIONS: dict[str, Callable[[Pipeline, Job], Reduction]] = {
     "tiff": tiff_reduction,
@@ -96,19 +97,28 @@ def reduce(
         indexes = list(pool.map(store.get_json, names))
     pieces = [piece for index in indexes for piece in Piece.listed(index)]
     try:
-        index = reduce_group(store, pieces, reduction, blocks, number, reduction.pixels(indexes[0]))
-    except TransientError:
-        raise  # retried by the state machine
-    except TilefanError as e:
-        # The Map reports only that an item failed: the abort tells the user this.
-        store.put_json(
-            keys.fanout_failure(job_id),
-            {"code": e.code, "message": f"level {blocks.level}, group {number}: {e}"},
-        )
-        raise
+        with says_why(pipeline, job_id, f"level {blocks.level}, group {number}"):
+            index = reduce_group(
+                store, pieces, reduction, blocks, number, reduction.pixels(indexes[0])
+            )
     finally:
         pipeline.discard_if_ended(job_id)
     return {"level": blocks.level, "group": number, "pieces": len(index.get("pieces", ()))}
+
+
+@contextmanager
+def says_why(pipeline: Pipeline, job_id: str, task: str) -> Iterator[None]:
+    """Store why a fan-out ``task`` failed for good, for the abort: the Map reports only that
+    an item failed. A transient error is left to the state machine's retries."""
+    try:
+        yield
+    except TransientError:
+        raise
+    except TilefanError as e:
+        pipeline.store.put_json(
+            keys.fanout_failure(job_id), {"code": e.code, "message": f"{task}: {e}"}
+        )
+        raise
 
 
 def stored_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
