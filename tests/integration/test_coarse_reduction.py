@@ -38,6 +38,31 @@ from tilefan.state.storage import keys
 pytestmark = pytest.mark.integration
 
 
+def assert_cog_equals_libvips(
+    stack: LocalStack, image: pyvips.Image, tmp_path: Path, ops: Any, levels: int
+) -> None:
+    """A COG job of ``image`` in 256 px tiles: each of its ``levels`` pages equals libvips',
+    and it passes the COG validator."""
+    output = run_tiff(stack, image, tmp_path, ops, 256, pyramid=True)
+    expected = libvips_tiff(whole(image, ops), tmp_path, compression="deflate", pyramid=True)
+    got, want = pages(output), pages(expected)
+    assert len(got) == len(want) == levels
+    for page_got, page_want in zip(got, want, strict=True):
+        assert_identical(page_want, page_got)
+    assert_cog(output)
+
+
+TILE_SETS = pytest.mark.parametrize(
+    ("output_format", "options"),
+    [
+        ("dzi", {"tile_size": 128, "overlap": 3, "suffix": "png"}),
+        ("dz", {"tile_size": 254, "overlap": 1}),
+        ("iiif", {"tile_size": 128, "suffix": "png"}),
+    ],
+)
+"""A DeepZoom set with overlap, a zip, and IIIF, each with its own tile size."""
+
+
 @pytest.fixture
 def mosaics(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Groups of at most 256 x 256 RGB pixels, all of them the merger's (no fan-out); the
@@ -61,27 +86,13 @@ def test_a_cog_reduced_in_many_groups_and_rounds_equals_libvips(
     """256 px blocks leave level 1 (1500 x 1100) to the merger: 6 x 5 groups of 256 px, whose
     pieces make level 2 (750 x 550, 3 x 3 groups), then level 3 (375 x 275, 2 x 2), then the
     last level in one group."""
-    image = noise_image(3000, 2200, 3, seed=5)
-    output = run_tiff(stack, image, tmp_path, BLUR, 256, pyramid=True)
-    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="deflate", pyramid=True)
-    got, want = pages(output), pages(expected)
-    assert len(got) == len(want) == 5
-    for page_got, page_want in zip(got, want, strict=True):
-        assert_identical(page_want, page_got)
-    assert_cog(output)
+    assert_cog_equals_libvips(stack, noise_image(3000, 2200, 3, seed=5), tmp_path, BLUR, 5)
     assert len(mosaics) == 30 + 9 + 4 + 1
     assert (1500 - 5 * 256, 1100 - 4 * 256) in mosaics  # the first level's corner group
     assert max(width * height for width, height in mosaics) == 256 * 256
 
 
-@pytest.mark.parametrize(
-    ("output_format", "options"),
-    [
-        ("dzi", {"tile_size": 128, "overlap": 3, "suffix": "png"}),
-        ("dz", {"tile_size": 254, "overlap": 1}),
-        ("iiif", {"tile_size": 128, "suffix": "png"}),
-    ],
-)
+@TILE_SETS
 def test_a_tile_set_reduced_in_many_groups_and_rounds_equals_dzsave(
     stack: LocalStack,
     tmp_path: Path,
@@ -158,14 +169,7 @@ def test_a_cog_whose_first_coarse_level_is_fanned_out_equals_libvips(
 ) -> None:
     """256 px blocks leave level 1 (1500 x 1100): 6 x 5 fan-out groups of 256 px, each read
     from the batches under it; the merger starts from their pieces, at level 2."""
-    image = noise_image(3000, 2200, 3, seed=5)
-    output = run_tiff(stack, image, tmp_path, ops, 256, pyramid=True)
-    expected = libvips_tiff(whole(image, ops), tmp_path, compression="deflate", pyramid=True)
-    got, want = pages(output), pages(expected)
-    assert len(got) == len(want) == 5
-    for page_got, page_want in zip(got, want, strict=True):
-        assert_identical(page_want, page_got)
-    assert_cog(output)
+    assert_cog_equals_libvips(stack, noise_image(3000, 2200, 3, seed=5), tmp_path, ops, 5)
     assert sorted(number for _, number, _ in fanout.groups) == list(range(30))
     assert {kind for kind, _, _ in fanout.groups} == {"tiff"}
     batches = {first for _, _, firsts in fanout.groups for first in firsts}
@@ -190,13 +194,18 @@ def test_a_fanned_out_group_that_fails_is_retried_or_fails_the_job_with_its_sent
         return real(store, pieces, reduction, blocks, number, *a)
 
     monkeypatch.setattr(tilefan.stages.second_fanout, "reduce_group", reduce_group)
-    output = run_tiff(stack, image, tmp_path, BLUR, 256, pyramid=True)
-    expected = libvips_tiff(whole(image, BLUR), tmp_path, compression="deflate", pyramid=True)
-    for page_got, page_want in zip(pages(output), pages(expected), strict=True):
-        assert_identical(page_want, page_got)
+    assert_cog_equals_libvips(stack, image, tmp_path, BLUR, 4)
     assert [number for _, number, _ in fanout.groups].count(3) == 2
 
     failures.append(TilefanError("injected: the pieces do not cover the group"))
+    message = "level 1, group 3: injected: the pieces do not cover the group"
+    assert_cog_fails(stack, image, tmp_path, 256, message)
+
+
+def assert_cog_fails(
+    stack: LocalStack, image: pyvips.Image, tmp_path: Path, tile_size: int, message: str
+) -> None:
+    """A COG job of ``image`` ends FAILED with ``message``, leaving nothing behind."""
     source = tmp_path / "fails.png"
     image.pngsave(str(source))
     view = run_job(
@@ -205,28 +214,18 @@ def test_a_fanned_out_group_that_fails_is_retried_or_fails_the_job_with_its_sent
         tmp_path / "fails.tif",
         BLUR,
         output_format="tiff",
-        tile_size=256,
+        tile_size=tile_size,
         output_options={"pyramid": True},
         poll_seconds=0.05,
     )
     assert view.job.status is JobStatus.FAILED
-    assert view.job.error == {
-        "code": "INTERNAL_ERROR",
-        "message": "level 1, group 3: injected: the pieces do not cover the group",
-    }
+    assert view.job.error == {"code": "INTERNAL_ERROR", "message": message}
     store = stack.service.store
     assert store.list_keys(keys.job_prefix(view.job.job_id)) == []
     assert store.list_keys(keys.result_prefix(view.job.job_id)) == []
 
 
-@pytest.mark.parametrize(
-    ("output_format", "options"),
-    [
-        ("dzi", {"tile_size": 128, "overlap": 3, "suffix": "png"}),
-        ("dz", {"tile_size": 254, "overlap": 1}),
-        ("iiif", {"tile_size": 128, "suffix": "png"}),
-    ],
-)
+@TILE_SETS
 def test_a_tile_set_whose_first_coarse_level_is_fanned_out_equals_dzsave(
     stack: LocalStack,
     tmp_path: Path,
@@ -312,22 +311,9 @@ def test_a_joining_group_that_fails_fails_the_job_with_its_sentence(
         return real_assemble(store, key, pieces, content_type)
 
     monkeypatch.setattr(tilefan.stages.compaction, "assemble_object", assemble)
-    source = tmp_path / "source.png"
-    noise_image(4096, 4096, 3, seed=17).pngsave(str(source))  # 4 batches of 4 blocks
-    view = run_job(
-        stack,
-        source,
-        tmp_path / "out.tif",
-        BLUR,
-        output_format="tiff",
-        tile_size=1024,
-        output_options={"pyramid": True},
-        poll_seconds=0.05,
+    image = noise_image(4096, 4096, 3, seed=17)  # 4 batches of 4 blocks
+    message = (
+        "joining the small levels of the batches from tile 8: "
+        "storage refused the joined object (injected)"
     )
-    assert view.job.status is JobStatus.FAILED
-    assert view.job.error == {
-        "code": "INTERNAL_ERROR",
-        "message": "joining the small levels of the batches from tile 8: "
-        "storage refused the joined object (injected)",
-    }
-    assert stack.service.store.list_keys(keys.job_prefix(view.job.job_id)) == []
+    assert_cog_fails(stack, image, tmp_path, 1024, message)

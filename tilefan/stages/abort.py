@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tilefan.errors import TileFailed, TilefanError, TransientError
-from tilefan.stages import second_fanout, statistics
 from tilefan.state.jobs import (
     JobStatus,
     TileState,
 )
+from tilefan.state.storage import ObjectMissing, keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
@@ -59,13 +59,24 @@ def abort(pipeline: Pipeline, job_id: str, error: Mapping[str, Any] | None) -> d
         # own error is in its record.
         code, message = (
             _tile_failure(pipeline, job_id)
-            or statistics.stored_failure(pipeline, job_id)
-            or second_fanout.stored_failure(pipeline, job_id)
+            # A statistics pass's tile, or a second fan-out's task: stages with no tile
+            # record to fail, which store their sentence instead.
+            or _stored_failure(pipeline, keys.statistics_failure(job_id))
+            or _stored_failure(pipeline, keys.fanout_failure(job_id))
             or (code, message)
         )
     ended = pipeline.jobs.finish_failed(job_id, code, message)
     removed = pipeline.discard_if_ended(job_id)
     return {"status": JobStatus.FAILED.value, "code": code, "ended": ended, "removed": removed}
+
+
+def _stored_failure(pipeline: Pipeline, key: str) -> tuple[str, str] | None:
+    """The code and sentence a stage stored at ``key`` when it failed, if it did."""
+    try:
+        failure = pipeline.store.get_json(key)
+    except ObjectMissing:
+        return None
+    return str(failure["code"]), str(failure["message"])
 
 
 def _tile_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:

@@ -28,13 +28,13 @@ from tilefan.stages.reduction import Piece, Reduction, reduce_group
 from tilefan.stages.tiff_output import tiff_reduction
 from tilefan.stages.tileset_output import set_reduction, wants_preview
 from tilefan.state.jobs import TERMINAL
-from tilefan.state.storage import ObjectMissing, keys
+from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
     from tilefan.state.jobs import Job
 
-__all__ = ["fanout_items", "fanout_manifest_key", "reduce", "says_why", "stored_failure"]
+__all__ = ["fanout_items", "fanout_manifest_key", "reduce", "says_why"]
 
 _REDUCTIONS: dict[str, Callable[[Pipeline, Job], Reduction]] = {
     "tiff": tiff_reduction,
@@ -119,15 +119,6 @@ def says_why(pipeline: Pipeline, job_id: str, task: str) -> Iterator[None]:
             keys.fanout_failure(job_id), {"code": e.code, "message": f"{task}: {e}"}
         )
         raise
-
-
-def stored_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
-    """The code and sentence of the fan-out task that failed, if one said why."""
-    try:
-        failure = pipeline.store.get_json(keys.fanout_failure(job_id))
-    except ObjectMissing:
-        return None
-    return str(failure["code"]), str(failure["message"])
 
 
 def _kinds(job: Job, plan: TilePlan) -> list[str]:

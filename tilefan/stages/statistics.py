@@ -26,7 +26,7 @@ from tilefan.imaging.statistics import Statistics
 from tilefan.stages.merge import _seconds_since_iso
 from tilefan.stages.second_fanout import fanout_manifest_key
 from tilefan.state.jobs import MAX_TILES, TERMINAL, InvalidTransition, JobStatus
-from tilefan.state.storage import ObjectMissing, keys
+from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
     from tilefan.stages.pipeline import Pipeline
@@ -38,7 +38,6 @@ __all__ = [
     "prepare",
     "reduce_statistics",
     "statistics_batch",
-    "stored_failure",
     "stored_statistics",
     "track",
 ]
@@ -153,15 +152,6 @@ def _tile_part(
         return tile_statistics(plan, block, tile, histogram=histogram)
     except pyvips.Error as e:
         raise TileFailed(f"statistics of tile {tile.index}: {reason(e)}") from e
-
-
-def stored_failure(pipeline: Pipeline, job_id: str) -> tuple[str, str] | None:
-    """The code and sentence of the statistics tile that failed its pass, if one did."""
-    try:
-        failure = pipeline.store.get_json(keys.statistics_failure(job_id))
-    except ObjectMissing:
-        return None
-    return str(failure["code"]), str(failure["message"])
 
 
 def reduce_statistics(pipeline: Pipeline, job_id: str, manifest_key: str) -> dict[str, Any]:
