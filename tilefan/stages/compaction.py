@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tilefan.formats.tiff_tiles import TiffEncoding, level_sizes
@@ -34,8 +33,6 @@ __all__ = ["compact", "compaction_groups"]
 _MAX_GROUP = 64
 """Batches per group at most: a group's task reads their indexes and joins their small
 levels, through its parts in flight."""
-
-_IO_THREADS = 16
 
 
 def compaction_groups(
@@ -70,10 +67,7 @@ def compact(pipeline: Pipeline, job_id: str, batches: Sequence[int]) -> dict[str
     if job.status in TERMINAL:
         return {"levels": 0}
     store = pipeline.store
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        indexes = list(
-            pool.map(store.get_json, [keys.encoded(job_id, first, "index") for first in batches])
-        )
+    indexes = store.get_json_all(keys.encoded(job_id, first, "index") for first in batches)
     small = sorted(
         {
             level["level"]

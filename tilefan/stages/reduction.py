@@ -200,8 +200,7 @@ def fanned_out(store: TileStore, job_id: str, reduction: Reduction) -> list[dict
         for number in range(reduction.group_count(blocks))
     ]
     try:
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            return list(pool.map(store.get_json, names))
+        return store.get_json_all(names)
     except ObjectMissing as e:
         raise TilefanError(f"a group of level {blocks.level} was never reduced: {e}") from e
 

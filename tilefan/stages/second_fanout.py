@@ -15,7 +15,6 @@ The splitter writes the items (`fanout_items`) to one object, the Map's item lis
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -41,8 +40,6 @@ _REDUCTIONS: dict[str, Callable[[Pipeline, Job], Reduction]] = {
     "set": lambda pipeline, job: set_reduction(pipeline, job, preview=False),
     "preview": lambda pipeline, job: set_reduction(pipeline, job, preview=True),
 }
-
-_IO_THREADS = 16
 
 
 def fanout_items(
@@ -92,9 +89,7 @@ def reduce(
     if blocks is None:
         raise TilefanError(f"the {kind} pyramid of job {job_id} has no first round to fan out")
     store = pipeline.store
-    names = [keys.encoded(job_id, first, reduction.part) for first in batches]
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        indexes = list(pool.map(store.get_json, names))
+    indexes = store.get_json_all(keys.encoded(job_id, first, reduction.part) for first in batches)
     pieces = [piece for index in indexes for piece in Piece.listed(index)]
     try:
         with says_why(pipeline, job_id, f"level {blocks.level}, group {number}"):

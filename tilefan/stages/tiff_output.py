@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +61,6 @@ __all__ = [
     "worker_levels",
 ]
 
-_IO_THREADS = 16
 BIGTIFF_ABOVE = CLASSIC_LIMIT
 """A result larger than this is written as BigTIFF (tests lower it to force BigTIFF)."""
 
@@ -275,10 +273,9 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     job's output record."""
     store = pipeline.store
     listed = store.list_keys(keys.encoded_prefix(job.job_id))
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        indexes = list(pool.map(store.get_json, sorted(k for k in listed if k.endswith(".index"))))
-        # The batch groups whose small levels were joined (`compaction`).
-        joined = list(pool.map(store.get_json, sorted(k for k in listed if k.endswith(".compact"))))
+    indexes = store.get_json_all(sorted(k for k in listed if k.endswith(".index")))
+    # The batch groups whose small levels were joined (`compaction`).
+    joined = store.get_json_all(sorted(k for k in listed if k.endswith(".compact")))
     first = next((index for index in indexes if "tags" in index), None)
     if first is None:
         raise TilefanError("the first tile's encoded output is missing")

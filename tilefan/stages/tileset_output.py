@@ -361,8 +361,7 @@ def _indexes(pipeline: Pipeline, job: Job, plan: TilePlan, part: str) -> list[An
     index_keys = sorted(
         key for key in store.list_keys(keys.encoded_prefix(job.job_id)) if key.endswith("." + part)
     )
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        indexes = list(pool.map(store.get_json, index_keys))
+    indexes = store.get_json_all(index_keys)
     blocks = sum(index["blocks"] for index in indexes)
     if indexes and blocks != plan.tile_count:
         raise TilefanError(f"the workers wrote {blocks} of the {plan.tile_count} blocks")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,6 +44,10 @@ _TRANSIENT_CODES = frozenset(
 # about three times while it passes (the signature check, moto's body, its spooled file), in
 # the same process as this client: 64 MiB parts held 1.7 GB for a 1.5 GB upload.
 _TRANSFER = TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20)
+
+
+READS_IN_FLIGHT = 16
+"""Small objects (indexes, groups' documents) `TileStore.get_json_all` reads at once."""
 
 
 class ObjectMissing(TilefanError):
@@ -214,6 +219,12 @@ class TileStore:
     def get_json(self, key: str) -> Any:
         """Read a JSON document."""
         return json.loads(self._get(key))
+
+    def get_json_all(self, names: Iterable[str]) -> list[Any]:
+        """Read JSON documents, `READS_IN_FLIGHT` at a time: each is a request's latency,
+        and a stage reads one per batch or group."""
+        with ThreadPoolExecutor(READS_IN_FLIGHT) as pool:
+            return list(pool.map(self.get_json, names))
 
     def download(self, key: str, path: Path) -> None:
         """Copy an object to a local file, in parallel parts for large objects."""
