@@ -22,7 +22,7 @@ import pyvips
 import tilefan.stages.process
 import tilefan.stages.statistics
 from tests.e2e.support import serving, wait_until_ended
-from tests.support import noise_image
+from tests.support import libvips_error, noise_image
 from tilefan.local.serve import LocalApi
 from tilefan.service.client import TilefanClient
 from tilefan.service.job_page import ViewLinks
@@ -84,7 +84,9 @@ class SlowTiles:
         # Later tiles take longer, so batches (whose tiles are recorded together) end apart.
         time.sleep(self.seconds * (1 + out.y / 64 + out.x / 512))
         if self.fail_tile is not None and (out.x, out.y) == (0, 0):
-            raise pyvips.Error("injected failure for the page's failed state")
+            # With its detail: a bare pyvips.Error takes libvips' process-wide error buffer,
+            # where another thread may have left a line (`libvips_error`).
+            raise libvips_error("injected failure for the page's failed state")
         return self.real(chain, spec, block, out)
 
 
