@@ -14,6 +14,7 @@ import pytest
 import pyvips
 import tifffile
 
+import tilefan.formats.tiff_tiles
 import tilefan.stages.process
 import tilefan.stages.tiff_output
 from tests.support import assert_identical, noise_image, shared_image, whole
@@ -81,6 +82,30 @@ def test_lossless_tiff_equals_whole_image_libvips(
         assert (page.tilewidth, page.tilelength) == (256, 256)
         assert page.compression == {"deflate": 8, "lzw": 5, "none": 1}[compression]
         assert not tiff.is_bigtiff
+
+
+@pytest.mark.parametrize(("fmt", "bands"), [("uchar", 4), ("char", 2), ("ushort", 3), ("short", 1)])
+def test_deflate_tiles_compressed_by_the_worker_decode_to_libvips_pixels(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, bands: int
+) -> None:
+    # Edge blocks on both sides (700 x 530 over 256 px blocks), alpha and signed pixels: the
+    # worker's own predictor and libdeflate must give what libtiff decodes to the same pixels.
+    image = noise_image(700, 530, bands, fmt, seed=bands)
+    source = tmp_path / "source.tif"
+    image.tiffsave(str(source))
+    compressed = []
+    original = tilefan.formats.tiff_tiles.deflate.zlib_compress
+    monkeypatch.setattr(
+        tilefan.formats.tiff_tiles.deflate,
+        "zlib_compress",
+        lambda data, level: compressed.append(level) or original(data, level),
+    )
+    output = run_tiff(stack, source, tmp_path, BLUR, 256, compression="deflate")
+    got = pyvips.Image.new_from_file(str(output))
+    assert got.format == image.format
+    assert_identical(whole(image, BLUR), got)
+    # Every block but the first (which carries the tags) took the worker's own path.
+    assert len(compressed) == 3 * 3 - 1
 
 
 def test_jpeg_tiff_equals_libvips_jpeg_tiff_decoded(stack: LocalStack, tmp_path: Path) -> None:
