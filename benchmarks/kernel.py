@@ -2,9 +2,9 @@
 
 With ``VIPS_CONCURRENCY=1`` and no storage in the way, this measures for each tile size and tile
 encoding the CPU seconds a tile worker spends on one interior tile (decode its source tile, run
-the chain, encode the result) and the bytes it reads and writes; and the single-thread rates of
-the serial stages' own work: transcoding the JPEG into the tiled intermediate (splitter) and
-encoding the output TIFF (merger).
+the chain, encode the result's TIFF tiles as the worker does) and the bytes it reads and
+writes; and the single-thread rates of the serial stages' own work: transcoding the JPEG into
+the tiled intermediate (splitter) and encoding the output TIFF (merger).
 Run as ``python -m benchmarks.kernel`` in a child process, because libvips reads its
 concurrency once.
 """
@@ -66,6 +66,7 @@ def _measure(
 
     from benchmarks.chains import CHAINS
     from tilefan.formats.source import open_checked, upright
+    from tilefan.formats.tiff_tiles import TiffEncoding, encode_block
     from tilefan.formats.tiled import TRANSCODE_OPTIONS
     from tilefan.imaging.execute import execute_tile
     from tilefan.imaging.operations import parse_chain
@@ -122,10 +123,13 @@ def _measure(
                             .copy_memory()
                         )
                         out = execute_tile(chain, spec, decoded, tile.output)
-                        body_out = out.copy(interpretation=plan.output_interpretation)
-                        return body_in, body_out.tiffsave_buffer(
-                            compression=encoding, predictor="none"
+                        # The worker's own encoder for a TIFF result in this compression.
+                        encoded = encode_block(
+                            out.copy(interpretation=plan.output_interpretation),
+                            TiffEncoding(compression=encoding),
+                            metadata=False,
                         )
+                        return body_in, b"".join(encoded.tiles)
 
                     (_, body_out), cpu, wall = _cpu_and_wall(work)
                     _, merge_decode_cpu, _ = _cpu_and_wall(
