@@ -132,17 +132,11 @@ def _measure(
                         return body_in, b"".join(encoded.tiles)
 
                     (_, body_out), cpu, wall = _cpu_and_wall(work)
-                    _, merge_decode_cpu, _ = _cpu_and_wall(
-                        lambda body_out=body_out: pyvips.Image.new_from_buffer(
-                            body_out, "", access="sequential"
-                        ).copy_memory()
-                    )
                     rows.append(
                         {
                             "cpu_s": cpu,
                             "wall_s": wall,
                             "split_encode_cpu_s": cut_cpu,
-                            "merge_decode_cpu_s": merge_decode_cpu,
                             "bytes_in": len(body_in),
                             "bytes_out": len(body_out),
                             "source_pixels": tile.source.w * tile.source.h,
