@@ -19,8 +19,12 @@ import boto3
 import pytest
 from cfnlint.decode.cfn_yaml import load as load_cfn_yaml  # type: ignore[import-untyped]
 
+from tests.support import noise_image
 from tilefan.errors import TileFailed, TooManyPixels, TransientError
+from tilefan.local import stack as local
 from tilefan.local.engine import EmbeddedEngine, LambdaContext
+from tilefan.local.signing import SignatureCheck
+from tilefan.state.jobs import JobStatus
 from tilefan.state.storage import TileStore
 
 pytestmark = pytest.mark.integration
@@ -442,3 +446,34 @@ def test_the_interpreter_speedups_find_what_they_replace_in_moto() -> None:
         assert hasattr(json_path.parse, "cache_info")
     assert lambda_eval_utils.boto_client_for is boto_client.boto_client_for
     assert not hasattr(json_path.parse, "cache_info")
+
+
+def test_function_processes_leave_bodies_out_of_their_signatures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on AWS, where their clients send over HTTPS with a checksum: over the engine's plain
+    # HTTP each body was hashed by the function and again by the endpoint.
+    declared: list[tuple[str, str]] = []
+    original = SignatureCheck._verify
+
+    def verify(check: SignatureCheck, environ: Any, body: bytes) -> None:
+        if environ["REQUEST_METHOD"] == "PUT":
+            declared.append((environ["PATH_INFO"], environ.get("HTTP_X_AMZ_CONTENT_SHA256", "")))
+        original(check, environ, body)
+
+    monkeypatch.setattr(SignatureCheck, "_verify", verify)
+    source = tmp_path / "source.png"
+    noise_image(700, 500, 3, seed=5).pngsave(str(source))
+    with local.local_stack(processes=True, function_logs=False) as running:
+        view = local.run_job(
+            running,
+            source,
+            tmp_path / "out.tif",
+            [{"op": "invert"}],
+            output_format="tiff",
+            tile_size=256,
+        )
+    assert view.job.status is JobStatus.SUCCEEDED, view.job.error
+    from_functions = [value for path, value in declared if "/jobs/" in path]
+    assert from_functions, declared
+    assert {value for _, value in declared} == {"UNSIGNED-PAYLOAD"}

@@ -92,7 +92,11 @@ _S3_CONFIG: Final = Config(signature_version="s3v4", s3={"payload_signing_enable
 """The engine's S3 client. SigV4 for presigned URLs too (botocore presigns with SigV2 for a
 custom endpoint), as the API function's client does: the endpoint checks only SigV4. Bodies are
 not hashed into the signature, as on AWS, where botocore sends them over HTTPS with a checksum
-instead; over the engine's plain HTTP it would hash each (1.5 s of a 1 GB upload's 4.5)."""
+instead; over the engine's plain HTTP it would hash each (1.5 s of a 1 GB upload's 4.5). The
+functions' own clients read the same setting from their AWS config file."""
+_FUNCTION_AWS_CONFIG: Final = "aws-config"
+_UNSIGNED_BODIES: Final = "[default]\ns3 =\n    payload_signing_enabled = false\n"
+"""The functions' AWS config file: their S3 clients leave bodies out of the signature too."""
 _LOOPBACK: Final = ("127.0.0.1", "localhost")
 _DEFAULT_ENVIRONMENTS: Final = max(2, 2 * (os.cpu_count() or 1))
 """Worker processes per function at most, by default: more would only share the same cores."""
@@ -315,6 +319,7 @@ class EmbeddedEngine:
         if not self._in_processes:
             return
         self.scratch_root = Path(tempfile.mkdtemp(prefix="tilefan-lambda-"))
+        (self.scratch_root / _FUNCTION_AWS_CONFIG).write_text(_UNSIGNED_BODIES, encoding="ascii")
         serving = self.template.api_functions()
         for logical_id in self._in_processes:
             self._pools[logical_id] = FunctionEnvironments(
@@ -333,13 +338,14 @@ class EmbeddedEngine:
             name: self._kept_settings.get(name, value)
             for name, value in self.template.function_environment(logical_id).items()
         }
-        assert self.endpoint_url is not None
+        assert self.endpoint_url is not None and self.scratch_root is not None
         return {
             **{name: os.environ[name] for name in _PASSED_TO_FUNCTIONS if name in os.environ},
             **_ENGINE_ENVIRONMENT,
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": self.credentials.access_key,
             "AWS_SECRET_ACCESS_KEY": self.credentials.secret_key,
+            "AWS_CONFIG_FILE": str(self.scratch_root / _FUNCTION_AWS_CONFIG),
             **variables,
         }
 
