@@ -148,15 +148,14 @@ def fanout(monkeypatch: pytest.MonkeyPatch) -> Fanout:
         return answer
 
     monkeypatch.setattr(tilefan.stages.second_fanout, "reduce", reduce)
-    for module in (tilefan.stages.tiff_output, tilefan.stages.tileset_output):
-        real_levels = module.reduce_levels
+    real_levels = tilefan.stages.reduction.reduce_levels
 
-        def reduce_levels(store: Any, pieces: Any, *args: Any, real: Any = real_levels) -> Any:
-            if pieces:  # none for a TIFF without a pyramid
-                seen.merger_levels.append(min(piece.level for piece in pieces))
-            return real(store, pieces, *args)
+    def reduce_levels(store: Any, pieces: Any, *args: Any) -> Any:
+        if pieces:  # none for a TIFF without a pyramid
+            seen.merger_levels.append(min(piece.level for piece in pieces))
+        return real_levels(store, pieces, *args)
 
-        monkeypatch.setattr(module, "reduce_levels", reduce_levels)
+    monkeypatch.setattr(tilefan.stages.reduction, "reduce_levels", reduce_levels)
     return seen
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "Piece",
     "PixelLayout",
     "Reduction",
+    "coarse_levels",
     "fanned_out",
     "reduce_group",
     "reduce_levels",
@@ -203,6 +204,20 @@ def fanned_out(store: TileStore, job_id: str, reduction: Reduction) -> list[dict
         return store.get_json_all(names)
     except ObjectMissing as e:
         raise TilefanError(f"a group of level {blocks.level} was never reduced: {e}") from e
+
+
+def coarse_levels(
+    store: TileStore,
+    job_id: str,
+    reduction: Reduction,
+    indexes: Sequence[Mapping[str, Any]],
+    pixels: PixelLayout,
+) -> list[dict[str, Any]]:
+    """Every level no batch holds whole: the second fan-out's groups (when it reduced the
+    first round), then the merger's own, from their pieces or the batches'; their indexes."""
+    groups = fanned_out(store, job_id, reduction)
+    pieces = [piece for index in (groups or indexes) for piece in Piece.listed(index)]
+    return groups + reduce_levels(store, pieces, reduction, pixels)
 
 
 def reduce_group(

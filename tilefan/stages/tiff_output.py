@@ -33,11 +33,9 @@ from tilefan.formats.tiff_tiles import (
 from tilefan.imaging.plan import SAMPLE_BYTES, Tile, TilePlan
 from tilefan.stages.reduction import (
     Blocks,
-    Piece,
     PixelLayout,
     Reduction,
-    fanned_out,
-    reduce_levels,
+    coarse_levels,
 )
 from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
 from tilefan.state.multipart import MIN_PART, Range, assemble_object, put_joined
@@ -285,10 +283,7 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     ]
     reduction = tiff_reduction(pipeline, job)
     sizes = reduction.sizes
-    # The first round's groups, when the second fan-out reduced them; else the batches'.
-    groups = fanned_out(store, job.job_id, reduction)
-    pieces = [piece for index in (groups or indexes) for piece in Piece.listed(index)]
-    groups += reduce_levels(store, pieces, reduction, reduction.pixels(first))
+    groups = coarse_levels(store, job.job_id, reduction, indexes, reduction.pixels(first))
 
     replaced = {
         (tiles_key, level["level"])

@@ -31,11 +31,9 @@ from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import ImageSpec, Tile, TilePlan, stage_regions, stage_sizes
 from tilefan.stages.reduction import (
     Blocks,
-    Piece,
     PixelLayout,
     Reduction,
-    fanned_out,
-    reduce_levels,
+    coarse_levels,
 )
 from tilefan.state.multipart import Range, assemble_object
 from tilefan.state.storage import keys
@@ -350,9 +348,8 @@ def _reduced(
     """The levels no block holds whole, written group by group; the groups' indexes (the
     second fan-out's first, when it reduced the first round)."""
     reduction = set_reduction(pipeline, job, preview=preview)
-    groups = fanned_out(pipeline.store, job.job_id, reduction)
-    pieces = [piece for index in (groups or indexes) for piece in Piece.listed(index)]
-    return groups + reduce_levels(pipeline.store, pieces, reduction, reduction.pixels(indexes[0]))
+    pixels = reduction.pixels(indexes[0])
+    return coarse_levels(pipeline.store, job.job_id, reduction, indexes, pixels)
 
 
 def _indexes(pipeline: Pipeline, job: Job, plan: TilePlan, part: str) -> list[Any]:
