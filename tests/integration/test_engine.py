@@ -477,3 +477,25 @@ def test_function_processes_leave_bodies_out_of_their_signatures(
     from_functions = [value for path, value in declared if "/jobs/" in path]
     assert from_functions, declared
     assert {value for _, value in declared} == {"UNSIGNED-PAYLOAD"}
+
+
+def test_an_engines_process_parses_source_one_thread_at_a_time() -> None:
+    # CPython 3.11's AST constructor fails when two threads build trees at once; tracebacks
+    # parse source lines, and a merger failed so while another function formatted one.
+    import ast
+
+    from tilefan.local import engine as engine_module
+
+    with EmbeddedEngine(handlers={}):
+        parsed = threading.Event()
+
+        def parse() -> None:
+            ast.parse("x = (1 + (2 * (3 - 4)))")
+            parsed.set()
+
+        with engine_module._AST_PARSE_LOCK:
+            other = threading.Thread(target=parse)
+            other.start()
+            assert not parsed.wait(0.3)  # waits for the thread in a parse
+        assert parsed.wait(5)
+        other.join()

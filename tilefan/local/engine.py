@@ -9,8 +9,10 @@ each function's own (``processes=True``) or in this process's threads.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -112,6 +114,33 @@ def _limit_malloc_arenas() -> None:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
+
+
+_AST_PARSE_LOCK: Final = threading.RLock()
+"""Held by every ``ast.parse`` in an engine's process (`_serialise_ast_parse`)."""
+
+
+def _serialise_ast_parse() -> None:
+    """Let one thread of this process at a time turn source into ``ast`` objects, for good.
+
+    CPython 3.11 keeps the AST constructor's recursion depth in one state for the process, so
+    two threads in ``ast.parse`` at once can fail with "SystemError: AST constructor recursion
+    depth mismatch" (python/cpython#106905). Its ``traceback`` parses source lines to place its
+    carets, so every formatted traceback parses; the engine runs functions as threads, and a
+    merger failed so while another thread formatted one. Reentrant: a finalizer that the
+    garbage collector runs inside a parse may format a traceback too.
+    """
+    if getattr(ast.parse, "_tilefan_serialised", False):
+        return
+    parse = ast.parse
+
+    @functools.wraps(parse)
+    def serialised(*args: Any, **kwargs: Any) -> Any:
+        with _AST_PARSE_LOCK:
+            return parse(*args, **kwargs)
+
+    setattr(serialised, "_tilefan_serialised", True)  # noqa: B010 - a marker on a function
+    ast.parse = serialised
 
 
 class _Environment:
@@ -258,6 +287,7 @@ class EmbeddedEngine:
         if _OBJECT_BUFFER_VARIABLE not in os.environ:
             self._env.set(_OBJECT_BUFFER_VARIABLE, str(_OBJECT_BUFFER_BYTES))
         _limit_malloc_arenas()
+        _serialise_ast_parse()
         self._env.set("AWS_ACCESS_KEY_ID", self.credentials.access_key)
         self._env.set("AWS_SECRET_ACCESS_KEY", self.credentials.secret_key)
         for name in ("AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
