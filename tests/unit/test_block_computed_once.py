@@ -107,7 +107,7 @@ def test_a_result_of_one_level_is_never_halved(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(tiff_output, "halve", refuse)
     writer = TiffBatchWriter(pipeline, _job("tiff"), first_tile=0)  # type: ignore[arg-type]
     writer.add(_tile(), _counted_block()[0])
-    assert len(writer.levels[0].tiles) == (SIZE // 256) ** 2
+    assert sum(len(block) for block in writer.levels[0].tiles) == (SIZE // 256) ** 2
 
 
 def test_a_tiff_batch_holds_its_encoded_levels_once_when_it_writes_them() -> None:

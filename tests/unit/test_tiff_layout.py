@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tracemalloc
 from typing import Any
 
@@ -15,7 +16,14 @@ from hypothesis import strategies as st
 
 from tests.support import assert_identical, noise_image
 from tilefan import ImageSpec, parse_chain, plan_tiles
-from tilefan.formats.tiff_layout import TILE_OFFSETS, Page, layout, read_tags, tile_locations
+from tilefan.formats.tiff_layout import (
+    TILE_OFFSETS,
+    Page,
+    Tag,
+    layout,
+    read_tags,
+    tile_locations,
+)
 from tilefan.formats.tiff_tiles import (
     TIFF_TILE,
     TiffEncoding,
@@ -26,7 +34,13 @@ from tilefan.formats.tiff_tiles import (
     without_metadata,
 )
 from tilefan.imaging.plan import SAMPLE_BYTES, TilePlan
-from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
+from tilefan.stages.tiff_output import (
+    level_length,
+    output_tile_rule,
+    pack_tiles,
+    tiles_per_item,
+    unpack_tiles,
+)
 from tilefan.state.multipart import MIN_PART
 
 pytestmark = pytest.mark.unit
@@ -150,6 +164,29 @@ def test_a_result_past_4_gb_is_laid_out_as_bigtiff_with_its_real_offsets() -> No
     assert by_code[TILE_OFFSETS].as_integers() == tuple(
         len(head.head) + start for start in (0, gigabyte, 2 * gigabyte, 4 * gigabyte)
     )
+
+
+def test_a_tag_value_that_does_not_fit_its_type_is_refused_not_wrapped() -> None:
+    """Tile tables are numpy arrays: a cast alone would wrap an offset past 4 GB silently."""
+    assert Tag.integers(TILE_OFFSETS, [2**32 - 1]).as_integers() == (2**32 - 1,)
+    assert Tag.integers(TILE_OFFSETS, np.array([2**32], np.uint64), 16).as_integers() == (2**32,)
+    with pytest.raises(ValueError, match="does not fit"):
+        Tag.integers(TILE_OFFSETS, np.array([5, 2**32], np.uint64))
+    with pytest.raises(ValueError, match="does not fit"):
+        Tag.integers(TILE_OFFSETS, [-1])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(*[st.integers(0, 2**32 - 1)] * 3), max_size=300))
+def test_a_tile_table_reads_back_from_its_index_as_it_was_written(
+    rows: list[tuple[int, int, int]],
+) -> None:
+    table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    index = json.loads(json.dumps({"tile_table": pack_tiles(table)}))
+    back = unpack_tiles(index["tile_table"])
+    assert back.shape == table.shape
+    assert np.array_equal(back, table)
+    assert level_length({"tile_table": index["tile_table"]}) == sum(row[2] for row in rows)
 
 
 @settings(max_examples=25, deadline=None)

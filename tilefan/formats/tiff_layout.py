@@ -11,6 +11,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "CLASSIC_LIMIT",
@@ -37,6 +41,12 @@ _SHORT, _LONG, _LONG8 = 3, 4, 16
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
 _TYPE_SIZES.update({13: 4, 16: 8, 17: 8, 18: 8})
 _INTEGER_FORMATS = {1: "B", 3: "H", 4: "I", 16: "Q"}
+_INTEGER_DTYPES: dict[int, np.dtype[np.unsignedinteger[Any]]] = {
+    1: np.dtype("<u1"),
+    3: np.dtype("<u2"),
+    4: np.dtype("<u4"),
+    16: np.dtype("<u8"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,13 @@ class Tag:
     value: bytes
 
     @classmethod
-    def integers(cls, code: int, values: Sequence[int], type_: int = _LONG) -> Tag:
-        """A tag of unsigned integers."""
-        fmt = _INTEGER_FORMATS[type_]
-        return cls(code, type_, len(values), struct.pack(f"<{len(values)}{fmt}", *values))
+    def integers(cls, code: int, values: npt.ArrayLike, type_: int = _LONG) -> Tag:
+        """A tag of unsigned integers (a page's tile table is tens of thousands of them)."""
+        array = np.asarray(values)
+        dtype = _INTEGER_DTYPES[type_]
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
+            raise ValueError(f"tag {code}: a value does not fit its TIFF type {type_}")
+        return cls(code, type_, int(array.size), array.astype(dtype).tobytes())
 
     def as_integers(self) -> tuple[int, ...]:
         """The values of an unsigned integer tag."""
@@ -68,10 +81,10 @@ class Page:
     tile: int
     tags: Sequence[Tag]
     """Every tag but the layout ones (size, tile size and tile table are written from above)."""
-    byte_counts: Sequence[int]
+    byte_counts: npt.ArrayLike
     """Row-major over the page's tile grid."""
     reduced: bool = False
-    stored_order: Sequence[int] | None = None
+    stored_order: npt.ArrayLike | None = None
     """The row-major tile indices in the order their bytes follow each other in the file;
     None for row-major. Workers' objects are copied whole, so tiles lie in their order."""
 
@@ -136,7 +149,7 @@ def layout(pages: Sequence[Page], *, bigtiff_above: int = CLASSIC_LIMIT) -> tupl
     stored order, the last (smallest) page's directly after the head; BigTIFF is chosen when
     the classic file would pass ``bigtiff_above`` bytes.
     """
-    data_bytes = sum(sum(page.byte_counts) for page in pages)
+    data_bytes = sum(int(_counts(page).sum()) for page in pages)
     limit = min(bigtiff_above, CLASSIC_LIMIT)
     # The classic head is measured only when its offsets fit its 32 bits.
     bigtiff = (
@@ -152,11 +165,16 @@ def _head(pages: Sequence[Page], *, bigtiff: bool, data_start: int) -> bytes:
     offsets_per_page = []
     position = data_start
     for page in reversed(pages):
-        page_offsets = [0] * len(page.byte_counts)
-        order = range(len(page.byte_counts)) if page.stored_order is None else page.stored_order
-        for index in order:
-            page_offsets[index] = position
-            position += page.byte_counts[index]
+        counts = _counts(page)
+        order = (
+            np.arange(counts.size)
+            if page.stored_order is None
+            else np.asarray(page.stored_order, dtype=np.int64)
+        )
+        stored = counts[order]
+        page_offsets = np.zeros_like(counts)
+        page_offsets[order] = np.cumsum(stored) - stored + np.uint64(position)
+        position += int(stored.sum())
         offsets_per_page.append(page_offsets)
     offsets_per_page.reverse()
 
@@ -167,7 +185,11 @@ def _head(pages: Sequence[Page], *, bigtiff: bool, data_start: int) -> bytes:
     return bytes(head)
 
 
-def _page_tags(page: Page, tile_offsets: Sequence[int], bigtiff: bool) -> list[Tag]:
+def _counts(page: Page) -> npt.NDArray[np.uint64]:
+    return np.asarray(page.byte_counts, dtype=np.uint64)
+
+
+def _page_tags(page: Page, tile_offsets: npt.NDArray[np.uint64], bigtiff: bool) -> list[Tag]:
     layout_codes = {
         NEW_SUBFILE_TYPE,
         IMAGE_WIDTH,

@@ -18,9 +18,17 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tilefan.formats.tiff_tiles import TiffEncoding, level_sizes
 from tilefan.imaging.plan import TilePlan
-from tilefan.stages.tiff_output import expected_batch_bytes, worker_levels
+from tilefan.stages.tiff_output import (
+    expected_batch_bytes,
+    level_length,
+    pack_tiles,
+    unpack_tiles,
+    worker_levels,
+)
 from tilefan.state.jobs import TERMINAL
 from tilefan.state.multipart import MIN_PART, Range, assemble_object
 from tilefan.state.storage import keys
@@ -73,7 +81,7 @@ def compact(pipeline: Pipeline, job_id: str, batches: Sequence[int]) -> dict[str
             level["level"]
             for index in indexes
             for level in index["levels"]
-            if _length(level) < MIN_PART
+            if level_length(level) < MIN_PART
         }
     )
     key = keys.encoded(job_id, batches[0], "compact-tiles")
@@ -86,23 +94,21 @@ def compact(pipeline: Pipeline, job_id: str, batches: Sequence[int]) -> dict[str
     def ranges() -> Iterator[Range]:
         start = 0
         for number in small:
-            tiles: list[list[int]] = []
-            entry = {"level": number, "start": start, "tiles": tiles}
+            entry_start = start
+            tables = []
             for index in indexes:
                 level = next(level for level in index["levels"] if level["level"] == number)
-                for column, row, _offset, count in level["tiles"]:
-                    tiles.append([column, row, start - entry["start"], count])
-                    start += count
-                if _length(level):
-                    yield Range(index["tiles_key"], level["start"], _length(level))
-            joined["levels"].append(entry)
+                tables.append(unpack_tiles(level["tile_table"]))
+                if length := level_length(level):
+                    yield Range(index["tiles_key"], level["start"], length)
+                    start += length
+            table = np.concatenate(tables)
+            joined["levels"].append(
+                {"level": number, "start": entry_start, "tile_table": pack_tiles(table)}
+            )
 
     if small:
         assemble_object(store, key, ranges(), "application/octet-stream")
     store.put_json(keys.encoded(job_id, batches[0], "compact"), joined)
     pipeline.discard_if_ended(job_id)
     return {"levels": len(small)}
-
-
-def _length(level: Mapping[str, Any]) -> int:
-    return sum(count for *_, count in level["tiles"])

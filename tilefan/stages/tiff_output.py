@@ -18,6 +18,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
+
 from tilefan.errors import TilefanError
 from tilefan.formats.dz_tiles import TILESET_FORMATS
 from tilefan.formats.tiff_layout import CLASSIC_LIMIT, Page, Tag, layout
@@ -53,9 +56,12 @@ __all__ = [
     "TiffBatchWriter",
     "assemble_tiff",
     "expected_batch_bytes",
+    "level_length",
     "output_tile_rule",
+    "pack_tiles",
     "tiff_reduction",
     "tiles_per_item",
+    "unpack_tiles",
     "worker_levels",
 ]
 
@@ -127,10 +133,32 @@ def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
     return min(len(sizes), int(math.log2(output_tile // TIFF_TILE)) + 1)
 
 
+TileTable = npt.NDArray[np.uint32]
+"""A level's tiles in a batch's object, in the order their bytes follow each other: one row
+of (column, row, byte count) per tile. An index stores it packed (`pack_tiles`): a 2 GP
+result has 40,000 tiles, which as JSON lists the merger parsed and walked one by one."""
+
+
+def pack_tiles(table: npt.ArrayLike) -> str:
+    """A tile table as an index stores it: little-endian uint32 triples, base64."""
+    packed = np.ascontiguousarray(np.asarray(table).reshape(-1, 3), dtype="<u4")
+    return base64.b64encode(packed.tobytes()).decode()
+
+
+def unpack_tiles(packed: str) -> TileTable:
+    """The tile table an index stores (`pack_tiles`)."""
+    return np.frombuffer(base64.b64decode(packed), dtype="<u4").reshape(-1, 3)
+
+
+def level_length(level: Mapping[str, Any]) -> int:
+    """Bytes of an index's level: its tiles end to end."""
+    return int(unpack_tiles(level["tile_table"])[:, 2].sum(dtype=np.uint64))
+
+
 @dataclass
 class _Level:
-    tiles: list[list[int]] = field(default_factory=list)
-    """[column, row, offset within the level's bytes, byte count] per tile."""
+    tiles: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    """Each block's rows of the level's tile table."""
     data: bytearray = field(default_factory=bytearray)
 
 
@@ -188,16 +216,17 @@ class TiffBatchWriter:
             if first and number == 0:
                 self.tags = encoded.tags
             across = -(-block.width // TIFF_TILE)
-            for position, data in enumerate(encoded.tiles):
-                row, column = divmod(position, across)
-                level.tiles.append(
-                    [
-                        (x >> number) // TIFF_TILE + column,
-                        (y >> number) // TIFF_TILE + row,
-                        len(level.data),
-                        len(data),
-                    ]
+            position = np.arange(len(encoded.tiles))
+            level.tiles.append(
+                np.column_stack(
+                    (
+                        (x >> number) // TIFF_TILE + position % across,
+                        (y >> number) // TIFF_TILE + position // across,
+                        [len(data) for data in encoded.tiles],
+                    )
                 )
+            )
+            for data in encoded.tiles:
                 level.data += data
             if base + number + 1 == len(self.sizes):
                 return  # the result's last level: nothing is made from it
@@ -222,7 +251,10 @@ class TiffBatchWriter:
         index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}
         start = 0
         for number, level in enumerate(self.levels):
-            index["levels"].append({"level": base + number, "start": start, "tiles": level.tiles})
+            table = np.concatenate(level.tiles) if level.tiles else np.empty((0, 3))
+            index["levels"].append(
+                {"level": base + number, "start": start, "tile_table": pack_tiles(table)}
+            )
             start += len(level.data)
 
         def drained() -> Iterator[bytearray]:
@@ -300,20 +332,21 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
     data: list[list[bytes | Range]] = []
     for number, (width, height) in enumerate(sizes):
         across = -(-width // TIFF_TILE)
-        counts = [0] * (across * -(-height // TIFF_TILE))
-        order: list[int] = []
+        counts = np.zeros(across * -(-height // TIFF_TILE), dtype=np.uint64)
+        orders: list[npt.NDArray[np.int64]] = []
         ranges: list[bytes | Range] = []
         for tiles_key, level in by_level[number]:
-            length = 0
-            for column, row, _offset, count in level["tiles"]:
-                counts[row * across + column] = count
-                order.append(row * across + column)
-                length += count
+            table = unpack_tiles(level["tile_table"])
+            positions = table[:, 1].astype(np.int64) * across + table[:, 0]
+            counts[positions] = table[:, 2]
+            orders.append(positions)
+            length = int(table[:, 2].sum(dtype=np.uint64))
             if length:
                 ranges.append(Range(tiles_key, level["start"], length))
-        if len(order) != len(counts):
+        order = np.concatenate(orders) if orders else np.empty(0, dtype=np.int64)
+        if order.size != counts.size:
             raise TilefanError(
-                f"the workers wrote {len(order)} of the {len(counts)} tiles of page {number}"
+                f"the workers wrote {order.size} of the {counts.size} tiles of page {number}"
             )
         page_tags = tags if number == 0 else without_metadata(tags)
         pages.append(Page(width, height, TIFF_TILE, page_tags, counts, number > 0, order))
