@@ -106,8 +106,9 @@ def test_deflate_tiles_compressed_by_the_worker_decode_to_libvips_pixels(
     assert got.format == image.format
     want = whole(image, BLUR)
     assert_identical(want, got)
-    # Every block but the first (which carries the tags) took the worker's own path.
-    assert len(compressed) == 3 * 3 - 1
+    # Every block but the first (which carries the tags) took the worker's own path, at
+    # libvips' level (the splitter's transcode of the strip TIFF compresses at level 1).
+    assert compressed.count(6) == 3 * 3 - 1
     # GDAL's and tifffile's decoders read the same pixels as libvips'.
     import rasterio
 

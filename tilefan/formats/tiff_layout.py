@@ -24,6 +24,7 @@ __all__ = [
     "layout",
     "read_tags",
     "tile_locations",
+    "trailing_layout",
 ]
 
 CLASSIC_LIMIT = 2**32 - 1
@@ -38,6 +39,7 @@ TILE_WIDTH = 322
 TILE_LENGTH = 323
 
 _SHORT, _LONG, _LONG8 = 3, 4, 16
+_BIGTIFF_HEADER = 16
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
 _TYPE_SIZES.update({13: 4, 16: 8, 17: 8, 18: 8})
 _INTEGER_FORMATS = {1: "B", 3: "H", 4: "I", 16: "Q"}
@@ -87,6 +89,13 @@ class Page:
     stored_order: npt.ArrayLike | None = None
     """The row-major tile indices in the order their bytes follow each other in the file;
     None for row-major. Workers' objects are copied whole, so tiles lie in their order."""
+    tile_height: int | None = None
+    """Where tiles are not square (the splitter's intermediate): their height."""
+
+    @property
+    def tile_length(self) -> int:
+        """Tile height (TIFF's TileLength)."""
+        return self.tile_height or self.tile
 
     @property
     def tiles_across(self) -> int:
@@ -96,7 +105,7 @@ class Page:
     @property
     def tiles_down(self) -> int:
         """Tile rows."""
-        return -(-self.height // self.tile)
+        return -(-self.height // self.tile_length)
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,23 @@ def layout(pages: Sequence[Page], *, bigtiff_above: int = CLASSIC_LIMIT) -> tupl
     return TiffLayout(head, bigtiff), head_size + data_bytes
 
 
+def trailing_layout(page: Page) -> tuple[bytes, bytes]:
+    """The header and the IFD of a one-page BigTIFF whose tiles, row-major, follow its
+    16-byte header and whose IFD follows the tiles.
+
+    A streamed writer's layout: the tiles' offsets and the IFD's place are known once every
+    tile is written, and only the header, which points to the IFD, is written back (a head of
+    IFDs before the data, as `layout` makes, could pass the part a multipart upload holds).
+    """
+    counts = _counts(page)
+    data_end = _BIGTIFF_HEADER + int(counts.sum())
+    offsets = np.cumsum(counts) - counts + np.uint64(_BIGTIFF_HEADER)
+    directory = bytearray()
+    _append_ifd(directory, None, _page_tags(page, offsets, True), True, base=data_end)
+    header = b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", data_end + data_end % 2)
+    return header, bytes(directory)
+
+
 def _head(pages: Sequence[Page], *, bigtiff: bool, data_start: int) -> bytes:
     """The header and every IFD, each followed by its out-of-line values."""
     offsets_per_page = []
@@ -205,7 +231,7 @@ def _page_tags(page: Page, tile_offsets: npt.NDArray[np.uint64], bigtiff: bool) 
         Tag.integers(IMAGE_WIDTH, [page.width], size_type),
         Tag.integers(IMAGE_LENGTH, [page.height], size_type),
         Tag.integers(TILE_WIDTH, [page.tile], _SHORT),
-        Tag.integers(TILE_LENGTH, [page.tile], _SHORT),
+        Tag.integers(TILE_LENGTH, [page.tile_length], _SHORT),
         Tag.integers(TILE_OFFSETS, tile_offsets, _LONG8 if bigtiff else _LONG),
         Tag.integers(TILE_BYTE_COUNTS, page.byte_counts, _LONG8 if bigtiff else _LONG),
     ]
@@ -214,14 +240,19 @@ def _page_tags(page: Page, tile_offsets: npt.NDArray[np.uint64], bigtiff: bool) 
     return sorted(tags, key=lambda tag: tag.code)
 
 
-def _append_ifd(head: bytearray, pointer_at: int, tags: Sequence[Tag], bigtiff: bool) -> int:
-    """Append an IFD, link it from ``pointer_at``; returns where its next-IFD pointer is."""
+def _append_ifd(
+    head: bytearray, pointer_at: int | None, tags: Sequence[Tag], bigtiff: bool, base: int = 0
+) -> int:
+    """Append an IFD to ``head`` (which starts at byte ``base`` of the file), link it from
+    ``pointer_at`` in ``head`` unless None; returns where in ``head`` its next-IFD pointer is."""
     pointer, count_format, entry_size, inline = (
         ("<Q", "<Q", 20, 8) if bigtiff else ("<I", "<H", 12, 4)
     )
-    _align(head)
-    ifd_at = len(head)
-    struct.pack_into(pointer, head, pointer_at, ifd_at)
+    if (base + len(head)) % 2:
+        head += b"\x00"  # an IFD starts on a word boundary
+    ifd_at = base + len(head)
+    if pointer_at is not None:
+        struct.pack_into(pointer, head, pointer_at, ifd_at)
     count_size = struct.calcsize(count_format)
     pointer_size = struct.calcsize(pointer)
     values_at = ifd_at + count_size + len(tags) * entry_size + pointer_size
@@ -237,12 +268,7 @@ def _append_ifd(head: bytearray, pointer_at: int, tags: Sequence[Tag], bigtiff: 
             values += tag.value
             if len(values) % 2:
                 values += b"\x00"  # TIFF values start on a word boundary
-    next_pointer_at = ifd_at + len(entries)
+    next_pointer_at = len(head) + len(entries)
     entries += bytes(pointer_size)
     head += entries + values
     return next_pointer_at
-
-
-def _align(head: bytearray) -> None:
-    if len(head) % 2:
-        head += b"\x00"

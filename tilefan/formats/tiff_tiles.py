@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,14 +32,17 @@ __all__ = [
     "TIFF_TILE",
     "EncodedBlock",
     "TiffEncoding",
+    "deflate_tiles",
     "encode_block",
     "from_array",
     "halve",
     "level_sizes",
     "numpy_dtype",
     "power_of_two_block",
+    "predictable",
     "tiff_output_tile",
     "to_array",
+    "travelling",
     "without_metadata",
 ]
 
@@ -131,7 +134,7 @@ def encode_block(block: pyvips.Image, encoding: TiffEncoding, *, metadata: bool)
     if encoding.compression == "jpeg":
         options["Q"] = encoding.quality
     if not metadata:
-        if encoding.compression == "deflate" and block.format in _PREDICTED_FORMATS:
+        if encoding.compression == "deflate" and predictable(block.format):
             return EncodedBlock(_deflate_tiles(block), [])
         options["keep"] = "none"
     data = block.tiffsave_buffer(**options)
@@ -139,7 +142,13 @@ def encode_block(block: pyvips.Image, encoding: TiffEncoding, *, metadata: bool)
     # Views, not copies: a 4096 px block's level 0 is hundreds of MB encoded (noise).
     view = memoryview(data)
     tiles = [view[offset : offset + count] for offset, count in tile_locations(tags)]
-    return EncodedBlock(tiles, [tag for tag in tags if tag.code not in _POINTER_TAGS])
+    return EncodedBlock(tiles, travelling(tags))
+
+
+def travelling(tags: Sequence[Tag]) -> list[Tag]:
+    """The tags of a file libvips wrote that can be written into another: without those
+    that point into it (the EXIF, GPS, interoperability and sub-IFD directories)."""
+    return [tag for tag in tags if tag.code not in _POINTER_TAGS]
 
 
 _PREDICTED_FORMATS: dict[str, type[np.generic]] = {
@@ -152,36 +161,64 @@ _PREDICTED_FORMATS: dict[str, type[np.generic]] = {
 horizontal predictor subtracts them in (modulo 2^8 or 2^16, signed or not)."""
 _DEFLATE_LEVEL = 6
 """libvips' deflate level (its ``level=0`` is zlib's default, 6)."""
-_COMPRESSORS = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+_THREADS = os.cpu_count() or 1
+_COMPRESSORS = ThreadPoolExecutor(max_workers=_THREADS)
 """libdeflate releases the GIL: a block's tile rows are compressed on every core."""
 
 
-def _deflate_tiles(block: pyvips.Image) -> list[memoryview]:
-    """``block``'s TIFF tiles, row-major, as libtiff writes them with deflate and the
-    horizontal predictor: each sample minus the same band's sample to its left, edge tiles
-    padded to the full tile."""
-    pixels = to_array(block).view(_PREDICTED_FORMATS[block.format])
-    rows = range(0, block.height, TIFF_TILE)
+def predictable(pixel_format: str) -> bool:
+    """Whether `deflate_tiles` takes pixels of ``pixel_format`` (8- and 16-bit integers)."""
+    return pixel_format in _PREDICTED_FORMATS
+
+
+def deflate_tiles(
+    pixels: np.ndarray[Any, Any],
+    pixel_format: str,
+    tile_width: int,
+    tile_height: int,
+    level: int = _DEFLATE_LEVEL,
+) -> list[Future[list[memoryview]]]:
+    """Start compressing ``pixels`` (height, width, bands) into TIFF tiles as libtiff writes
+    them with deflate and the horizontal predictor: each sample minus the same band's sample
+    to its left, edge tiles padded to the full tile. The compressors' threads take runs of a
+    tile row each; the futures' tiles, in order, are row-major."""
+    unsigned = pixels.view(_PREDICTED_FORMATS[pixel_format])
+    across = -(-pixels.shape[1] // tile_width)
+    run = -(-across // _THREADS)
+    shape = (tile_height, tile_width, pixels.shape[2])
     return [
-        tile for row in _COMPRESSORS.map(lambda y: _deflate_row(pixels, y), rows) for tile in row
+        _COMPRESSORS.submit(
+            _deflate_run,
+            unsigned[top : top + tile_height, left * tile_width : (left + run) * tile_width],
+            shape,
+            level,
+        )
+        for top in range(0, pixels.shape[0], tile_height)
+        for left in range(0, across, run)
     ]
 
 
-def _deflate_row(pixels: np.ndarray[Any, Any], top: int) -> list[memoryview]:
-    """The compressed tiles of the row of tiles starting at ``top``."""
-    band = pixels[top : top + TIFF_TILE]
-    shape = (TIFF_TILE, TIFF_TILE, pixels.shape[2])
+def _deflate_tiles(block: pyvips.Image) -> list[memoryview]:
+    """``block``'s deflate TIFF tiles at the result's tile size and libvips' level."""
+    futures = deflate_tiles(to_array(block), block.format, TIFF_TILE, TIFF_TILE)
+    return [tile for future in futures for tile in future.result()]
+
+
+def _deflate_run(
+    band: np.ndarray[Any, Any], shape: tuple[int, int, int], level: int
+) -> list[memoryview]:
+    """The compressed tiles of ``band``: one tile high, whole tiles across but the last."""
     tiles = []
-    for left in range(0, pixels.shape[1], TIFF_TILE):
-        tile = band[:, left : left + TIFF_TILE]
+    for left in range(0, band.shape[1], shape[1]):
+        tile = band[:, left : left + shape[1]]
         if tile.shape != shape:
-            padded = np.zeros(shape, dtype=pixels.dtype)
+            padded = np.zeros(shape, dtype=band.dtype)
             padded[: tile.shape[0], : tile.shape[1]] = tile
             tile = padded
-        predicted = np.empty(shape, dtype=pixels.dtype)
+        predicted = np.empty(shape, dtype=band.dtype)
         predicted[:, 0] = tile[:, 0]
         np.subtract(tile[:, 1:], tile[:, :-1], out=predicted[:, 1:])
-        tiles.append(memoryview(deflate.zlib_compress(predicted, _DEFLATE_LEVEL)))
+        tiles.append(memoryview(deflate.zlib_compress(predicted, level)))
     return tiles
 
 

@@ -7,16 +7,21 @@ into a tiled TIFF next to the job's other intermediates.
 
 from __future__ import annotations
 
+import collections
 import functools
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyvips
 
 from tilefan.errors import DamagedImage, reason
 from tilefan.formats.chunks import ChunkLayout
 from tilefan.formats.remote import ObjectSource, ObjectTarget
 from tilefan.formats.source import open_checked, upright
-from tilefan.formats.strips import thin_strips
+from tilefan.formats.strips import STREAMING_TILE_HEIGHT, thin_strips
+from tilefan.formats.tiff_layout import Page, Tag, read_tags, trailing_layout
+from tilefan.formats.tiff_tiles import deflate_tiles, numpy_dtype, predictable, travelling
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import SAMPLE_BYTES
 from tilefan.state.ranged import MultipartObject, RangedObject
@@ -44,6 +49,13 @@ TRANSCODE_OPTIONS: dict[str, Any] = {
     "bigtiff": True,
 }
 """How the splitter writes the intermediate: lossless, fast to write, cut into tiles."""
+
+_BIGTIFF_HEADER = 16
+_HEADER_FIELDS = frozenset(
+    {"width", "height", "bands", "format", "coding", "interpretation"}
+    | {"xoffset", "yoffset", "xres", "yres"}
+)
+"""What a stand-in image has of its own; every other field is the image's metadata."""
 
 
 def range_readable(image: pyvips.Image) -> bool:
@@ -96,15 +108,16 @@ def transcode(
     """
     upload = MultipartObject(store.client, store.bucket, key, "image/tiff")
     target = ObjectTarget(upload)
+    height = transcode_tile_height(edge, image)
     try:
         # The loader's buffers are sized when the first pixel is asked for, inside.
         with thin_strips():
-            image.tiffsave_target(
-                target.target,
-                tile_width=edge,
-                tile_height=transcode_tile_height(edge, image),
-                **TRANSCODE_OPTIONS,
-            )
+            if predictable(image.format):
+                _deflate_transcode(image, upload, edge, height)
+            else:
+                image.tiffsave_target(
+                    target.target, tile_width=edge, tile_height=height, **TRANSCODE_OPTIONS
+                )
         # A failed read that libvips took as a warning must not pass as a decoded image.
         failure = origin.failure or target.failure
         if failure is not None:
@@ -120,6 +133,82 @@ def transcode(
     except BaseException:
         upload.abort()
         raise
+
+
+def _deflate_transcode(
+    image: pyvips.Image, upload: MultipartObject, tile_width: int, tile_height: int
+) -> None:
+    """Write ``image`` as `TRANSCODE_OPTIONS` say (a BigTIFF of deflate tiles with the
+    predictor, at level 1), compressing in threads while the next row of tiles decodes.
+
+    libvips' ``tiffsave`` compresses on its one writing thread, and for a JPEG that was two
+    thirds of the transcode (docs/benchmarks.md). Rows of tiles are fetched in order from one
+    region, as a sequential loader requires; two rows of tiles are held, one compressing while
+    the next decodes. The tiles follow the header, the IFD follows them, and the header is
+    written last (`trailing_layout`).
+    """
+    width, height = image.width, image.height
+    tags = _header_tags(image, tile_width, tile_height)
+    region = pyvips.Region.new(image)
+    dtype = numpy_dtype(image.format)
+    counts: list[int] = []
+    in_flight: collections.deque[list[Future[list[memoryview]]]] = collections.deque()
+
+    def write_oldest() -> None:
+        for future in in_flight.popleft():
+            for tile in future.result():
+                counts.append(len(tile))
+                upload.write(bytes(tile))
+
+    upload.seek(_BIGTIFF_HEADER)
+    for top in range(0, height, tile_height):
+        rows = min(tile_height, height - top)
+        pixels = np.empty((rows, width, image.bands), dtype=dtype)
+        # A few rows per fetch: a fetch as high as the tiles grows libvips' buffers to it.
+        for y in range(0, rows, STREAMING_TILE_HEIGHT):
+            fetched = region.fetch(0, top + y, width, min(STREAMING_TILE_HEIGHT, rows - y))
+            pixels[y : y + STREAMING_TILE_HEIGHT] = np.frombuffer(fetched, dtype=dtype).reshape(
+                -1, width, image.bands
+            )
+        in_flight.append(
+            deflate_tiles(
+                pixels,
+                image.format,
+                tile_width,
+                tile_height,
+                int(TRANSCODE_OPTIONS["level"]),
+            )
+        )
+        if len(in_flight) > 1:
+            write_oldest()
+    while in_flight:
+        write_oldest()
+    page = Page(width, height, tile_width, tags, counts, tile_height=tile_height)
+    header, directory = trailing_layout(page)
+    upload.write(directory)
+    upload.seek(0)
+    upload.write(header)
+
+
+def _header_tags(image: pyvips.Image, tile_width: int, tile_height: int) -> list[Tag]:
+    """The tags libvips' ``tiffsave`` writes for ``image`` (its metadata as the header has it
+    before any pixel is decoded: a loader may add fields as it decodes), from a blank
+    stand-in of one tile, so that nothing of the sequential image is read out of order."""
+    stand_in = (
+        pyvips.Image.black(
+            min(tile_width, image.width), min(tile_height, image.height), bands=image.bands
+        )
+        .cast(image.format)
+        .copy(interpretation=image.interpretation, xres=image.xres, yres=image.yres)
+    )
+    for name in image.get_fields():
+        value = image.get(name)
+        if name not in _HEADER_FIELDS and value is not None:  # an unset string is None
+            stand_in.set_type(image.get_typeof(name), name, value)
+    sample = stand_in.tiffsave_buffer(
+        tile=True, tile_width=tile_width, tile_height=tile_height, compression="deflate"
+    )
+    return travelling(read_tags(sample))
 
 
 def source_block(
