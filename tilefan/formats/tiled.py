@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyvips
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRANSCODE_OPTIONS",
+    "SeekableWriter",
+    "deflate_transcode",
     "open_object",
     "range_readable",
     "source_block",
@@ -113,7 +115,7 @@ def transcode(
         # The loader's buffers are sized when the first pixel is asked for, inside.
         with thin_strips():
             if predictable(image.format):
-                _deflate_transcode(image, upload, edge, height)
+                deflate_transcode(image, upload, edge, height)
             else:
                 image.tiffsave_target(
                     target.target, tile_width=edge, tile_height=height, **TRANSCODE_OPTIONS
@@ -135,11 +137,22 @@ def transcode(
         raise
 
 
-def _deflate_transcode(
-    image: pyvips.Image, upload: MultipartObject, tile_width: int, tile_height: int
+class SeekableWriter(Protocol):
+    """Where `deflate_transcode` writes: a multipart upload, or a file."""
+
+    def write(self, data: bytes, /) -> int:
+        """Write at the current position; returns the bytes written."""
+
+    def seek(self, offset: int, /) -> int:
+        """Move the write position; returns it."""
+
+
+def deflate_transcode(
+    image: pyvips.Image, out: SeekableWriter, tile_width: int, tile_height: int
 ) -> None:
-    """Write ``image`` as `TRANSCODE_OPTIONS` say (a BigTIFF of deflate tiles with the
-    predictor, at level 1), compressing in threads while the next row of tiles decodes.
+    """Write ``image`` (8- or 16-bit, `predictable`) as `TRANSCODE_OPTIONS` say (a BigTIFF
+    of deflate tiles with the predictor, at level 1), compressing in threads while the next
+    row of tiles decodes.
 
     libvips' ``tiffsave`` compresses on its one writing thread, and for a JPEG that was two
     thirds of the transcode (docs/benchmarks.md). Rows of tiles are fetched in order from one
@@ -158,9 +171,9 @@ def _deflate_transcode(
         for future in in_flight.popleft():
             for tile in future.result():
                 counts.append(len(tile))
-                upload.write(bytes(tile))
+                out.write(bytes(tile))
 
-    upload.seek(_BIGTIFF_HEADER)
+    out.seek(_BIGTIFF_HEADER)
     for top in range(0, height, tile_height):
         rows = min(tile_height, height - top)
         pixels = np.empty((rows, width, image.bands), dtype=dtype)
@@ -185,9 +198,9 @@ def _deflate_transcode(
         write_oldest()
     page = Page(width, height, tile_width, tags, counts, tile_height=tile_height)
     header, directory = trailing_layout(page)
-    upload.write(directory)
-    upload.seek(0)
-    upload.write(header)
+    out.write(directory)
+    out.seek(0)
+    out.write(header)
 
 
 def _header_tags(image: pyvips.Image, tile_width: int, tile_height: int) -> list[Tag]:
