@@ -10,10 +10,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import botocore.client
 import pytest
-from moto import mock_aws
 
 import tilefan.state.multipart
 from tilefan.local.stack import local_stack
@@ -30,14 +28,6 @@ from tilefan.state.storage import TileStore
 pytestmark = pytest.mark.integration
 
 MIB = 2**20
-
-
-@pytest.fixture
-def store() -> Iterator[TileStore]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="tilefan-test")
-        yield TileStore("tilefan-test", client=client)
 
 
 @pytest.fixture
@@ -96,7 +86,7 @@ def test_too_many_parts_fails_with_a_code_and_leaves_no_upload(
     put(store, "big", MIN_PART, 5)
     with pytest.raises(TooManyParts):
         assemble_object(store, "result", [Range("big", 0, MIN_PART)] * 3, "image/tiff")
-    assert store.client.list_multipart_uploads(Bucket="tilefan-test").get("Uploads", []) == []
+    assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
 
 
 def test_the_mergers_client_keeps_a_connection_for_every_request_in_flight(

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import tempfile
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import pytest
 import pyvips
-from moto import mock_aws
 
 import tilefan.stages.stream_merge
 import tilefan.state.multipart
@@ -37,14 +34,6 @@ SAVERS = {
     "png": ("pngsave_buffer", {}),
     "webp": ("webpsave_buffer", {"Q": 90}),
 }
-
-
-@pytest.fixture
-def store() -> Iterator[TileStore]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="bucket")
-        yield TileStore("bucket", client=client)
 
 
 def put_output_tiles(store: TileStore, image: pyvips.Image, tile_size: int) -> TilePlan:

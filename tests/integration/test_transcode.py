@@ -6,14 +6,11 @@ the tags libvips' own ``tiffsave`` would write."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
-import boto3
 import numpy as np
 import pytest
 import pyvips
 import tifffile
-from moto import mock_aws
 
 from tests.support import assert_identical, noise_image
 from tilefan.formats import tiff_tiles, tiled
@@ -24,14 +21,6 @@ pytestmark = pytest.mark.integration
 
 _FIELDS = ("xres", "yres", "resolution-unit", "orientation", "icc-profile-data", "xmp-data")
 """Metadata the intermediate carries to the workers, and on to the result."""
-
-
-@pytest.fixture
-def store() -> Iterator[TileStore]:
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="tilefan-test")
-        yield TileStore("tilefan-test", client=client)
 
 
 def _transcoded(store: TileStore, upload: bytes) -> bytes:
