@@ -104,9 +104,11 @@ def transcode(
 ) -> int:
     """Decode ``image`` once, top to bottom, into a tiled TIFF uploaded to ``key`` as it fills.
 
-    Memory is one row of tiles and a few rows of pixels of the image's width (`thin_strips`),
-    and the parts: they go to S3 while libvips goes on. Returns the object's size. A failed
-    transcode leaves no object and no parts behind.
+    8- and 16-bit pixels are compressed here, in threads (`deflate_transcode`); others by
+    libvips' ``tiffsave``. Memory is two rows of tiles (one for ``tiffsave``), a few rows of
+    pixels of the image's width (`thin_strips`), and the parts: they go to S3 while the decode
+    goes on. Returns the object's size. A failed transcode leaves no object and no parts
+    behind.
     """
     upload = MultipartObject(store.client, store.bucket, key, "image/tiff")
     target = ObjectTarget(upload)
