@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tilefan.local.template import load_template
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Peak resident memory from VmHWM: ru_maxrss would carry the parent's (moto's) over the exec.
@@ -72,6 +74,12 @@ def scratch_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
         time.sleep(0.1)
 
 
+def splitter_malloc() -> dict[str, str]:
+    """glibc's ``MALLOC_*`` settings, as the template gives them to the splitter."""
+    environment = load_template(ROOT).functions["SplitterFunction"].environment
+    return {name: str(value) for name, value in environment.items() if name.startswith("MALLOC_")}
+
+
 def _split(tree: Path, job_id: str, env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="split-scratch-") as scratch:
         stop, peak = threading.Event(), [0]
@@ -80,12 +88,7 @@ def _split(tree: Path, job_id: str, env: dict[str, str]) -> dict[str, Any]:
         try:
             done = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(tree), job_id],
-                # MALLOC_ARENA_MAX as the template sets it for every function.
-                env={
-                    **env,
-                    "TMPDIR": scratch,
-                    "MALLOC_ARENA_MAX": "2",
-                },
+                env={**env, "TMPDIR": scratch, **splitter_malloc()},
                 capture_output=True,
                 text=True,
                 check=True,

@@ -4,8 +4,9 @@ The embedded engine cannot take a 2 GP transcode: moto keeps every multipart par
 joins them on completion (about 15 GB held at 2 GP before it was stopped). So this runs the
 splitter's own path (`open_object` reading the upload by ranged GETs, `transcode` writing the
 tiled intermediate by multipart upload) in a child process, as the splitter Lambda is set up
-(libvips' cache off, ``MALLOC_ARENA_MAX=2``), against an S3 client that serves the upload from
-a local file by range and drops the parts it is sent. What the child holds is then what the
+(libvips' cache off, glibc's ``MALLOC_*`` settings from the template),
+against an S3 client that serves the upload from a local file by range and drops the parts it
+is sent. What the child holds is then what the
 splitter holds; S3's side is not measured.
 
     python -m benchmarks.transcode_memory --jpeg 100,2000 --paired 100 --out rows.jsonl
@@ -30,7 +31,7 @@ from typing import Any
 
 from benchmarks._child import emit_row
 from benchmarks.machine import load_average
-from benchmarks.split_planner import ROOT, make_image, scratch_peak
+from benchmarks.split_planner import ROOT, make_image, scratch_peak, splitter_malloc
 
 __all__ = ["run"]
 
@@ -130,7 +131,7 @@ def _transcode(path: Path, scratch: Path, buffers: str) -> dict[str, Any]:
             env={
                 **os.environ,
                 "TMPDIR": str(scratch),
-                "MALLOC_ARENA_MAX": "2",
+                **splitter_malloc(),
                 "AWS_LAMBDA_FUNCTION_NAME": "Splitter",  # as the splitter's environment
             },
             capture_output=True,

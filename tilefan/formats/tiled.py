@@ -175,10 +175,14 @@ def deflate_transcode(
                 counts.append(len(tile))
                 out.write(bytes(tile))
 
+    # Two rows' buffers, taken in turn: a row's tiles are written, so its buffer is free,
+    # before the row after next is fetched. (A fresh array per row let glibc's growing mmap
+    # threshold keep freed rows in the heap: 228 MB at 2 GP against 165 MB at 100 MP.)
+    buffers = [np.empty((tile_height, width, image.bands), dtype=dtype) for _ in range(2)]
     out.seek(_BIGTIFF_HEADER)
-    for top in range(0, height, tile_height):
+    for number, top in enumerate(range(0, height, tile_height)):
         rows = min(tile_height, height - top)
-        pixels = np.empty((rows, width, image.bands), dtype=dtype)
+        pixels = buffers[number % 2][:rows]
         # A few rows per fetch: a fetch as high as the tiles grows libvips' buffers to it.
         for y in range(0, rows, STREAMING_TILE_HEIGHT):
             fetched = region.fetch(0, top + y, width, min(STREAMING_TILE_HEIGHT, rows - y))
