@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "BIGTIFF_HEADER",
     "CLASSIC_LIMIT",
     "Page",
     "Tag",
@@ -39,7 +40,8 @@ TILE_WIDTH = 322
 TILE_LENGTH = 323
 
 _SHORT, _LONG, _LONG8 = 3, 4, 16
-_BIGTIFF_HEADER = 16
+BIGTIFF_HEADER = 16
+"""Bytes of a BigTIFF's header: where `trailing_layout`'s tiles start."""
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
 _TYPE_SIZES.update({13: 4, 16: 8, 17: 8, 18: 8})
 _INTEGER_FORMATS = {1: "B", 3: "H", 4: "I", 16: "Q"}
@@ -178,8 +180,8 @@ def trailing_layout(page: Page) -> tuple[bytes, bytes]:
     IFDs before the data, as `layout` makes, could pass the part a multipart upload holds).
     """
     counts = _counts(page)
-    data_end = _BIGTIFF_HEADER + int(counts.sum())
-    offsets = np.cumsum(counts) - counts + np.uint64(_BIGTIFF_HEADER)
+    data_end = BIGTIFF_HEADER + int(counts.sum())
+    offsets = np.cumsum(counts) - counts + np.uint64(BIGTIFF_HEADER)
     directory = bytearray()
     _append_ifd(directory, None, _page_tags(page, offsets, True), True, base=data_end)
     header = b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", data_end + data_end % 2)

@@ -20,7 +20,7 @@ from tilefan.formats.chunks import ChunkLayout
 from tilefan.formats.remote import ObjectSource, ObjectTarget
 from tilefan.formats.source import open_checked, upright
 from tilefan.formats.strips import STREAMING_TILE_HEIGHT, thin_strips
-from tilefan.formats.tiff_layout import Page, Tag, read_tags, trailing_layout
+from tilefan.formats.tiff_layout import BIGTIFF_HEADER, Page, Tag, read_tags, trailing_layout
 from tilefan.formats.tiff_tiles import deflate_tiles, numpy_dtype, predictable, travelling
 from tilefan.imaging.geometry import Rect
 from tilefan.imaging.plan import SAMPLE_BYTES
@@ -52,7 +52,6 @@ TRANSCODE_OPTIONS: dict[str, Any] = {
 }
 """How the splitter writes the intermediate: lossless, fast to write, cut into tiles."""
 
-_BIGTIFF_HEADER = 16
 _HEADER_FIELDS = frozenset(
     {"width", "height", "bands", "format", "coding", "interpretation"}
     | {"xoffset", "yoffset", "xres", "yres"}
@@ -179,7 +178,7 @@ def deflate_transcode(
     # before the row after next is fetched. (A fresh array per row let glibc's growing mmap
     # threshold keep freed rows in the heap: 228 MB at 2 GP against 165 MB at 100 MP.)
     buffers = [np.empty((tile_height, width, image.bands), dtype=dtype) for _ in range(2)]
-    out.seek(_BIGTIFF_HEADER)
+    out.seek(BIGTIFF_HEADER)
     for number, top in enumerate(range(0, height, tile_height)):
         rows = min(tile_height, height - top)
         pixels = buffers[number % 2][:rows]
