@@ -42,6 +42,9 @@ TILE_LENGTH = 323
 _SHORT, _LONG, _LONG8 = 3, 4, 16
 BIGTIFF_HEADER = 16
 """Bytes of a BigTIFF's header: where `trailing_layout`'s tiles start."""
+_BIGTIFF_START = b"II+\x00\x08\x00\x00\x00"
+"""A little-endian BigTIFF's signature, offset size and reserved bytes; its first IFD's
+offset follows."""
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
 _TYPE_SIZES.update({13: 4, 16: 8, 17: 8, 18: 8})
 _INTEGER_FORMATS = {1: "B", 3: "H", 4: "I", 16: "Q"}
@@ -184,7 +187,7 @@ def trailing_layout(page: Page) -> tuple[bytes, bytes]:
     offsets = np.cumsum(counts) - counts + np.uint64(BIGTIFF_HEADER)
     directory = bytearray()
     _append_ifd(directory, None, _page_tags(page, offsets, True), True, base=data_end)
-    header = b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", data_end + data_end % 2)
+    header = _BIGTIFF_START + struct.pack("<Q", data_end + data_end % 2)
     return header, bytes(directory)
 
 
@@ -206,7 +209,7 @@ def _head(pages: Sequence[Page], *, bigtiff: bool, data_start: int) -> bytes:
         offsets_per_page.append(page_offsets)
     offsets_per_page.reverse()
 
-    head = bytearray(b"II+\x00\x08\x00\x00\x00" + bytes(8) if bigtiff else b"II*\x00" + bytes(4))
+    head = bytearray(_BIGTIFF_START + bytes(8) if bigtiff else b"II*\x00" + bytes(4))
     pointer_at = 8 if bigtiff else 4
     for page, tile_offsets in zip(pages, offsets_per_page, strict=True):
         pointer_at = _append_ifd(head, pointer_at, _page_tags(page, tile_offsets, bigtiff), bigtiff)

@@ -26,6 +26,7 @@ from tilefan.stages.tiff_output import (
     expected_batch_bytes,
     level_length,
     pack_tiles,
+    table_bytes,
     unpack_tiles,
     worker_levels,
 )
@@ -99,7 +100,7 @@ def compact(pipeline: Pipeline, job_id: str, batches: Sequence[int]) -> dict[str
             for index in indexes:
                 level = next(level for level in index["levels"] if level["level"] == number)
                 tables.append(unpack_tiles(level["tile_table"]))
-                if length := level_length(level):
+                if length := table_bytes(tables[-1]):
                     yield Range(index["tiles_key"], level["start"], length)
                     start += length
             table = np.concatenate(tables)

@@ -59,6 +59,7 @@ __all__ = [
     "level_length",
     "output_tile_rule",
     "pack_tiles",
+    "table_bytes",
     "tiff_reduction",
     "tiles_per_item",
     "unpack_tiles",
@@ -150,9 +151,14 @@ def unpack_tiles(packed: str) -> TileTable:
     return np.frombuffer(base64.b64decode(packed), dtype="<u4").reshape(-1, 3)
 
 
+def table_bytes(table: TileTable) -> int:
+    """Bytes of a tile table's tiles, end to end."""
+    return int(table[:, 2].sum(dtype=np.uint64))
+
+
 def level_length(level: Mapping[str, Any]) -> int:
     """Bytes of an index's level: its tiles end to end."""
-    return int(unpack_tiles(level["tile_table"])[:, 2].sum(dtype=np.uint64))
+    return table_bytes(unpack_tiles(level["tile_table"]))
 
 
 @dataclass
@@ -340,8 +346,7 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
             positions = table[:, 1].astype(np.int64) * across + table[:, 0]
             counts[positions] = table[:, 2]
             orders.append(positions)
-            length = int(table[:, 2].sum(dtype=np.uint64))
-            if length:
+            if length := table_bytes(table):
                 ranges.append(Range(tiles_key, level["start"], length))
         order = np.concatenate(orders) if orders else np.empty(0, dtype=np.int64)
         if order.size != counts.size:
