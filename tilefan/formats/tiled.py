@@ -141,7 +141,7 @@ def transcode(
 class SeekableWriter(Protocol):
     """Where `deflate_transcode` writes: a multipart upload, or a file."""
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         """Write at the current position; returns the bytes written."""
 
     def seek(self, offset: int, /) -> int:
@@ -165,6 +165,7 @@ def deflate_transcode(
     tags = _header_tags(image, tile_width, tile_height)
     region = pyvips.Region.new(image)
     dtype = numpy_dtype(image.format)
+    level = int(TRANSCODE_OPTIONS["level"])
     counts: list[int] = []
     in_flight: collections.deque[list[Future[list[memoryview]]]] = collections.deque()
 
@@ -172,7 +173,7 @@ def deflate_transcode(
         for future in in_flight.popleft():
             for tile in future.result():
                 counts.append(len(tile))
-                out.write(bytes(tile))
+                out.write(tile)  # the compressor's bytes; the writer copies what it keeps
 
     # Two rows' buffers, taken in turn: a row's tiles are written, so its buffer is free,
     # before the row after next is fetched. (A fresh array per row let glibc's growing mmap
@@ -188,15 +189,7 @@ def deflate_transcode(
             pixels[y : y + STREAMING_TILE_HEIGHT] = np.frombuffer(fetched, dtype=dtype).reshape(
                 -1, width, image.bands
             )
-        in_flight.append(
-            deflate_tiles(
-                pixels,
-                image.format,
-                tile_width,
-                tile_height,
-                int(TRANSCODE_OPTIONS["level"]),
-            )
-        )
+        in_flight.append(deflate_tiles(pixels, image.format, tile_width, tile_height, level))
         if len(in_flight) > 1:
             write_oldest()
     while in_flight:

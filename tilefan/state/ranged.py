@@ -256,7 +256,7 @@ class MultipartObject:
         self._parts: list[Future[CompletedPartTypeDef]] = []
         self._pool = ThreadPoolExecutor(PARTS_IN_FLIGHT)
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         """Write at the current position; returns the bytes written."""
         start, end = self.position, self.position + len(data)
         if start > self.size:
