@@ -3,8 +3,9 @@
 With ``VIPS_CONCURRENCY=1`` and no storage in the way, this measures for each tile size and tile
 encoding the CPU seconds a tile worker spends on one interior tile (decode its source tile, run
 the chain, encode the result's TIFF tiles as the worker does) and the bytes it reads and
-writes; and the single-thread rates of the serial stages' own work: transcoding the JPEG into
-the tiled intermediate (splitter) and encoding the output TIFF (merger).
+writes; and the CPU rates of the serial stages' own work: transcoding the JPEG into the tiled
+intermediate (the splitter's writer, which compresses in threads beside the decode) and
+encoding the output TIFF (merger).
 Run as ``python -m benchmarks.kernel`` in a child process, because libvips reads its
 concurrency once.
 """
