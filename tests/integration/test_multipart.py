@@ -20,10 +20,13 @@ from tilefan.state.multipart import (
     MIN_PART_SIZE,
     Range,
     TooManyParts,
+    abort_uploads,
     assemble_object,
+    copy_part,
+    open_upload,
     put_joined,
 )
-from tilefan.state.storage import TileStore
+from tilefan.state.storage import ObjectMissing, TileStore
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +90,96 @@ def test_too_many_parts_fails_with_a_code_and_leaves_no_upload(
     with pytest.raises(TooManyParts):
         assemble_object(store, "result", [Range("big", 0, MIN_PART)] * 3, "image/tiff")
     assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
+
+
+def _prepared(store: TileStore, copies: dict[int, Range]) -> tuple[str, list[Range]]:
+    """An upload with ``copies`` copied into it at their part numbers, as workers do, and
+    the ranges as the merger names them (part and ETag)."""
+    upload_id = open_upload(store, "result", "image/tiff")
+    named = [
+        Range(r.key, r.start, r.length, n, copy_part(store, "result", upload_id, n, r))
+        for n, r in copies.items()
+    ]
+    return upload_id, named
+
+
+def test_a_prepared_uploads_copies_are_taken_as_they_are(
+    store: TileStore, calls: Counter[str]
+) -> None:
+    """The merger's parts go between the reserved numbers; the ranges workers copied are
+    not copied again, but the one a short part is topped up from is."""
+    a = put(store, "a", 12 * MIB, 1)
+    b = put(store, "b", 6 * MIB, 2)
+    c = put(store, "c", 7 * MIB, 3)
+    small = put(store, "small", 2 * MIB, 4)
+    upload_id, (ra, rb, rc) = _prepared(
+        store, {40: Range("a", 0, len(a)), 41: Range("b", 0, len(b)), 90: Range("c", 0, len(c))}
+    )
+    calls.clear()
+    head = b"head" * 100
+    pieces: list[bytes | Range] = [head, ra, rb, Range("small", 0, len(small)), rc]
+    size = assemble_object(store, "result", pieces, "image/tiff", upload_id=upload_id)
+    expected = head + a + b + small + c
+    assert size == len(expected)
+    assert store.get_range("result", 0, size) == expected
+    # The head is topped up from a's head and a's rest copied again; b is kept; c cannot top
+    # small up and still pass 5 MiB, so both are read into the last part.
+    assert (calls["UploadPartCopy"], calls["UploadPart"], calls["ListParts"]) == (1, 2, 1), calls
+
+
+def test_a_prepared_upload_with_a_missing_or_stale_copy_is_repaired(
+    store: TileStore, calls: Counter[str]
+) -> None:
+    a = put(store, "a", 6 * MIB, 1)
+    b = put(store, "b", 6 * MIB, 2)
+    upload_id, (ra,) = _prepared(store, {10: Range("a", 0, len(a))})
+    rb = Range("b", 0, len(b), 11, '"an etag of a copy that never ran"')
+    calls.clear()
+    size = assemble_object(store, "result", [ra, rb], "image/tiff", upload_id=upload_id)
+    assert store.get_range("result", 0, size) == a + b
+    assert calls["UploadPartCopy"] == 1, calls
+
+
+def test_reserved_numbers_taken_by_the_parts_before_them_are_given_up(
+    store: TileStore, calls: Counter[str]
+) -> None:
+    """Reserved numbers that leave too few between them for the other parts: every range
+    is placed as without them, in the same upload."""
+    a = put(store, "a", 6 * MIB, 1)
+    big = put(store, "big", 30 * MIB, 5)
+    upload_id, (ra,) = _prepared(store, {2: Range("a", 0, len(a))})
+    calls.clear()
+    pieces: list[bytes | Range] = [b"h", Range("big", 0, len(big)), ra]
+    size = assemble_object(store, "result", pieces, "image/tiff", upload_id=upload_id)
+    assert store.get_range("result", 0, size) == b"h" + big + a
+    assert calls["UploadPartCopy"] == 2, calls
+    assert abort_uploads(store, "") == 0  # the prepared upload was the one completed
+
+
+def test_a_prepared_upload_that_is_gone_is_made_again(
+    store: TileStore, calls: Counter[str]
+) -> None:
+    """A merge retried after it completed the upload (the job's transition failed): the
+    copies are gone with it, and a new upload is assembled from the ranges."""
+    a = put(store, "a", 6 * MIB, 1)
+    upload_id, (ra,) = _prepared(store, {3: Range("a", 0, len(a))})
+    assert abort_uploads(store, "res") == 1
+    size = assemble_object(store, "result", [b"h", ra], "image/tiff", upload_id=upload_id)
+    assert store.get_range("result", 0, size) == b"h" + a
+    assert calls["CreateMultipartUpload"] == 2
+
+
+def test_a_failed_assembly_leaves_a_prepared_upload_for_its_retry(
+    store: TileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = put(store, "a", 6 * MIB, 1)
+    upload_id, (ra,) = _prepared(store, {3: Range("a", 0, len(a))})
+    with pytest.raises(ObjectMissing):
+        assemble_object(
+            store, "result", [Range("gone", 0, 10), ra], "image/tiff", upload_id=upload_id
+        )
+    size = assemble_object(store, "result", [b"h", ra], "image/tiff", upload_id=upload_id)
+    assert store.get_range("result", 0, size) == b"h" + a
 
 
 def test_the_mergers_client_keeps_a_connection_for_every_request_in_flight(

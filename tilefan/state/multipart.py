@@ -3,14 +3,16 @@
 `MultipartWriter` takes an encoder's bytes as they come and uploads them part by part;
 `assemble_object` lays an object out of bytes and byte ranges of other objects, copying ranges
 of at least 5 MiB server-side (``UploadPartCopy``) and gathering smaller pieces into plain
-parts, so every part but the last passes S3's 5 MiB minimum.
+parts, so every part but the last passes S3's 5 MiB minimum. It can finish an upload that
+others opened (`open_upload`) and already copied ranges into, at part numbers reserved for
+them: those parts are taken as they are, checked against the upload's own list of parts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,7 +36,10 @@ __all__ = [
     "MultipartWriter",
     "Range",
     "TooManyParts",
+    "abort_uploads",
     "assemble_object",
+    "copy_part",
+    "open_upload",
     "put_joined",
 ]
 
@@ -71,31 +76,192 @@ class Range:
     key: str
     start: int
     length: int
+    part: int = 0
+    """The part number reserved for this range in a prepared upload, or 0."""
+    etag: str = ""
+    """The ETag its copy into ``part`` returned, when one was made."""
+
+
+def open_upload(store: TileStore, key: str, content_type: str) -> str:
+    """Open a multipart upload of ``key`` for others to copy parts into; returns its id."""
+    try:
+        return store.client.create_multipart_upload(
+            Bucket=store.bucket, Key=key, ContentType=content_type
+        )["UploadId"]
+    except ClientError as e:
+        raise translate_error(e, key) from e
+
+
+def copy_part(store: TileStore, key: str, upload_id: str, number: int, piece: Range) -> str:
+    """Copy ``piece`` server-side into part ``number`` of an open upload of ``key``; returns
+    the part's ETag. Raises botocore's errors as they come."""
+    last = piece.start + piece.length - 1
+    return store.client.upload_part_copy(
+        Bucket=store.bucket,
+        Key=key,
+        UploadId=upload_id,
+        PartNumber=number,
+        CopySource={"Bucket": store.bucket, "Key": piece.key},
+        CopySourceRange=f"bytes={piece.start}-{last}",
+    )["CopyPartResult"]["ETag"]
+
+
+def abort_uploads(store: TileStore, prefix: str) -> int:
+    """Abort every multipart upload still open under ``prefix``; returns how many.
+
+    S3 keeps, and bills, the parts of an upload nobody completes (the bucket's lifecycle
+    rule drops them only days later)."""
+    aborted = 0
+    paginator = store.client.get_paginator("list_multipart_uploads")
+    try:
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                store.client.abort_multipart_upload(
+                    Bucket=store.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                aborted += 1
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+            raise translate_error(e, prefix) from e
+    return aborted
+
+
+def _uploaded_parts(store: TileStore, key: str, upload_id: str) -> dict[int, tuple[str, int]]:
+    """The parts an open upload holds, by number: (ETag, size); raises `ClientError`
+    NoSuchUpload when the upload was completed or aborted."""
+    parts: dict[int, tuple[str, int]] = {}
+    paginator = store.client.get_paginator("list_parts")
+    for page in paginator.paginate(Bucket=store.bucket, Key=key, UploadId=upload_id):
+        for part in page.get("Parts", []):
+            parts[part["PartNumber"]] = (part["ETag"], part["Size"])
+    return parts
+
+
+def _unreserved(piece: bytes | Range) -> bytes | Range:
+    return Range(piece.key, piece.start, piece.length) if isinstance(piece, Range) else piece
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One part of an assembled object: gathered pieces sent as they are joined, or a range
+    copied, unless (``etag``) the upload holds that copy already."""
+
+    number: int
+    gathered: tuple[bytes | Range, ...] = ()
+    copy: Range | None = None
+    etag: str = ""
+
+
+class _Taken(Exception):
+    """A reserved part number was taken by the parts before its range."""
+
+
+def _plan(pieces: Iterable[bytes | Range], held: Mapping[int, tuple[str, int]]) -> Iterator[_Part]:
+    """The parts of ``pieces``, numbered, as they come: ranges of at least 5 MiB copied, the
+    rest gathered into plain parts of `_PLAIN_PART`; a short plain part is topped up from
+    the head of the next range, so the rest of that range can still be copied. A range with
+    a reserved ``part`` goes to that number, and when ``held`` (the upload's parts, by
+    number: ETag and size) has the very copy its ETag names, it is taken as it is."""
+    number = 0
+    gathered: list[bytes | Range] = []
+    gathered_bytes = 0
+
+    def numbered(reserved: int) -> int:
+        nonlocal number
+        if reserved and reserved <= number:
+            raise _Taken
+        number = reserved or number + 1
+        if number > MAX_PARTS:
+            raise TooManyParts(
+                f"the result needs more than {MAX_PARTS:,} upload parts; use larger tiles"
+            )
+        return number
+
+    def flush() -> _Part:
+        nonlocal gathered_bytes
+        part = _Part(numbered(0), gathered=tuple(gathered))
+        gathered.clear()
+        gathered_bytes = 0
+        return part
+
+    for piece in pieces:
+        if isinstance(piece, Range):
+            need = max(0, MIN_PART - gathered_bytes) if gathered else 0
+            if piece.length - need >= MIN_PART:
+                if need:
+                    gathered.append(Range(piece.key, piece.start, need))
+                    piece = Range(piece.key, piece.start + need, piece.length - need, piece.part)
+                if gathered:
+                    yield flush()
+                if piece.part and held.get(piece.part) == (piece.etag, piece.length):
+                    yield _Part(numbered(piece.part), copy=piece, etag=piece.etag)
+                else:
+                    yield _Part(numbered(piece.part), copy=piece)
+                continue
+            gathered.append(piece)
+            gathered_bytes += piece.length
+        else:
+            gathered.append(bytes(piece))
+            gathered_bytes += len(piece)
+        if gathered_bytes >= _PLAIN_PART:
+            yield flush()
+    if gathered or not number:
+        yield flush()
+
+
+def _done(part: CompletedPartTypeDef) -> Future[CompletedPartTypeDef]:
+    future: Future[CompletedPartTypeDef] = Future()
+    future.set_result(part)
+    return future
 
 
 def assemble_object(
-    store: TileStore, key: str, pieces: Iterable[bytes | Range], content_type: str
+    store: TileStore,
+    key: str,
+    pieces: Iterable[bytes | Range],
+    content_type: str,
+    *,
+    upload_id: str | None = None,
 ) -> int:
     """Write ``pieces`` one after the other as object ``key``; returns its size in bytes.
 
     Parts are copied and sent, and small ranges read, ``_TRANSFERS`` at a time: each is a
     request with S3's latency, and a large result has thousands. What is held is bounded by
     the plain parts in flight (``_PLAIN_PARTS_IN_FLIGHT``) and the one being gathered.
+
+    With ``upload_id``, the upload `open_upload` opened is completed, and a range with a
+    reserved ``part`` goes to that part number: taken as it is when the upload holds the
+    copy its ETag names, copied again otherwise (a copy that failed or never ran). The
+    other parts take the numbers between. When they do not fit there, every range is
+    placed as without reservations; when the upload is gone (a retry after it completed),
+    a new one is made.
     """
     client, bucket = store.client, store.bucket
-    try:
-        upload_id = client.create_multipart_upload(
-            Bucket=bucket, Key=key, ContentType=content_type
-        )["UploadId"]
-    except ClientError as e:
-        raise translate_error(e, key) from e
+    held: dict[int, tuple[str, int]] = {}
+    if upload_id is not None:
+        try:
+            held = _uploaded_parts(store, key, upload_id)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise translate_error(e, key) from e
+            upload_id = None
+    prepared = upload_id is not None
+    plan: Iterable[_Part]
+    if prepared:
+        pieces = list(pieces)
+        try:
+            plan = list(_plan(pieces, held))
+        except _Taken:
+            plan = _plan(map(_unreserved, pieces), {})
+    else:
+        plan = _plan(map(_unreserved, pieces), {})
+    if upload_id is None:
+        upload_id = open_upload(store, key, content_type)
     reads = ThreadPoolExecutor(_TRANSFERS)
     writes = ThreadPoolExecutor(_TRANSFERS)
     parts: list[Future[CompletedPartTypeDef]] = []
     plain: list[Future[CompletedPartTypeDef]] = []
     size = 0
-    gathered: list[bytes | Future[bytes]] = []
-    gathered_bytes = 0
 
     def upload(number: int, body: list[bytes | Future[bytes]]) -> CompletedPartTypeDef:
         data = b"".join(piece if isinstance(piece, bytes) else piece.result() for piece in body)
@@ -106,62 +272,35 @@ def assemble_object(
         return {"PartNumber": number, "ETag": etag}
 
     def copy(number: int, piece: Range) -> CompletedPartTypeDef:
-        last = piece.start + piece.length - 1
-        etag = client.upload_part_copy(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            CopySource={"Bucket": bucket, "Key": piece.key},
-            CopySourceRange=f"bytes={piece.start}-{last}",
-        )["CopyPartResult"]["ETag"]
-        return {"PartNumber": number, "ETag": etag}
+        return {"PartNumber": number, "ETag": copy_part(store, key, upload_id, number, piece)}
 
-    def submit(task: Callable[..., CompletedPartTypeDef], argument: object) -> None:
-        _check_count(len(parts))
+    def submit(task: Callable[..., CompletedPartTypeDef], number: int, argument: object) -> None:
         in_flight = [part for part in parts[-2 * _TRANSFERS :] if not part.done()]
         if len(in_flight) >= _TRANSFERS:
             in_flight[0].result()
-        parts.append(writes.submit(task, len(parts) + 1, argument))
+        parts.append(writes.submit(task, number, argument))
 
-    def read(piece: Range) -> Future[bytes]:
+    def read(piece: bytes | Range) -> bytes | Future[bytes]:
+        if isinstance(piece, bytes):
+            return piece
         return reads.submit(store.get_range, piece.key, piece.start, piece.length)
 
-    def send() -> None:
-        nonlocal gathered_bytes
-        # Plain parts hold their bytes until sent: fewer of them in flight than copies.
-        pending = [part for part in plain[-_PLAIN_PARTS_IN_FLIGHT:] if not part.done()]
-        if len(pending) >= _PLAIN_PARTS_IN_FLIGHT:
-            pending[0].result()
-        submit(upload, list(gathered))
-        plain.append(parts[-1])
-        gathered.clear()
-        gathered_bytes = 0
-
     try:
-        for piece in pieces:
-            if isinstance(piece, Range):
-                size += piece.length
-                # Top up a short plain part from the range's head, so the rest can be copied.
-                need = max(0, MIN_PART - gathered_bytes) if gathered else 0
-                if piece.length - need >= MIN_PART:
-                    if need:
-                        gathered.append(read(Range(piece.key, piece.start, need)))
-                        piece = Range(piece.key, piece.start + need, piece.length - need)
-                    if gathered:
-                        send()
-                    submit(copy, piece)
-                    continue
-                gathered.append(read(piece))
-                gathered_bytes += piece.length
+        for part in plan:
+            if part.copy is not None:
+                size += part.copy.length
+                if part.etag:
+                    parts.append(_done({"PartNumber": part.number, "ETag": part.etag}))
+                else:
+                    submit(copy, part.number, part.copy)
             else:
-                size += len(piece)
-                gathered.append(bytes(piece))
-                gathered_bytes += len(piece)
-            if gathered_bytes >= _PLAIN_PART:
-                send()
-        if gathered or not parts:
-            send()
+                size += sum(p.length if isinstance(p, Range) else len(p) for p in part.gathered)
+                # Plain parts hold their bytes until sent: fewer of them in flight than copies.
+                pending = [p for p in plain[-_PLAIN_PARTS_IN_FLIGHT:] if not p.done()]
+                if len(pending) >= _PLAIN_PARTS_IN_FLIGHT:
+                    pending[0].result()
+                submit(upload, part.number, [read(piece) for piece in part.gathered])
+                plain.append(parts[-1])
         completed = [part.result() for part in parts]
         client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": completed}
@@ -169,9 +308,11 @@ def assemble_object(
     except BaseException as e:
         writes.shutdown(cancel_futures=True)
         reads.shutdown(cancel_futures=True)
-        # A failed assembly leaves no parts behind to be billed.
-        with contextlib.suppress(ClientError):
-            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        # A failed assembly leaves no parts behind to be billed; a prepared upload stays for
+        # the retry, and goes when the job ends (`abort_uploads`).
+        if not prepared:
+            with contextlib.suppress(ClientError):
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
         if isinstance(e, ClientError):
             raise translate_error(e, key) from e
         raise
@@ -179,13 +320,6 @@ def assemble_object(
         writes.shutdown()
         reads.shutdown()
     return size
-
-
-def _check_count(parts: int) -> None:
-    if parts >= MAX_PARTS:
-        raise TooManyParts(
-            f"the result needs more than {MAX_PARTS:,} upload parts; use larger tiles"
-        )
 
 
 MIN_PART_SIZE = 8 * 2**20
