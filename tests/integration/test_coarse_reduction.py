@@ -272,14 +272,14 @@ def test_a_cog_of_many_batches_joins_their_small_levels_before_the_merge(
     ranges: list[Range] = []
     real_assemble = tilefan.stages.tiff_output.assemble_object
 
-    def assemble(store: Any, key: str, pieces: Any, content_type: str) -> int:
+    def assemble(store: Any, key: str, pieces: Any, content_type: str, **options: Any) -> int:
         def watched() -> Any:
             for piece in pieces:
                 if isinstance(piece, Range):
                     ranges.append(piece)
                 yield piece
 
-        return real_assemble(store, key, watched(), content_type)
+        return real_assemble(store, key, watched(), content_type, **options)
 
     monkeypatch.setattr(tilefan.stages.tiff_output, "assemble_object", assemble)
     image = noise_image(4096, 4096, 3, seed=17)  # 16 blocks of 1024 px: 4 batches of 4

@@ -61,6 +61,8 @@ _S3_ACTIONS = {
     "DeleteObject": "s3:DeleteObject",
     "DeleteObjects": "s3:DeleteObject",
     "ListObjectsV2": "s3:ListBucket",
+    "ListParts": "s3:ListMultipartUploadParts",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads",
 }
 
 
@@ -72,7 +74,7 @@ def needed(service: str, operation: str, params: dict[str, Any]) -> set[tuple[st
     """The IAM action and resource (as the template writes it) that one call needs."""
     if service == "s3":
         action = _S3_ACTIONS[operation]
-        if operation == "ListObjectsV2":
+        if operation in ("ListObjectsV2", "ListMultipartUploads"):
             return {(action, BUCKET)}
         if operation == "DeleteObjects":
             return {(action, _object(item["Key"])) for item in params["Delete"]["Objects"]}

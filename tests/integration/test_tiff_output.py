@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import logging
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,14 @@ import numpy as np
 import pytest
 import pyvips
 import tifffile
+from botocore.exceptions import ClientError
 
 import tilefan.formats.tiff_tiles
 import tilefan.stages.process
 import tilefan.stages.tiff_output
 from tests.support import assert_identical, noise_image, shared_image, whole
 from tilefan import TransientError
+from tilefan.errors import TilefanError
 from tilefan.formats.source import upright
 from tilefan.local.stack import LocalStack, run_job
 from tilefan.state.jobs import JobStatus
@@ -263,22 +267,98 @@ def _writes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(flag in str(mode) for flag in "wax+")
 
 
-def test_batches_past_five_mib_are_copied_server_side(
-    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    operations: list[str] = []
+def _copies_by_function(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """UploadPartCopy requests counted by the function whose client made them."""
+    names = {
+        id(inspect.unwrap(stack.engine.handler(name)).__globals__["pipeline"].store.client): name
+        for name in ("TileWorkerFunction", "MergerFunction")
+    }
+    copies: Counter[str] = Counter()
     real = botocore.client.BaseClient._make_api_call
 
     def counted(self: Any, operation: str, params: Any) -> Any:
-        operations.append(operation)
+        if operation == "UploadPartCopy":
+            copies[names.get(id(self), "other")] += 1
         return real(self, operation, params)
 
     monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+    return copies
+
+
+def test_workers_copy_their_batches_into_the_result_and_the_merger_keeps_them(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch past 5 MiB is copied server-side by its worker, in parallel; the merger
+    copies only what tops its own short part up, however many batches there are."""
+    copies = _copies_by_function(stack, monkeypatch)
     # Uncompressed 1024 px tiles are 3 MiB: batches of four, objects of 12 and 6 MiB.
     image = noise_image(2048, 3072, 3, seed=21)
     output = run_tiff(stack, image, tmp_path, BLUR, 1024, compression="none")
     assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
-    assert operations.count("UploadPartCopy") >= 1, sorted(set(operations))
+    # The head (a few KB) is topped up from the first batch, whose rest the merger copies
+    # again; the second batch's copy is kept.
+    assert copies == {"TileWorkerFunction": 2, "MergerFunction": 1}, copies
+    assert (
+        stack.service.store.client.list_multipart_uploads(Bucket=stack.service.store.bucket).get(
+            "Uploads", []
+        )
+        == []
+    )
+
+
+def test_a_batch_whose_worker_could_not_copy_it_is_placed_by_the_merger(
+    stack: LocalStack,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    copies = _copies_by_function(stack, monkeypatch)
+    real = tilefan.stages.tiff_output.copy_part
+
+    def refused(store: Any, key: str, upload_id: str, number: int, piece: Any) -> str:
+        if piece.key.endswith("/000004.tiles"):  # the second batch, from tile 4
+            raise ClientError({"Error": {"Code": "AccessDenied"}}, "UploadPartCopy")
+        return real(store, key, upload_id, number, piece)
+
+    monkeypatch.setattr(tilefan.stages.tiff_output, "copy_part", refused)
+    image = noise_image(2048, 3072, 3, seed=22)
+    with caplog.at_level(logging.WARNING, logger="tilefan.stages.tiff_output"):
+        output = run_tiff(stack, image, tmp_path, BLUR, 1024, compression="none")
+    assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
+    # The merger takes the refused batch (6 MiB) into its own first part with the head, as
+    # it would any range the workers did not copy, and keeps the first batch's copy.
+    assert copies == {"TileWorkerFunction": 1}, copies
+    assert "the merger copies it" in caplog.text
+
+
+def test_a_job_that_fails_after_the_workers_copied_leaves_no_upload(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TilefanError("injected: the layout failed")
+
+    monkeypatch.setattr(tilefan.stages.tiff_output, "layout", broken)
+    noise_image(2048, 3072, 3, seed=23).pngsave(str(tmp_path / "source.png"))
+    view = run_job(
+        stack,
+        tmp_path / "source.png",
+        tmp_path / "out.tif",
+        BLUR,
+        output_format="tiff",
+        tile_size=1024,
+        output_options={"compression": "none"},
+        poll_seconds=0.05,
+    )
+    assert view.job.status is JobStatus.FAILED
+    assert "injected" in (view.job.error or {}).get("message", ""), view.job.error
+    store = stack.service.store
+    assert (
+        store.client.list_multipart_uploads(
+            Bucket=store.bucket, Prefix=keys.result_prefix(view.job.job_id)
+        ).get("Uploads", [])
+        == []
+    )
+    assert store.list_keys(keys.result_prefix(view.job.job_id)) == []
 
 
 def test_a_batch_retried_after_some_tiles_were_done_writes_every_tile(

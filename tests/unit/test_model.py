@@ -42,7 +42,7 @@ def test_a_jpeg_is_transcoded_on_one_thread_in_time_proportional_to_its_pixels()
     assert four["split_parts"]["transcode"] == pytest.approx(4 * one["split_parts"]["transcode"])
 
 
-def test_the_merger_copies_level_ranges_of_5_mib_and_gathers_the_rest() -> None:
+def test_workers_copy_level_ranges_of_5_mib_and_the_merger_gathers_the_rest() -> None:
     cog = predict(measured(), 10, 2048, 1000, pyramid=True)
     items, per_item = cog["items"], cog["tiles_per_item"]
     item_bytes = per_item * 2048**2 * 0.85
@@ -51,13 +51,20 @@ def test_the_merger_copies_level_ranges_of_5_mib_and_gathers_the_rest() -> None:
     groups = cog["compaction_groups"]
     assert 0 < groups < items and cog["fanout_s"] > 0
     requests = cog["merge_requests"]
-    assert requests["copies"] >= items * copied_levels
-    # And a range of each level a fan-out group reduced (1024 px: three levels each).
+    assert requests["worker_copies"] == items * copied_levels
+    # The merger copies once per level the workers copied (the range its short part is
+    # topped up from), and takes a range of each joined level and of each level a fan-out
+    # group reduced (1024 px: three levels each).
     assert requests["copies"] + requests["small_reads"] == (
-        items * copied_levels + groups * (4 - copied_levels) + cog["reduce_groups"] * 3
+        copied_levels + groups * (4 - copied_levels) + cog["reduce_groups"] * 3
     )
     flat = predict(measured(), 10, 2048, 1000)
-    assert flat["merge_requests"] == {"copies": flat["items"], "small_reads": 0, "plain_parts": 1}
+    assert flat["merge_requests"] == {
+        "copies": 1,
+        "worker_copies": flat["items"],
+        "small_reads": 0,
+        "plain_parts": 1,
+    }
     assert flat["merge_parts"]["coarse_encode"] == 0 < cog["merge_parts"]["coarse_encode"]
 
 
@@ -113,12 +120,12 @@ def test_a_row_larger_than_a_request_is_split_into_several() -> None:
 
 def test_a_cogs_batches_are_sized_for_its_first_three_levels_to_be_copied() -> None:
     """The splitter's rule for a pyramid: a batch's levels 0 to 2 each pass S3's 5 MiB part
-    minimum, so the merger copies them and gathers less through itself."""
+    minimum, so their workers copy them and the merger gathers less through itself."""
     for tile in (2048, 4096):
         built = predict(measured(), 10, tile, 1000, pyramid=True)
         level_bytes = built["tiles_per_item"] * tile**2 * 0.85 / 16
         assert level_bytes >= MIN_PART
-        assert built["merge_requests"]["copies"] >= 3 * built["items"]
+        assert built["merge_requests"]["worker_copies"] >= 3 * built["items"]
         level_0 = predict(
             measured(), 10, tile, 1000, pyramid=True, batch_tiles=model.TILES_PER_ITEM
         )

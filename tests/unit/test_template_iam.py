@@ -63,10 +63,12 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:UpdateItem": {TABLE},
         "dynamodb:BatchWriteItem": {TABLE},
         "s3:GetObject": {UPLOADS},
-        "s3:PutObject": {JOBS},
-        "s3:AbortMultipartUpload": {JOBS},
+        # A tiff result's upload is opened for the workers; an ended job's is aborted.
+        "s3:PutObject": {JOBS, RESULTS},
+        "s3:AbortMultipartUpload": {JOBS, RESULTS},
         "s3:DeleteObject": {JOBS, RESULTS},
         "s3:ListBucket": {BUCKET},
+        "s3:ListBucketMultipartUploads": {BUCKET},
     },
     "TileWorkerFunctionRole": {
         **_own_logs("TileWorkerFunctionLogGroup.Arn"),
@@ -75,11 +77,13 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         "dynamodb:UpdateItem": {TABLE},
         "s3:GetObject": {JOBS, UPLOADS},
         # A COG's group of batches is joined by multipart upload under jobs/, aborted if
-        # it fails (the second fan-out).
+        # it fails (the second fan-out); a tiff batch's levels are copied into the result's
+        # upload, aborted when the job ended.
         "s3:PutObject": {JOBS, RESULTS},
-        "s3:AbortMultipartUpload": {JOBS},
+        "s3:AbortMultipartUpload": {JOBS, RESULTS},
         "s3:DeleteObject": {JOBS, RESULTS},
         "s3:ListBucket": {BUCKET},
+        "s3:ListBucketMultipartUploads": {BUCKET},
     },
     "MergerFunctionRole": {
         **_own_logs("MergerFunctionLogGroup.Arn"),
@@ -97,7 +101,10 @@ EXPECTED_GRANTS: dict[str, dict[str, set[str]]] = {
         # merge its coarse levels' groups.
         "s3:PutObject": {JOBS, RESULTS},
         "s3:AbortMultipartUpload": {RESULTS},
+        # The workers' parts in a tiff result's upload, checked before it is completed.
+        "s3:ListMultipartUploadParts": {RESULTS},
         "s3:ListBucket": {BUCKET},
+        "s3:ListBucketMultipartUploads": {BUCKET},
     },
     "StateMachineRole": {
         "lambda:InvokeFunction": {

@@ -38,10 +38,11 @@ from tilefan.stages.tiff_output import (
     level_length,
     output_tile_rule,
     pack_tiles,
+    reserved_part,
     tiles_per_item,
     unpack_tiles,
 )
-from tilefan.state.multipart import MIN_PART
+from tilefan.state.multipart import MAX_PARTS, MIN_PART
 
 pytestmark = pytest.mark.unit
 
@@ -347,3 +348,26 @@ def test_halving_a_block_makes_no_64_bit_copies_of_it(bands: int, fmt: str) -> N
         tracemalloc.stop()
     assert (halved.width, halved.height) == (512, 384)
     assert peak < (4 if bands == 4 else 1) * size
+
+
+@given(levels=st.integers(1, 6), batches=st.integers(1, 2000))
+def test_reserved_parts_follow_the_files_order_with_room_before_each_level(
+    levels: int, batches: int
+) -> None:
+    """The workers' part numbers: a block per level, coarsest first as the file holds them,
+    batches in order within it, each block after a gap for the merger's own parts."""
+    gap = (MAX_PARTS - levels * batches) // levels
+    if gap < 64:
+        return  # the splitter opens no upload: the merger copies every range
+    assembly = {"levels": levels, "batches": batches, "gap": gap}
+    numbers = [
+        reserved_part(assembly, batch, level)
+        for level in reversed(range(levels))
+        for batch in range(batches)
+    ]
+    assert numbers == sorted(set(numbers))
+    assert numbers[-1] <= MAX_PARTS
+    for level in range(levels):
+        first = reserved_part(assembly, 0, level)
+        before = reserved_part(assembly, batches - 1, level + 1) if level + 1 < levels else 0
+        assert first - before - 1 == gap

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tilefan.errors import JobNotFound
+from tilefan.state.multipart import abort_uploads
 from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ def cleanup(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
     try:
         pipeline.jobs.get(job_id)
     except JobNotFound:
-        removed = sum(
+        removed = abort_uploads(pipeline.store, keys.result_prefix(job_id)) + sum(
             pipeline.store.delete_prefix(prefix)
             for prefix in (
                 keys.job_prefix(job_id),

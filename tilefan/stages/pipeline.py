@@ -24,7 +24,7 @@ from tilefan.state.jobs import (
     JobRepository,
     JobStatus,
 )
-from tilefan.state.multipart import CONNECTIONS
+from tilefan.state.multipart import CONNECTIONS, abort_uploads
 from tilefan.state.storage import TileStore, keys
 
 __all__ = ["Pipeline"]
@@ -109,6 +109,8 @@ class Pipeline:
         if status not in TERMINAL:
             return 0
         removed = self.store.delete_prefix(keys.job_prefix(job_id))
+        # The result's upload the workers copied into, if the merger never completed it.
+        removed += abort_uploads(self.store, keys.result_prefix(job_id))
         if status is not JobStatus.SUCCEEDED:
             removed += self.store.delete_prefix(keys.result_prefix(job_id))
         return removed

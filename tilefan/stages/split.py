@@ -28,7 +28,7 @@ from tilefan.imaging.plan import (
 )
 from tilefan.stages import statistics
 from tilefan.stages.second_fanout import fanout_items
-from tilefan.stages.tiff_output import output_tile_rule, tiles_per_item
+from tilefan.stages.tiff_output import output_tile_rule, prepare_assembly, tiles_per_item
 from tilefan.state.jobs import (
     MAX_TILES,
     InvalidTransition,
@@ -93,7 +93,8 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         written = transcode(header, origin, pipeline.store, read_key, edge)
     passes = statistics.passes_for(chain, spec, job.output_format)
     pass_grids = statistics.prepare(pipeline, job_id, spec, chain, job.tile_size, passes)
-    manifest = plan.manifest(_tiles_per_item(plan, job, pipeline.settings.tiles_per_item))
+    per_item = _tiles_per_item(plan, job, pipeline.settings.tiles_per_item)
+    manifest = plan.manifest(per_item)
     for item in manifest:
         item["job_id"] = job_id
     pipeline.store.put_json(keys.manifest(job_id), manifest)
@@ -103,6 +104,10 @@ def split(pipeline: Pipeline, job_id: str) -> dict[str, Any]:
         pipeline.store.put_json(keys.fanout(job_id), fanout)
     pipeline.jobs.create_tiles(job_id, plan.tile_count)
     statistics.track(pipeline, job_id, pass_grids)
+    # Last before the transition: an upload opened for a job that then fails is aborted
+    # with what it left (`discard_if_ended`).
+    if job.output_format == "tiff":
+        grid["assembly"] = prepare_assembly(pipeline, job_id, plan, job.output_options, per_item)
     try:
         pipeline.jobs.transition(
             job_id,

@@ -13,6 +13,7 @@ upload, copying the workers' and groups' objects server-side.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,16 @@ from tilefan.stages.reduction import (
     coarse_levels,
 )
 from tilefan.stages.tileset_output import TileSetBatchWriter, tileset_output_tile, wants_preview
-from tilefan.state.multipart import MIN_PART, Range, assemble_object, put_joined
+from tilefan.state._transport import AWS_ERRORS
+from tilefan.state.multipart import (
+    MAX_PARTS,
+    MIN_PART,
+    Range,
+    assemble_object,
+    copy_part,
+    open_upload,
+    put_joined,
+)
 from tilefan.state.storage import keys
 
 if TYPE_CHECKING:
@@ -59,6 +69,8 @@ __all__ = [
     "level_length",
     "output_tile_rule",
     "pack_tiles",
+    "prepare_assembly",
+    "reserved_part",
     "table_bytes",
     "tiff_reduction",
     "tiles_per_item",
@@ -83,6 +95,12 @@ does not compress (a third more for a pyramid), beside the block it computes; at
 _MIN_ITEMS = 64
 """Batches grow past the default only while the job keeps this many manifest items, so a
 small job still spreads over the workers."""
+
+LOG = logging.getLogger(__name__)
+
+_MIN_GAP = 64
+"""Part numbers the merger needs at least before each level's reserved block for its own
+parts (the head, the coarse levels, the ranges under 5 MiB): 512 MiB of 8 MiB parts."""
 
 _COPIED_LEVELS = 3
 """A pyramid's batches aim for its first three levels to be copied: the levels below hold
@@ -132,6 +150,49 @@ def expected_batch_bytes(plan: TilePlan, options: Mapping[str, Any], tiles: int)
 def worker_levels(output_tile: int, sizes: Sequence[tuple[int, int]]) -> int:
     """How many levels workers encode: those where a block is still whole TIFF tiles."""
     return min(len(sizes), int(math.log2(output_tile // TIFF_TILE)) + 1)
+
+
+def prepare_assembly(
+    pipeline: Pipeline,
+    job_id: str,
+    plan: TilePlan,
+    options: Mapping[str, Any],
+    tiles_per_item: int,
+) -> dict[str, Any] | None:
+    """Open the TIFF result's multipart upload for the workers to copy their levels into;
+    returns what they need to number their parts (`reserved_part`), or None when the
+    numbers do not leave the merger room for its own parts (it then copies every range).
+
+    The merger's copies, a request per batch and level, were what grew with the image in
+    its work: made by the workers, they run in parallel and the merger checks them in one
+    list of the upload's parts."""
+    batches = -(-plan.tile_count // tiles_per_item)
+    sizes = level_sizes(
+        plan.output_width, plan.output_height, pyramid=TiffEncoding.from_options(options).pyramid
+    )
+    levels = worker_levels(plan.output_tile, sizes)
+    gap = (MAX_PARTS - levels * batches) // levels
+    if gap < _MIN_GAP:
+        return None
+    upload_id = open_upload(pipeline.store, keys.result(job_id, "tif"), "image/tiff")
+    return {
+        "upload_id": upload_id,
+        "batches": batches,
+        "tiles_per_item": tiles_per_item,
+        "levels": levels,
+        "gap": gap,
+    }
+
+
+def reserved_part(assembly: Mapping[str, Any], batch: int, level: int) -> int:
+    """The part number of a batch's share of a level in the result's prepared upload.
+
+    The file holds the levels coarsest first, so the blocks of numbers do too: each level
+    the workers encode has one number per batch, after a gap of ``gap`` numbers for the
+    merger's parts before it (the head and the coarse levels before the first block, a
+    level's ranges under 5 MiB before its own)."""
+    levels, batches, gap = (int(assembly[name]) for name in ("levels", "batches", "gap"))
+    return (levels - level) * gap + (levels - 1 - level) * batches + batch + 1
 
 
 TileTable = npt.NDArray[np.uint32]
@@ -192,6 +253,7 @@ class TiffBatchWriter:
         self.pipeline = pipeline
         self.job_id = job.job_id
         self.first_tile = first_tile
+        self.assembly = grid.get("assembly")
         self.blocks = blocks or Blocks(0, grid["output_tile"], grid["columns"])
         self.encoding = TiffEncoding.from_options(job.output_options)
         self.sizes = level_sizes(
@@ -256,12 +318,13 @@ class TiffBatchWriter:
         tiles_key = keys.encoded(job_id, first, "tiles", base)
         index: dict[str, Any] = {"tiles_key": tiles_key, "levels": [], **self.layout}
         start = 0
-        for number, level in enumerate(self.levels):
+        lengths = [len(level.data) for level in self.levels]
+        for number, (level, length) in enumerate(zip(self.levels, lengths, strict=True)):
             table = np.concatenate(level.tiles) if level.tiles else np.empty((0, 3))
             index["levels"].append(
                 {"level": base + number, "start": start, "tile_table": pack_tiles(table)}
             )
-            start += len(level.data)
+            start += length
 
         def drained() -> Iterator[bytearray]:
             # Each level handed over and dropped here: freed once sent, not held to the end.
@@ -270,6 +333,8 @@ class TiffBatchWriter:
                 yield data
 
         put_joined(store, tiles_key, start, drained())
+        if self.assembly is not None and base == 0:
+            self._copy_levels(index, lengths, self.assembly)
         if self.pieces:
             index["pieces_key"] = keys.encoded(job_id, first, "pieces", base)
             index["pieces_level"] = base + len(self.levels)
@@ -283,6 +348,34 @@ class TiffBatchWriter:
             ]
         store.put_json(keys.encoded(job_id, first, "index", base), index)
         return index
+
+    def _copy_levels(
+        self, index: dict[str, Any], lengths: Sequence[int], assembly: Mapping[str, Any]
+    ) -> None:
+        """Copy each level of at least 5 MiB into the result's prepared upload, at the part
+        number reserved for this batch and level, and note the part in the index.
+
+        A copy that fails is noted nowhere: the merger copies that range itself, so a
+        throttled or refused copy costs time, never the result."""
+        batch = self.first_tile // assembly["tiles_per_item"]
+        result = keys.result(self.job_id, "tif")
+        for level, length in zip(index["levels"], lengths, strict=True):
+            if level["level"] >= assembly["levels"] or length < MIN_PART:
+                continue
+            number = reserved_part(assembly, batch, level["level"])
+            piece = Range(index["tiles_key"], level["start"], length)
+            try:
+                etag = copy_part(self.pipeline.store, result, assembly["upload_id"], number, piece)
+            except AWS_ERRORS as e:
+                LOG.warning(
+                    "level %d of the batch from tile %d was not copied into the result (%s); "
+                    "the merger copies it",
+                    level["level"],
+                    self.first_tile,
+                    e,
+                )
+                continue
+            level["part"] = [number, etag]
 
 
 def tiff_reduction(pipeline: Pipeline, job: Job) -> Reduction:
@@ -335,19 +428,21 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
             if (index["tiles_key"], level["level"]) not in replaced:
                 by_level[level["level"]].append((index["tiles_key"], level))
     pages: list[Page] = []
-    data: list[list[bytes | Range]] = []
+    data: list[list[Range]] = []
     for number, (width, height) in enumerate(sizes):
         across = -(-width // TIFF_TILE)
         counts = np.zeros(across * -(-height // TIFF_TILE), dtype=np.uint64)
         orders: list[npt.NDArray[np.int64]] = []
-        ranges: list[bytes | Range] = []
-        for tiles_key, level in by_level[number]:
+        ranges: list[Range] = []
+        # The workers' copies last, in the order of their reserved numbers (`reserved_part`).
+        for tiles_key, level in sorted(by_level[number], key=lambda e: e[1].get("part", [0])[0]):
             table = unpack_tiles(level["tile_table"])
             positions = table[:, 1].astype(np.int64) * across + table[:, 0]
             counts[positions] = table[:, 2]
             orders.append(positions)
             if length := table_bytes(table):
-                ranges.append(Range(tiles_key, level["start"], length))
+                part, etag = level.get("part", (0, ""))
+                ranges.append(Range(tiles_key, level["start"], length, part, etag))
         order = np.concatenate(orders) if orders else np.empty(0, dtype=np.int64)
         if order.size != counts.size:
             raise TilefanError(
@@ -365,7 +460,8 @@ def assemble_tiff(pipeline: Pipeline, job: Job, plan: TilePlan) -> dict[str, Any
         for level_data in reversed(data):
             yield from level_data
 
-    size = assemble_object(store, key, parts(), "image/tiff")
+    assembly = (job.grid or {}).get("assembly") or {}
+    size = assemble_object(store, key, parts(), "image/tiff", upload_id=assembly.get("upload_id"))
     return {
         "key": key,
         "format": job.output_format,
