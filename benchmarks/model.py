@@ -401,14 +401,20 @@ def predict(
         / min(worker_vcpu, 2.0)
     )
     # An item: dispatch, two job reads, two tile-state writes, its tiles, then its tiles
-    # object, its levels' pieces (COG) and its index.
+    # object, each of its levels that passes 5 MiB copied into the result's upload at the
+    # part number reserved for it (`prepare_assembly`), one after the other, its levels'
+    # pieces (COG) and its index.
     item_writes = 2 + (levels > 1)
+    item_bytes = per_item * tile_px * measured.tile_bytes_out_per_px[tile_size]
+    item_copies = [item_bytes / 4**level for level in range(levels)]
+    item_copies = [size for size in item_copies if size >= MIN_PART]
     item_s = (
         _a("item_dispatch_s")
         + 4 * ddb
         + per_item * tile_s
         + item_writes * s3
         + per_item * bytes_out / net
+        + sum(s3 + size / (_a("copy_mb_per_s") * 1e6) for size in item_copies)
     )
     lanes = max(1, min(concurrency, items))
     # Above 1,000 environments, each further thousand arrives 10 s later.
@@ -418,11 +424,11 @@ def predict(
 
     # Merger: list and read the batches' indexes (16 at a time), for a COG fetch the blocks'
     # pieces group by group (at most `GROUP_BYTES` each) and encode the levels above them on
-    # one thread into an object per group, then assemble: each
-    # item's level ranges of at least 5 MiB copied server-side, smaller ones read and sent as
-    # plain parts, 16 requests in flight.
+    # one thread into an object per group, then assemble: list the upload's parts, keep the
+    # workers' copies, copy the joined groups' ranges of at least 5 MiB (and, per level, the
+    # rest of the range its short part is topped up from), read smaller ones and send them
+    # as plain parts, 16 requests in flight.
     merge_vcpu = _vcpu(MERGER_MB)
-    item_bytes = per_item * tile_px * measured.tile_bytes_out_per_px[tile_size]
     # A COG of more batches than one group holds: the second fan-out joins each group's small
     # levels into one object first (`stages/compaction.py`), a group to each tile worker,
     # warm from the map, all at once; the merge then copies those ranges where they pass 5 MiB.
@@ -478,15 +484,16 @@ def predict(
     )
     copies, copied, gathered, small_reads = 0, 0.0, 0.0, 0
     for level in range(levels):
-        # The ranges the merger takes for a level: a batch's, or a group's when joined.
-        count, size = (
-            (compact_groups, group * item_bytes / 4**level)
-            if compact_groups and level in small
-            else (
-                items,
-                item_bytes / 4**level,
-            )
-        )
+        # The ranges the merger takes for a level: a batch's, copied by its worker when it
+        # passes 5 MiB, or a group's when joined.
+        if compact_groups and level in small:
+            count, size = compact_groups, group * item_bytes / 4**level
+        else:
+            count, size = items, item_bytes / 4**level
+            if size >= MIN_PART:
+                # The range its short part before them is topped up from, copied again.
+                copies, copied = copies + 1, copied + size
+                continue
         if size >= MIN_PART:
             copies, copied = copies + count, copied + count * size
         else:
@@ -511,6 +518,7 @@ def predict(
     pieces_bytes = pixels / 4 ** (levels + fanned) * BANDS if pyramid else 0.0
     coarse_groups = math.ceil(pieces_bytes / GROUP_BYTES)
     plain_parts = math.ceil((gathered + coarse_bytes) / PART_BYTES) + 1
+    worker_copies = items * len(item_copies)
     merge = {
         "cold_start": cold,
         "progress_read": 2 * ddb,
@@ -531,6 +539,8 @@ def predict(
             # What is gathered comes in and goes out through the merger's network.
             2 * (gathered + coarse_bytes) / net,
         ),
+        # The workers' copies, checked in the upload's list of parts (1,000 a page).
+        "list_parts": math.ceil((worker_copies + copies + plain_parts) / 1000) * s3,
         "complete": _a("complete_multipart_s"),
     }
     split_s, merge_s = sum(split.values()), sum(merge.values())
@@ -550,6 +560,7 @@ def predict(
         + items * item_writes
         + math.ceil(3 * items / 1000)  # the merger's listings
         + copies
+        + worker_copies
         + plain_parts
         + 3 * coarse_groups
         # Each group's multipart object (its parts) and index.
@@ -601,7 +612,7 @@ def predict(
         "split_fits_memory": SPLITTER_PEAK_MB <= SPLITTER_MB,
         "merge_fits_memory": merge_memory_mb <= MERGER_MB,
         "worker_fits_memory": worker_memory_mb <= WORKER_MB,
-        "parts_within_10000": copies + plain_parts <= 10_000,
+        "parts_within_10000": worker_copies + copies + plain_parts <= 10_000,
         # Neither serial stage writes to /tmp any more.
         "fits_tmp": True,
     }
@@ -631,6 +642,7 @@ def predict(
         "merge_parts": merge,
         "merge_requests": {
             "copies": copies,
+            "worker_copies": worker_copies,
             "small_reads": small_reads,
             "plain_parts": plain_parts,
         },
