@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import ClientError
 
 from tilefan.errors import TilefanError
+from tilefan.state._transport import AWS_ERRORS
 from tilefan.state.storage import TileStore
 from tilefan.state.storage import _translate as translate_error
 
@@ -120,15 +121,22 @@ def abort_uploads(store: TileStore, prefix: str) -> int:
                     Bucket=store.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                 )
                 aborted += 1
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+    except AWS_ERRORS as e:
+        if not _gone(e):  # aborted meanwhile by another stage
             raise translate_error(e, prefix) from e
     return aborted
 
 
+def _gone(error: Exception) -> bool:
+    """Whether S3 answered that the upload is no longer open (completed or aborted)."""
+    return isinstance(error, ClientError) and (
+        error.response.get("Error", {}).get("Code") == "NoSuchUpload"
+    )
+
+
 def _uploaded_parts(store: TileStore, key: str, upload_id: str) -> dict[int, tuple[str, int]]:
-    """The parts an open upload holds, by number: (ETag, size); raises `ClientError`
-    NoSuchUpload when the upload was completed or aborted."""
+    """The parts an open upload holds, by number: (ETag, size); raises botocore's errors
+    (NoSuchUpload when the upload was completed or aborted)."""
     parts: dict[int, tuple[str, int]] = {}
     paginator = store.client.get_paginator("list_parts")
     for page in paginator.paginate(Bucket=store.bucket, Key=key, UploadId=upload_id):
@@ -241,8 +249,8 @@ def assemble_object(
     if upload_id is not None:
         try:
             held = _uploaded_parts(store, key, upload_id)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+        except AWS_ERRORS as e:
+            if not _gone(e):
                 raise translate_error(e, key) from e
             upload_id = None
     prepared = upload_id is not None
