@@ -402,8 +402,8 @@ def predict(
     )
     # An item: dispatch, two job reads, two tile-state writes, its tiles, then its tiles
     # object, each of its levels that passes 5 MiB copied into the result's upload at the
-    # part number reserved for it (`prepare_assembly`), one after the other, its levels'
-    # pieces (COG) and its index.
+    # part number reserved for it (`prepare_assembly`), all at once (the largest is the
+    # wait), its levels' pieces (COG) and its index.
     item_writes = 2 + (levels > 1)
     item_bytes = per_item * tile_px * measured.tile_bytes_out_per_px[tile_size]
     item_copies = [item_bytes / 4**level for level in range(levels)]
@@ -414,7 +414,7 @@ def predict(
         + per_item * tile_s
         + item_writes * s3
         + per_item * bytes_out / net
-        + sum(s3 + size / (_a("copy_mb_per_s") * 1e6) for size in item_copies)
+        + (s3 + max(item_copies) / (_a("copy_mb_per_s") * 1e6) if item_copies else 0.0)
     )
     lanes = max(1, min(concurrency, items))
     # Above 1,000 environments, each further thousand arrives 10 s later.

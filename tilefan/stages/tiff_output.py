@@ -16,6 +16,7 @@ import base64
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -353,15 +354,20 @@ class TiffBatchWriter:
         self, index: dict[str, Any], lengths: Sequence[int], assembly: Mapping[str, Any]
     ) -> None:
         """Copy each level of at least 5 MiB into the result's prepared upload, at the part
-        number reserved for this batch and level, and note the part in the index.
+        number reserved for this batch and level, all at once (the copies are S3's work),
+        and note each part in the index.
 
         A copy that fails is noted nowhere: the merger copies that range itself, so a
         throttled or refused copy costs time, never the result."""
         batch = self.first_tile // assembly["tiles_per_item"]
         result = keys.result(self.job_id, "tif")
-        for level, length in zip(index["levels"], lengths, strict=True):
-            if level["level"] >= assembly["levels"] or length < MIN_PART:
-                continue
+        levels = [
+            (level, length)
+            for level, length in zip(index["levels"], lengths, strict=True)
+            if level["level"] < assembly["levels"] and length >= MIN_PART
+        ]
+
+        def copy(level: dict[str, Any], length: int) -> None:
             number = reserved_part(assembly, batch, level["level"])
             piece = Range(index["tiles_key"], level["start"], length)
             try:
@@ -374,8 +380,13 @@ class TiffBatchWriter:
                     self.first_tile,
                     e,
                 )
-                continue
+                return
             level["part"] = [number, etag]
+
+        if levels:
+            with ThreadPoolExecutor(len(levels)) as pool:
+                for copied in [pool.submit(copy, level, length) for level, length in levels]:
+                    copied.result()
 
 
 def tiff_reduction(pipeline: Pipeline, job: Job) -> Reduction:
