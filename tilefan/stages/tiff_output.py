@@ -5,9 +5,12 @@ is whole TIFF tiles at full resolution and at each of its first ``m`` halvings. 
 encodes all of those levels (``encode_block``) into one object per manifest item, and writes
 an index of where each tile lies in it. Levels coarser than a block's own (a TIFF tile then
 spans several blocks) come from each block's next halving, stored raw ("pieces"), which the
-merger reduces group by group with the same writer (`reduction`). It decodes no tile: it
-lays out the header and the IFDs (``tiff_layout``) and assembles the result by multipart
-upload, copying the workers' and groups' objects server-side.
+merger reduces group by group with the same writer (`reduction`). Each worker copies its
+levels of at least 5 MiB server-side into the result's multipart upload, which the splitter
+opened (`prepare_assembly`), at part numbers reserved for them (`reserved_part`). The merger
+decodes no tile: it lays out the header and the IFDs (``tiff_layout``) and completes the
+upload around the workers' parts with its own: the head, the groups' objects and the small
+ranges.
 """
 
 from __future__ import annotations
@@ -123,12 +126,12 @@ def output_tile_rule(output_format: str, options: Mapping[str, Any]) -> Callable
 
 def tiles_per_item(plan: TilePlan, options: Mapping[str, Any], default: int) -> int:
     """Tiles per manifest item for a TIFF result: enough for about two S3 minimum parts of
-    each level the merger should copy (level 0; a pyramid's first three), keeping at least
+    each level that should be copied (level 0; a pyramid's first three), keeping at least
     `_MIN_ITEMS` items; never fewer than ``default``, and never more than `_MAX_BATCH_BYTES`
     of the result's raw pixels (at least one tile), whatever the default.
 
-    The merger copies a batch's share of a level server-side when it passes 5 MiB and
-    gathers it through itself otherwise: a COG's level 2 is 1/16 of a batch's level 0.
+    A batch's share of a level is copied server-side when it passes 5 MiB (by its worker)
+    and gathered through the merger otherwise: a COG's level 2 is 1/16 of a batch's level 0.
     """
     encoding = TiffEncoding.from_options(options)
     raw = plan.output_tile**2 * plan.output.bands * SAMPLE_BYTES[plan.output.format]
