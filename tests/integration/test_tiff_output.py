@@ -26,7 +26,7 @@ from tilefan import TransientError
 from tilefan.errors import TilefanError
 from tilefan.formats.source import upright
 from tilefan.local.stack import LocalStack, run_job
-from tilefan.state.jobs import JobStatus
+from tilefan.state.jobs import JobRepository, JobStatus
 from tilefan.state.storage import keys
 
 pytestmark = pytest.mark.integration
@@ -329,6 +329,31 @@ def test_a_batch_whose_worker_could_not_copy_it_is_placed_by_the_merger(
     # it would any range the workers did not copy, and keeps the first batch's copy.
     assert copies == {"TileWorkerFunction": 1}, copies
     assert "the merger copies it" in caplog.text
+
+
+def test_a_merge_retried_after_it_completed_the_upload_assembles_the_result_again(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's last write fails once after the result's upload was completed: the retried
+    merge finds the workers' upload gone and makes the result in a new one."""
+    real = JobRepository.transition
+    refused: list[str] = []
+
+    def flaky(self: JobRepository, job_id: str, status: JobStatus, **kwargs: Any) -> Any:
+        if status is JobStatus.SUCCEEDED and not refused:
+            refused.append(job_id)
+            raise TransientError("injected: the job table was busy")
+        return real(self, job_id, status, **kwargs)
+
+    monkeypatch.setattr(JobRepository, "transition", flaky)
+    copies = _copies_by_function(stack, monkeypatch)
+    image = noise_image(2048, 3072, 3, seed=24)
+    output = run_tiff(stack, image, tmp_path, BLUR, 1024, compression="none")
+    assert_identical(whole(image, BLUR), pyvips.Image.new_from_file(str(output)))
+    assert len(refused) == 1
+    # The first merge kept the workers' two copies and copied once; the second copied both
+    # batches itself.
+    assert copies == {"TileWorkerFunction": 2, "MergerFunction": 3}, copies
 
 
 def test_a_job_that_fails_after_the_workers_copied_leaves_no_upload(
