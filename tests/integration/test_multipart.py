@@ -12,8 +12,10 @@ from typing import Any
 
 import botocore.client
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
 import tilefan.state.multipart
+from tilefan import TransientError
 from tilefan.local.stack import local_stack
 from tilefan.state.multipart import (
     MIN_PART,
@@ -180,6 +182,20 @@ def test_a_failed_assembly_leaves_a_prepared_upload_for_its_retry(
         )
     size = assemble_object(store, "result", [b"h", ra], "image/tiff", upload_id=upload_id)
     assert store.get_range("result", 0, size) == b"h" + a
+
+
+def test_a_connection_lost_while_copying_is_a_transient_error_and_leaves_no_upload(
+    store: TileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(store, "big", 6 * MIB, 1)
+
+    def dropped(**kwargs: Any) -> Any:
+        raise EndpointConnectionError(endpoint_url="https://s3.example")
+
+    monkeypatch.setattr(store.client, "upload_part_copy", dropped)
+    with pytest.raises(TransientError):
+        assemble_object(store, "result", [Range("big", 0, 6 * MIB)], "image/tiff")
+    assert store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
 
 
 def test_the_mergers_client_keeps_a_connection_for_every_request_in_flight(

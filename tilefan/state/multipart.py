@@ -89,7 +89,7 @@ def open_upload(store: TileStore, key: str, content_type: str) -> str:
         return store.client.create_multipart_upload(
             Bucket=store.bucket, Key=key, ContentType=content_type
         )["UploadId"]
-    except ClientError as e:
+    except AWS_ERRORS as e:
         raise translate_error(e, key) from e
 
 
@@ -319,9 +319,9 @@ def assemble_object(
         # A failed assembly leaves no parts behind to be billed; a prepared upload stays for
         # the retry, and goes when the job ends (`abort_uploads`).
         if not prepared:
-            with contextlib.suppress(ClientError):
+            with contextlib.suppress(*AWS_ERRORS):
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-        if isinstance(e, ClientError):
+        if isinstance(e, AWS_ERRORS):
             raise translate_error(e, key) from e
         raise
     finally:
@@ -401,7 +401,7 @@ class MultipartWriter:
             created = client.create_multipart_upload(
                 Bucket=bucket, Key=key, ContentType=content_type
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             self._pool.shutdown()
             raise translate_error(e, key) from e
         self.upload_id = created["UploadId"]
@@ -442,7 +442,7 @@ class MultipartWriter:
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise translate_error(e, self.key) from e
 
     def abort(self) -> None:
@@ -452,7 +452,7 @@ class MultipartWriter:
             self.client.abort_multipart_upload(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise translate_error(e, self.key) from e
 
     def _send(self, body: bytes) -> None:
@@ -480,6 +480,6 @@ class MultipartWriter:
                 PartNumber=number,
                 Body=body,
             )
-        except ClientError as e:
+        except AWS_ERRORS as e:
             raise translate_error(e, self.key) from e
         return {"PartNumber": number, "ETag": answer["ETag"]}
